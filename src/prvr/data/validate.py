@@ -1,0 +1,312 @@
+"""Check an MS-SL collection before anything trains on it; write a JSON report.
+
+`validate_collection(paths, visual_dim, text_dim)` returns a report::
+
+    {"collection_dir", "collection", "feature", "ok",
+     "dims": {"visual", "text", "expected_visual", "expected_text"},
+     "frames": {"rows", "ids"},
+     "splits": {split: {"videos", "captions", "frames_per_video": {min, median, max},
+                        "tokens_per_caption": {min, median, max}}},
+     "problems": {"errors": [{"file", "message"}, ...], "warnings": [...]}}
+
+Each problem is one line naming the file (relative to the collection folder) and what is
+wrong; a check that finds many offenders reports one problem with a count and the first few.
+Errors make the data unusable (the validate stage exits 1); warnings are informational.
+Big files are streamed: feature.bin is memory-mapped and scanned in chunks, hdf5 caption
+features one caption at a time, with tqdm bars.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from .layout import (SPLITS, CollectionPaths, DataError, parse_caption_lines,
+                     parse_video2frames_text, read_ids, read_shape, split_video_ids, _decode_text,
+                     _read_bytes)
+
+log = logging.getLogger(__name__)
+
+_SCAN_BYTES = 64 << 20  # feature.bin chunk size
+_EXAMPLES = 3
+
+
+def _examples(items: Iterable[str], n: int = _EXAMPLES) -> str:
+    items = list(items)
+    shown = ", ".join(f"'{str(x)[:80]}'" for x in items[:n])
+    return shown + (", ..." if len(items) > n else "")
+
+
+def _stats(values: list[int] | np.ndarray) -> dict[str, float | None]:
+    arr = np.asarray(values)
+    if arr.size == 0:
+        return {"min": None, "median": None, "max": None}
+    return {"min": int(arr.min()), "median": float(np.median(arr)), "max": int(arr.max())}
+
+
+class _Problems:
+    def __init__(self, root: Path):
+        self.root = root
+        self.errors: list[dict[str, str]] = []
+        self.warnings: list[dict[str, str]] = []
+
+    def _rel(self, path: Path | str) -> str:
+        try:
+            return str(Path(path).relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def error(self, path: Path | str, message: str) -> None:
+        rel = self._rel(path)
+        self.errors.append({"file": rel, "message": f"{rel}: {message}"})
+
+    def warning(self, path: Path | str, message: str) -> None:
+        rel = self._rel(path)
+        self.warnings.append({"file": rel, "message": f"{rel}: {message}"})
+
+
+def _scan_feature_bin(path: Path, n: int, d: int, ids: list[str] | None, progress: bool
+                      ) -> tuple[int, list[str]]:
+    """(number of rows with NaN/Inf, first few of their ids or row numbers)."""
+    if n == 0:
+        return 0, []
+    data = np.memmap(path, dtype="<f4", mode="r", shape=(n, d))
+    rows = max(1, _SCAN_BYTES // (4 * d))
+    bad_count = 0
+    first: list[str] = []
+    with tqdm(total=n * d * 4, unit="B", unit_scale=True, desc="scan feature.bin",
+              disable=not progress or n * d * 4 < _SCAN_BYTES) as bar:
+        for start in range(0, n, rows):
+            chunk = np.asarray(data[start:start + rows])
+            ok = np.isfinite(chunk).all(axis=1)
+            if not ok.all():
+                bad = np.flatnonzero(~ok) + start
+                bad_count += int(bad.size)
+                for r in bad[:_EXAMPLES - len(first)]:
+                    first.append(ids[r] if ids is not None and r < len(ids) else f"row {r}")
+            bar.update(chunk.nbytes)
+    del data
+    return bad_count, first
+
+
+def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
+                        text_dim: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every check on one collection; never raises for bad data (it is all in the report)."""
+    t0 = time.time()
+    root = paths.collection_dir
+    P = _Problems(root)
+    report: dict[str, Any] = {
+        "collection_dir": str(root), "collection": paths.collection, "feature": paths.feature,
+    }
+    splits: dict[str, dict[str, Any]] = {}
+    split_caps: dict[str, list[tuple[str, str, str]]] = {}
+
+    # -- captions -------------------------------------------------------------------------------
+    for split, cap_file in paths.caption_files.items():
+        if not cap_file.is_file():
+            P.error(cap_file, f"caption file of split '{split}' not found")
+            continue
+        try:
+            caps, bad = parse_caption_lines(cap_file)
+        except DataError as exc:
+            P.error(cap_file, str(exc).split(": ", 1)[-1])
+            continue
+        if bad:
+            no, what = bad[0]
+            more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+            P.error(f"{P._rel(cap_file)}:{no}", f"{what}{more}")
+        if not caps:
+            P.error(cap_file, f"split '{split}' has no captions")
+        dup = [cid for cid, c in Counter(cid for cid, _, _ in caps).items() if c > 1]
+        if dup:
+            P.error(cap_file, f"{len(dup)} caption ids appear more than once ({_examples(dup)})")
+        split_caps[split] = caps
+        splits[split] = {"videos": len(split_video_ids(caps)), "captions": len(caps)}
+
+    split_videos = {s: split_video_ids(c) for s, c in split_caps.items()}
+    if "train" in split_videos:
+        train_v = set(split_videos["train"])
+        for s in ("val", "test"):
+            shared = [v for v in split_videos.get(s, []) if v in train_v]
+            if shared:
+                P.warning(paths.caption_file(s), f"{len(shared)} videos of split '{s}' are also in "
+                          f"train ({_examples(shared)})")
+
+    # -- visual features ------------------------------------------------------------------------
+    n = d = None
+    ids: list[str] | None = None
+    try:
+        n, d = read_shape(paths.shape_file)
+    except DataError as exc:
+        P.error(paths.shape_file, str(exc).split(": ", 1)[-1])
+    if d is not None and visual_dim is not None and d != visual_dim:
+        P.error(paths.shape_file, f"feature dimension {d} differs from visual_dim {visual_dim} "
+                "in params.yaml")
+    try:
+        ids = read_ids(paths.id_file)
+    except DataError as exc:
+        P.error(paths.id_file, str(exc).split(": ", 1)[-1])
+    if ids is not None:
+        if n is not None and len(ids) != n:
+            P.error(paths.id_file, f"{len(ids)} ids but shape.txt says {n} rows")
+        if len(set(ids)) != len(ids):
+            dup = [i for i, c in Counter(ids).items() if c > 1]
+            P.error(paths.id_file, f"{len(dup)} frame ids appear more than once ({_examples(dup)})")
+    if not paths.feature_file.is_file():
+        P.error(paths.feature_file, "not found")
+    elif n is not None and d is not None:
+        size = paths.feature_file.stat().st_size
+        if size != n * d * 4:
+            P.error(paths.feature_file, f"{size} bytes, but shape.txt {n} x {d} float32 needs {n * d * 4}")
+        else:
+            bad_rows, first = _scan_feature_bin(paths.feature_file, n, d, ids, progress)
+            if bad_rows:
+                P.error(paths.feature_file, f"{bad_rows} frame vectors hold NaN or Inf ({_examples(first)})")
+    report["frames"] = {"rows": n, "ids": None if ids is None else len(ids)}
+
+    # -- video2frames ---------------------------------------------------------------------------
+    v2f: dict[str, list[str]] | None = None
+    v2f_file = paths.video2frames_file
+    try:
+        text = _decode_text(_read_bytes(v2f_file))
+        v2f, dup_keys = parse_video2frames_text(text, source=P._rel(v2f_file))
+        if dup_keys:
+            P.error(v2f_file, f"{len(dup_keys)} video ids appear more than once ({_examples(dup_keys)})")
+    except DataError as exc:
+        msg = str(exc)
+        P.errors.append({"file": P._rel(v2f_file),
+                         "message": msg if msg.startswith(P._rel(v2f_file)) else f"{P._rel(v2f_file)}: "
+                         + msg.split(": ", 1)[-1]})
+    if v2f is not None:
+        for split, videos in split_videos.items():
+            absent = [v for v in videos if v not in v2f]
+            if absent:
+                P.error(v2f_file, f"{len(absent)} videos of split '{split}' have no entry ({_examples(absent)})")
+            empty = [v for v in videos if v in v2f and not v2f[v]]
+            if empty:
+                P.error(v2f_file, f"{len(empty)} videos of split '{split}' have 0 frames ({_examples(empty)})")
+            splits[split]["frames_per_video"] = _stats([len(v2f[v]) for v in videos if v in v2f])
+        if ids is not None:
+            known = set(ids)
+            referenced: set[str] = set()
+            for frames in v2f.values():
+                referenced.update(frames)
+            unknown = referenced - known
+            if unknown:
+                used = set().union(*(v2f[v] for vs in split_videos.values() for v in vs if v in v2f)) \
+                    if split_videos else set()
+                used_unknown = sorted(unknown & used)
+                if used_unknown:
+                    P.error(v2f_file, f"{len(used_unknown)} frame ids are not in id.txt "
+                            f"({_examples(used_unknown)})")
+                other = sorted(unknown - used)
+                if other:
+                    P.warning(v2f_file, f"{len(other)} frame ids of videos in no split are not in "
+                              f"id.txt ({_examples(other)})")
+        repeated = [v for v, frames in v2f.items() if len(set(frames)) != len(frames)]
+        if repeated:
+            P.warning(v2f_file, f"{len(repeated)} videos list a frame id more than once "
+                      f"({_examples(repeated)})")
+
+    # -- text features --------------------------------------------------------------------------
+    text_dims: set[int] = set()
+    hfile = paths.query_feat_file
+    if not hfile.is_file():
+        P.error(hfile, "not found")
+    else:
+        import h5py
+
+        try:
+            with h5py.File(hfile, "r") as h5:
+                top = set(h5.keys())
+                total = sum(len(c) for c in split_caps.values())
+                bar = tqdm(total=total, desc="scan caption features", unit="caption",
+                           disable=not progress or total < 5000)
+                for split, caps in split_caps.items():
+                    tokens: list[int] = []
+                    absent: list[str] = []
+                    empty: list[str] = []
+                    bad_shape: list[str] = []
+                    wrong_dim: Counter = Counter()
+                    non_finite: list[str] = []
+                    for cap_id, _, _ in caps:
+                        bar.update(1)
+                        if cap_id not in top and cap_id not in h5:
+                            absent.append(cap_id)
+                            continue
+                        node = h5[cap_id]
+                        if not isinstance(node, h5py.Dataset) or node.ndim != 2 \
+                                or not np.issubdtype(node.dtype, np.floating):
+                            bad_shape.append(cap_id)
+                            continue
+                        t, dt = node.shape
+                        tokens.append(t)
+                        text_dims.add(int(dt))
+                        if text_dim is not None and dt != text_dim:
+                            wrong_dim[int(dt)] += 1
+                        if t == 0:
+                            empty.append(cap_id)
+                            continue
+                        if not np.isfinite(node[()]).all():
+                            non_finite.append(cap_id)
+                    if absent:
+                        P.error(hfile, f"{len(absent)} captions of split '{split}' have no text "
+                                f"feature ({_examples(absent)})")
+                    if bad_shape:
+                        P.error(hfile, f"{len(bad_shape)} caption features of split '{split}' are "
+                                f"not 2-d float arrays ({_examples(bad_shape)})")
+                    if wrong_dim:
+                        dims = ", ".join(f"{k} ({v} captions)" for k, v in sorted(wrong_dim.items()))
+                        P.error(hfile, f"split '{split}': text feature dimension {dims} differs from "
+                                f"text_dim {text_dim} in params.yaml")
+                    if empty:
+                        P.error(hfile, f"{len(empty)} captions of split '{split}' have 0 tokens "
+                                f"({_examples(empty)})")
+                    if non_finite:
+                        P.error(hfile, f"{len(non_finite)} caption features of split '{split}' hold "
+                                f"NaN or Inf ({_examples(non_finite)})")
+                    splits[split]["tokens_per_caption"] = _stats(tokens)
+                bar.close()
+        except OSError as exc:
+            P.error(hfile, f"not a readable HDF5 file ({str(exc).splitlines()[0]})")
+    if len(text_dims) > 1:
+        P.error(hfile, f"caption features have different dimensions: {sorted(text_dims)}")
+
+    report["dims"] = {"visual": d, "text": sorted(text_dims)[0] if len(text_dims) == 1 else sorted(text_dims) or None,
+                      "expected_visual": visual_dim, "expected_text": text_dim}
+    report["splits"] = {s: splits[s] for s in SPLITS if s in splits}
+    report["problems"] = {"errors": P.errors, "warnings": P.warnings}
+    report["ok"] = not P.errors
+    report["seconds"] = round(time.time() - t0, 3)
+    return report
+
+
+def report_path(settings: dict[str, Any], data_dir: str | os.PathLike = "data") -> Path:
+    return Path(data_dir) / str(settings["dataset"]) / "validation.json"
+
+
+def validate(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progress: bool = True
+             ) -> tuple[dict[str, Any], Path]:
+    """Validate the dataset of the resolved settings and write data/<dataset>/validation.json.
+
+    The report is written (atomically) whether or not it holds errors. A corpus that cannot be
+    located at all raises DataError.
+    """
+    from .fetch import write_json_atomic
+    from .layout import locate
+
+    paths = locate(settings, data_dir, must_exist=False)
+    if not paths.collection_dir.is_dir():
+        raise DataError(f"{paths.collection_dir}: no MS-SL collection folder here "
+                        f"(dataset '{settings['dataset']}'); run the fetch stage")
+    report = validate_collection(paths, settings.get("visual_dim"), settings.get("text_dim"), progress)
+    report = {"dataset": settings["dataset"], **report}
+    out = report_path(settings, data_dir)
+    write_json_atomic(out, report)
+    return report, out
