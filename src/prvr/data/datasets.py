@@ -1,0 +1,358 @@
+"""Corpus access, datasets, collate functions and loaders (the data side of the batch contract).
+
+Processing of one video (n frames, float32 (n, Dv)), as in the shared spec:
+
+* clip stream: 32 bins with edges ``e = rint(linspace(0, n, 33))`` clamped to ``n - 1``;
+  bin i is the mean of frames ``[e_i, e_{i+1})`` when ``e_i < e_{i+1}``, else frame ``e_i``;
+  then each bin is L2-normalised as ``x / (||x|| + 1e-5)``. Rounding is half-to-even
+  (numpy's ``rint``), which is what the release's torch/numpy ``round`` does. Note the clamp:
+  the last frame of a video enters the last bin only when that bin is the single frame n-1.
+* frame stream: the frames themselves when n <= 128, else 128 bins built the same way;
+  each row L2-normalised.
+* caption tokens: each token L2-normalised, then cut to the first 30.
+
+Normalisation is applied AFTER binning (bins of raw frames are averaged, then normalised),
+as the release's data provider does. Binning is vectorised (one ``np.add.reduceat``).
+
+Batch order: a training batch keeps the sampler's order of videos, and each video's captions
+in caption-file order. (The release's collate sorts a batch by frame count; that changes no
+loss term except which random negatives are drawn, so we keep the simpler, sampler-given order.)
+Evaluation batches keep split order (videos by first appearance, queries in file order).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .features import FeatureStore
+from .layout import (SPLITS, CollectionPaths, DataError, locate, read_captions,
+                     split_video_ids)
+
+N_CLIPS = 32
+MAX_FRAMES = 128
+MAX_QUERY_LEN = 30
+EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------ processing
+
+def l2_normalize(x: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """x / (||x|| + eps) along the last axis, float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + np.float32(eps))
+
+
+def bin_edges(n: int, n_bins: int) -> np.ndarray:
+    """rint(linspace(0, n, n_bins + 1)) clamped to n - 1, int64."""
+    if n < 1:
+        raise ValueError("a video needs at least one frame")
+    return np.minimum(np.rint(np.linspace(0, n, n_bins + 1)), n - 1).astype(np.int64)
+
+
+def average_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n, D) -> (n_bins, D): mean of [e_i, e_{i+1}) when non-empty, else frame e_i."""
+    e = bin_edges(len(x), n_bins)
+    # reduceat over [e_0 .. e_{n_bins}]: row i sums x[e_i:e_{i+1}] when e_i < e_{i+1} and is
+    # x[e_i] otherwise -- exactly the bin rule. The extra last row (x[e_n:]) is dropped.
+    sums = np.add.reduceat(x, e, axis=0)[:n_bins]
+    counts = np.maximum(e[1:] - e[:-1], 1).astype(x.dtype)
+    return sums / counts[:, None]
+
+
+def clip_stream(frames: np.ndarray, n_clips: int = N_CLIPS) -> np.ndarray:
+    return l2_normalize(average_bins(np.asarray(frames, dtype=np.float32), n_clips))
+
+
+def frame_stream(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
+    frames = np.asarray(frames, dtype=np.float32)
+    if len(frames) > max_frames:
+        frames = average_bins(frames, max_frames)
+    return l2_normalize(frames)
+
+
+def query_tokens(tokens: np.ndarray, max_len: int = MAX_QUERY_LEN) -> np.ndarray:
+    return l2_normalize(np.asarray(tokens, dtype=np.float32)[:max_len])
+
+
+# ------------------------------------------------------------------------------ text features
+
+class TextFeatures:
+    """Caption token features in roberta_<collection>_query_feat.hdf5 (one dataset per caption).
+
+    The HDF5 file is opened lazily in each process (never pickled), so it works in workers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._h5 = None
+        self._pid: int | None = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_h5"] = None
+        state["_pid"] = None
+        return state
+
+    def _file(self):
+        pid = os.getpid()
+        if self._h5 is None or self._pid != pid:
+            import h5py
+
+            try:
+                self._h5 = h5py.File(self.path, "r")
+            except FileNotFoundError:
+                raise DataError(f"{self.path}: not found") from None
+            except OSError as exc:
+                raise DataError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+            self._pid = pid
+        return self._h5
+
+    def get(self, cap_id: str) -> np.ndarray:
+        h5 = self._file()
+        try:
+            ds = h5[cap_id]
+        except KeyError:
+            raise DataError(f"{self.path}: no features for caption '{cap_id}'") from None
+        arr = np.asarray(ds[...], dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise DataError(f"{self.path}: features of caption '{cap_id}' have shape {arr.shape}, "
+                            "expected (tokens >= 1, D)")
+        return arr
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+        self._pid = None
+
+
+# ------------------------------------------------------------------------------ corpus
+
+@dataclass(frozen=True)
+class SplitData:
+    name: str
+    caption_file: Path
+    query_ids: list[str]               # caption ids, file order
+    query_video_ids: list[str]         # video of each caption
+    texts: list[str]
+    video_ids: list[str]               # distinct, order of first appearance
+    video_queries: dict[str, list[int]]  # video -> indices into query_ids
+
+
+class Corpus:
+    """One MS-SL collection folder with one visual feature.
+
+    `Corpus(collection_dir, feature)`; the collection name defaults to the folder's name.
+    `Corpus.from_settings(settings)` finds it via `prvr.data.layout.locate` (source.json of
+    the fetch stage, else the default place)."""
+
+    def __init__(self, collection_dir: str | os.PathLike, feature: str,
+                 collection: str | None = None):
+        collection_dir = Path(collection_dir)
+        self.paths = CollectionPaths(collection_dir, collection or collection_dir.name, feature)
+        self.text = TextFeatures(self.paths.query_feat_file)
+        self._features: FeatureStore | None = None
+        self._splits: dict[str, SplitData] = {}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], data_dir: str | os.PathLike = "data") -> "Corpus":
+        paths = locate(settings, data_dir=data_dir)
+        return cls(paths.collection_dir, paths.feature, paths.collection)
+
+    def __repr__(self) -> str:
+        return f"Corpus({str(self.paths.collection_dir)!r}, {self.paths.feature!r})"
+
+    @property
+    def collection_dir(self) -> Path:
+        return self.paths.collection_dir
+
+    @property
+    def collection(self) -> str:
+        return self.paths.collection
+
+    @property
+    def feature(self) -> str:
+        return self.paths.feature
+
+    @property
+    def features(self) -> FeatureStore:
+        if self._features is None:
+            self._features = FeatureStore(self.paths.feature_dir)
+        return self._features
+
+    @property
+    def visual_dim(self) -> int:
+        return self.features.dim
+
+    def split(self, name: str) -> SplitData:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}' (expected one of {', '.join(SPLITS)})")
+        if name not in self._splits:
+            path = self.paths.caption_file(name)
+            caps = read_captions(path)
+            if not caps:
+                raise DataError(f"{path}: no captions")
+            seen: set[str] = set()
+            for cap_id, _, _ in caps:
+                if cap_id in seen:
+                    raise DataError(f"{path}: caption id '{cap_id}' appears twice")
+                seen.add(cap_id)
+            video_ids = split_video_ids(caps)
+            video_queries: dict[str, list[int]] = {v: [] for v in video_ids}
+            for i, (_, vid, _) in enumerate(caps):
+                video_queries[vid].append(i)
+            self._splits[name] = SplitData(
+                name=name, caption_file=path,
+                query_ids=[c for c, _, _ in caps], query_video_ids=[v for _, v, _ in caps],
+                texts=[t for _, _, t in caps], video_ids=video_ids, video_queries=video_queries)
+        return self._splits[name]
+
+    def check_videos(self, split: str) -> None:
+        """Every video of the split has frames in the feature folder, else DataError."""
+        data = self.split(split)
+        missing = [v for v in data.video_ids if v not in self.features]
+        if missing:
+            raise DataError(f"{data.caption_file}: {len(missing)} videos have no frames in "
+                            f"{self.features.video2frames_file} (first: '{missing[0]}')")
+
+
+# ------------------------------------------------------------------------------ datasets
+
+class _SplitDataset(Dataset):
+    def __init__(self, corpus: Corpus, split: str, n_clips: int = N_CLIPS,
+                 max_frames: int = MAX_FRAMES, max_query_len: int = MAX_QUERY_LEN):
+        self.corpus = corpus
+        self.split = corpus.split(split)
+        self.n_clips = n_clips
+        self.max_frames = max_frames
+        self.max_query_len = max_query_len
+
+    def _video(self, vid: str) -> dict[str, Any]:
+        frames = self.corpus.features.get(vid)
+        return {"video_id": vid,
+                "clip_feats": clip_stream(frames, self.n_clips),
+                "frame_feats": frame_stream(frames, self.max_frames)}
+
+
+class TrainVideoDataset(_SplitDataset):
+    """Items are videos with ALL their captions (the release's training unit)."""
+
+    def __init__(self, corpus: Corpus, split: str = "train", **kw):
+        super().__init__(corpus, split, **kw)
+        corpus.check_videos(split)
+
+    def __len__(self) -> int:
+        return len(self.split.video_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        vid = self.split.video_ids[index]
+        item = self._video(vid)
+        qidx = self.split.video_queries[vid]
+        item["query_ids"] = [self.split.query_ids[i] for i in qidx]
+        item["query_feats"] = [query_tokens(self.corpus.text.get(q), self.max_query_len)
+                               for q in item["query_ids"]]
+        return item
+
+
+class VideoDataset(_SplitDataset):
+    """The split's videos (distinct, in order of first appearance in its caption file)."""
+
+    def __init__(self, corpus: Corpus, split: str, **kw):
+        super().__init__(corpus, split, **kw)
+        corpus.check_videos(split)
+
+    def __len__(self) -> int:
+        return len(self.split.video_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._video(self.split.video_ids[index])
+
+
+class QueryDataset(_SplitDataset):
+    """The split's captions, in file order."""
+
+    def __len__(self) -> int:
+        return len(self.split.query_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        q = self.split.query_ids[index]
+        return {"query_id": q, "video_id": self.split.query_video_ids[index],
+                "query_feats": query_tokens(self.corpus.text.get(q), self.max_query_len)}
+
+
+# ------------------------------------------------------------------------------ collate
+
+def _pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad (L_i, D) arrays to (N, max L, D) float32 with a bool mask (True = real)."""
+    lengths = [len(s) for s in seqs]
+    out = torch.zeros(len(seqs), max(lengths), seqs[0].shape[-1], dtype=torch.float32)
+    mask = torch.zeros(len(seqs), max(lengths), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, :lengths[i]] = torch.from_numpy(s)
+        mask[i, :lengths[i]] = True
+    return out, mask
+
+
+def _collate_video_part(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    clips = torch.from_numpy(np.stack([it["clip_feats"] for it in items]))
+    frames, frame_mask = _pad([it["frame_feats"] for it in items])
+    return {"clip_feats": clips, "frame_feats": frames, "frame_mask": frame_mask,
+            "video_ids": [it["video_id"] for it in items]}
+
+
+def collate_train(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    batch = _collate_video_part(items)
+    feats = [q for it in items for q in it["query_feats"]]
+    batch["query_feats"], batch["query_mask"] = _pad(feats)
+    batch["query_labels"] = torch.tensor(
+        [b for b, it in enumerate(items) for _ in it["query_feats"]], dtype=torch.int64)
+    batch["query_ids"] = [q for it in items for q in it["query_ids"]]
+    return batch
+
+
+def collate_videos(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return _collate_video_part(items)
+
+
+def collate_queries(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    feats, mask = _pad([it["query_feats"] for it in items])
+    return {"query_feats": feats, "query_mask": mask,
+            "query_ids": [it["query_id"] for it in items],
+            "query_video_ids": [it["video_id"] for it in items]}
+
+
+# ------------------------------------------------------------------------------ loaders
+
+def _stream_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    return {k: kw[k] for k in ("n_clips", "max_frames", "max_query_len") if k in kw}
+
+
+def make_train_loader(corpus: Corpus, batch_size: int, num_workers: int = 0, seed: int = 0,
+                      sampler: Sampler | None = None, split: str = "train",
+                      pin_memory: bool = False, **stream_kw) -> DataLoader:
+    """Shuffled (torch.Generator seeded with `seed`; same order for the same seed) unless a
+    `sampler` (e.g. a DistributedSampler) is given, which then decides the order."""
+    dataset = TrainVideoDataset(corpus, split, **_stream_kw(stream_kw))
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_train, generator=generator,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, drop_last=False)
+
+
+def make_eval_loaders(corpus: Corpus, split: str, video_batch_size: int, query_batch_size: int,
+                      num_workers: int = 0, pin_memory: bool = False,
+                      **stream_kw) -> tuple[DataLoader, DataLoader]:
+    """(video_loader, query_loader) over a split, in split order."""
+    kw = _stream_kw(stream_kw)
+    videos = DataLoader(VideoDataset(corpus, split, **kw), batch_size=video_batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=collate_videos,
+                        pin_memory=pin_memory)
+    queries = DataLoader(QueryDataset(corpus, split, **kw), batch_size=query_batch_size,
+                         shuffle=False, num_workers=num_workers, collate_fn=collate_queries,
+                         pin_memory=pin_memory)
+    return videos, queries
