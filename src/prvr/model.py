@@ -1,0 +1,494 @@
+"""GMMFormer v2: the network, its scores and its optimiser parameter groups.
+
+What it computes is fixed by /shared/spec/gmmformer_v2.md (the public release's behaviour);
+how it computes it is our own design, built for speed:
+
+* The eight Gaussian branches of a temporal-consolidation block run as ONE batched
+  computation. Their parameters are stacked along a leading branch dimension
+  (qkv (8, 3H, H), FFN (8, 4H, H) / (8, H, 4H), norms (8, H)) and the branch dimension is
+  folded into the batch of every matmul.
+* Token-wise work (input projection, position embedding, QKV, FFN, LayerNorms) runs on the
+  PACKED valid tokens only; attention runs on the (B, L) padded layout at the batch's own
+  longest length, not at 128. This is exact: padded keys are masked after the Gaussian
+  multiply (so they carry zero weight) and padded query rows are discarded. Frame videos
+  therefore use the top-left n x n corner of the 128 x 128 Gaussian matrices, as in the
+  release.
+* The shared weight token's cross-attention over the eight branch outputs is one batched
+  pass. Its query is the same for every branch and video, so it is folded into the key
+  projection (scores = O @ (W_k^T q) + b_k.q) and the value projection is applied after
+  pooling (sum_j p_j (W_v o_j + b_v) = W_v (sum_j p_j o_j) + b_v sum_j p_j): the per-token
+  keys and values of the cross-attention are never materialised.
+* Dropout never touches padding, and on CPU draws its keep-mask from 32-bit chunks of
+  64-bit random words (half the generator calls of torch's float Bernoulli draw, same keep
+  probability to 2^-32).
+
+Parameter layout differs from the release (stacked branches, fused q/k/v); see
+`prvr.release` for the exact mapping of a released state dict onto this one. Every
+parameter that fuses several release tensors carries the attribute `release_chunks`
+(how many equal row blocks it is made of) so an optimiser can reproduce the release's
+per-tensor gradient clipping.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "GMMFormerConfig",
+    "GMMFormer",
+    "ModelOutput",
+    "gaussian_matrix",
+    "pair_scores",
+    "retrieval_scores",
+    "release_chunks",
+]
+
+RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
+_MASK_ADD = -10000.0  # additive key mask of the release's attention
+
+
+@dataclass
+class GMMFormerConfig:
+    visual_dim: int = 3072
+    text_dim: int = 768
+    hidden_size: int = 384
+    n_heads: int = 4
+    max_query_len: int = 30
+    max_frames: int = 128
+    n_clips: int = 32
+    clip_scale_w: float = 0.7
+    frame_scale_w: float = 0.3
+    init_std: float = 0.02
+    sft_factor: float = 0.09
+    input_drop: float = 0.2
+    drop: float = 0.2
+    widths: tuple = RELEASE_WIDTHS
+
+    def __post_init__(self) -> None:
+        self.widths = tuple(None if w is None else float(w) for w in self.widths)
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of n_heads {self.n_heads}")
+        if self.n_clips > self.max_frames:
+            raise ValueError(f"n_clips {self.n_clips} exceeds max_frames {self.max_frames} "
+                             "(the clip stream shares the 128-row position table size)")
+        if not self.widths:
+            raise ValueError("widths: need at least one branch")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GMMFormerConfig":
+        """Build from a settings['model'] dict; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - names)
+        if extra:
+            raise ValueError(f"model settings: unknown keys {extra}")
+        return cls(**dict(d))
+
+
+@dataclass
+class ModelOutput:
+    query: Tensor             # (Nq, H)
+    clips: Tensor             # (B, n_clips, H)
+    frames: Tensor            # (B, Lf, H), zero at padded positions
+    frame_mask: Tensor        # (B, Lf) bool
+    clip_scores: Tensor       # (Nq, B) max cosine over clips
+    clip_scores_raw: Tensor   # (Nq, B) max dot product over clips
+    frame_scores: Tensor      # (Nq, B) max cosine over the 128 frame slots
+    frame_scores_raw: Tensor  # (Nq, B) max dot product over the 128 frame slots
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def release_chunks(param: Tensor) -> int:
+    """How many release tensors (equal row blocks, in order) a parameter is made of."""
+    return int(getattr(param, "release_chunks", 1))
+
+
+def _mark(param: nn.Parameter, chunks: int) -> nn.Parameter:
+    param.release_chunks = chunks
+    return param
+
+
+def gaussian_matrix(length: int, width: float | None) -> Tensor:
+    """(length, length) float64 Gaussian attention weights of one branch (ones for None).
+
+    Row i is the normal density over column positions linspace(0, 1, L) around centre
+    i / L with sigma = max(width, 0.01) / 9, divided by its row maximum.
+    """
+    if width is None:
+        return torch.ones(length, length, dtype=torch.float64)
+    centre = torch.arange(length, dtype=torch.float64).unsqueeze(1) / length
+    pos = torch.linspace(0.0, 1.0, length, dtype=torch.float64).unsqueeze(0)
+    sigma = max(float(width), 0.01) / 9.0
+    dens = torch.exp(-((pos - centre) ** 2) / (2.0 * sigma ** 2)) / (sigma * math.sqrt(2.0 * math.pi))
+    return dens / dens.max(dim=1, keepdim=True).values
+
+
+def _as_bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout (keep with prob 1-p, scale by 1/(1-p)), cheap on CPU."""
+    if not training or p <= 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    n = x.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2 ** 63, None)
+    bits = words.view(torch.int32)[:n].view(x.shape)
+    keep = bits >= (int(round(p * 2 ** 32)) - 2 ** 31)
+    return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))
+
+
+def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """LayerNorm of (K, N, H) with per-branch affine parameters (K, H)."""
+    return torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), weight.unsqueeze(1))
+
+
+class _Tokens:
+    """Where the valid tokens of a (B, L) mask sit: packed <-> padded bookkeeping."""
+
+    def __init__(self, mask: Tensor | None, batch: int, length: int, device: torch.device):
+        self.batch, self.length = batch, length
+        if mask is None or bool(mask.all()):
+            self.index = None  # every slot is valid: packing is a reshape
+            self.count = batch * length
+            self.mask = None
+            self.positions = torch.arange(length, device=device).repeat(batch)
+        else:
+            self.mask = mask
+            self.index = mask.reshape(-1).nonzero().squeeze(1)
+            self.count = int(self.index.numel())
+            self.positions = self.index % length
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, ...) -> (N, ...)"""
+        flat = x.reshape(self.batch * self.length, *x.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, x: Tensor, dim: int = 0, fill: float = 0.0) -> Tensor:
+        """(..., N, ...) with tokens on `dim` -> same with B*L slots on `dim` (pads = fill)."""
+        if self.index is None:
+            return x
+        shape = list(x.shape)
+        shape[dim] = self.batch * self.length
+        out = x.new_full(shape, fill)
+        return out.index_copy(dim, self.index, x)
+
+    def key_mask_add(self, dtype: torch.dtype) -> Tensor | None:
+        """(B, 1, 1, L) additive key mask (0 valid, -10000 pad), or None."""
+        if self.mask is None:
+            return None
+        return ((~self.mask).to(dtype) * _MASK_ADD)[:, None, None, :]
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
+               p: float, training: bool) -> Tensor:
+    """softmax((q k^T / sqrt(d)) * G + mask) @ v, with dropout on the probabilities.
+
+    q, k, v: (..., L, d); gauss broadcastable to (..., L, L); mask_add to (..., 1, L).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if gauss is not None:
+        scores = scores * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, scores, gauss, value=scale)
+    else:
+        scores = scores * scale if mask_add is None else torch.add(mask_add, scores, alpha=scale)
+    probs = dropout(torch.softmax(scores, dim=-1), p, training)
+    return torch.matmul(probs, v)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class InputProjection(nn.Module):
+    """LayerNorm(D_in) -> Dropout -> Linear(D_in, H) -> ReLU, on packed tokens."""
+
+    def __init__(self, in_dim: int, hidden: int, p: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.linear = nn.Linear(in_dim, hidden)
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.linear(dropout(self.norm(x), self.p, self.training)))
+
+
+class PositionEmbedding(nn.Module):
+    """x + learned position embedding -> LayerNorm -> Dropout, on packed tokens."""
+
+    def __init__(self, n_positions: int, hidden: int, p: float):
+        super().__init__()
+        self.embedding = nn.Embedding(n_positions, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.p = p
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention layer without output projection (the query encoder)."""
+
+    def __init__(self, hidden: int, n_heads: int, p: float):
+        super().__init__()
+        self.n_heads, self.p = n_heads, p
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        _mark(self.qkv.weight, 3), _mark(self.qkv.bias, 3)
+        self.ffn_in = nn.Linear(hidden, 4 * hidden)
+        self.ffn_out = nn.Linear(4 * hidden, hidden)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+
+    def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
+        B, L, nh = tokens.batch, tokens.length, self.n_heads
+        qkv = tokens.unpack(self.qkv(x)).view(B, L, 3, nh, -1).permute(2, 0, 3, 1, 4)
+        ctx = _attention(qkv[0], qkv[1], qkv[2], None, tokens.key_mask_add(x.dtype), self.p, self.training)
+        ctx = tokens.pack(ctx.transpose(1, 2).reshape(B, L, -1))
+        x = self.norm1(x + dropout(ctx, self.p, self.training))
+        h = dropout(F.relu(self.ffn_in(x)), self.p, self.training)
+        return self.norm2(x + dropout(self.ffn_out(h), self.p, self.training))
+
+
+class GaussianBranches(nn.Module):
+    """K post-norm self-attention layers (one per Gaussian width) run as one batch.
+
+    Input packed tokens (N, H); output (K, N, H).
+    """
+
+    def __init__(self, hidden: int, n_heads: int, widths: Sequence[float | None], max_len: int, p: float):
+        super().__init__()
+        K, H = len(widths), hidden
+        self.n_heads, self.p, self.widths = n_heads, p, tuple(widths)
+        self.qkv_weight = _mark(nn.Parameter(torch.empty(K, 3 * H, H)), 3 * K)
+        self.qkv_bias = _mark(nn.Parameter(torch.zeros(K, 3 * H)), 3 * K)
+        self.ffn_in_weight = _mark(nn.Parameter(torch.empty(K, 4 * H, H)), K)
+        self.ffn_in_bias = _mark(nn.Parameter(torch.zeros(K, 4 * H)), K)
+        self.ffn_out_weight = _mark(nn.Parameter(torch.empty(K, H, 4 * H)), K)
+        self.ffn_out_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
+        self.norm1_weight = _mark(nn.Parameter(torch.ones(K, H)), K)
+        self.norm1_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
+        self.norm2_weight = _mark(nn.Parameter(torch.ones(K, H)), K)
+        self.norm2_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
+        gauss = torch.stack([gaussian_matrix(max_len, w) for w in widths]).float()
+        self.register_buffer("gauss", gauss, persistent=False)  # (K, max_len, max_len)
+
+    def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
+        K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
+        B, L = tokens.batch, tokens.length
+        # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
+        qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
+        qkv = tokens.unpack(qkv).view(B, L, K, 3, nh, H // nh).permute(3, 2, 0, 4, 1, 5)
+        gauss = self.gauss[:, None, None, :L, :L]
+        ctx = _attention(qkv[0], qkv[1], qkv[2], gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
+        ctx = ctx.permute(0, 1, 3, 2, 4).reshape(K, B * L, H)
+        if tokens.index is not None:
+            ctx = ctx.index_select(1, tokens.index)  # (K, N, H)
+        y = _branch_layer_norm(x + dropout(ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
+        h = torch.baddbmm(self.ffn_in_bias.unsqueeze(1), y, self.ffn_in_weight.transpose(1, 2))
+        h = dropout(F.relu(h), self.p, self.training)
+        f = torch.baddbmm(self.ffn_out_bias.unsqueeze(1), h, self.ffn_out_weight.transpose(1, 2))
+        return _branch_layer_norm(y + dropout(f, self.p, self.training), self.norm2_weight, self.norm2_bias)
+
+
+class WeightTokenAttention(nn.Module):
+    """Post-norm cross-attention of one token over each branch output, all branches at once.
+
+    Its FFN is Linear(H, H) -> ReLU -> Dropout -> Linear(H, H).
+    """
+
+    def __init__(self, hidden: int, n_heads: int, p: float):
+        super().__init__()
+        self.n_heads, self.p = n_heads, p
+        self.query = nn.Linear(hidden, hidden)
+        self.key_value = nn.Linear(hidden, 2 * hidden)
+        _mark(self.key_value.weight, 2), _mark(self.key_value.bias, 2)
+        self.ffn_in = nn.Linear(hidden, hidden)
+        self.ffn_out = nn.Linear(hidden, hidden)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+
+    def forward(self, token: Tensor, branches: Tensor, tokens: _Tokens) -> Tensor:
+        """token (H,), branches (K, N, H) packed -> (K, B, H)."""
+        K, H, nh = branches.shape[0], branches.shape[-1], self.n_heads
+        B, L, dh = tokens.batch, tokens.length, H // nh
+        w_k, w_v = self.key_value.weight.view(2, nh, dh, H).unbind(0)
+        b_k, b_v = self.key_value.bias.view(2, nh, dh).unbind(0)
+        q = self.query(token).view(nh, dh) / math.sqrt(dh)
+        # scores[k, n, h] = q_h . (W_k o + b_k)_h, with q folded into the key projection.
+        key_q = torch.einsum("hd,hdc->ch", q, w_k)                       # (H, nh)
+        scores = torch.matmul(branches, key_q) + (q * b_k).sum(-1)       # (K, N, nh)
+        fill = torch.finfo(scores.dtype).min
+        scores = tokens.unpack(scores, dim=1, fill=fill).view(K, B, L, nh)
+        probs = dropout(torch.softmax(scores, dim=2), self.p, self.training)  # (K, B, L, nh)
+        seq = tokens.unpack(branches, dim=1).view(K * B, L, H)
+        pooled = torch.bmm(probs.view(K * B, L, nh).transpose(1, 2), seq)     # (KB, nh, H)
+        # values: W_v applied after pooling; the bias is weighted by the kept probability mass.
+        ctx = torch.einsum("nhc,hdc->nhd", pooled, w_v) + probs.sum(2).view(K * B, nh, 1) * b_v
+        t = self.norm1(token + dropout(ctx.reshape(K, B, H), self.p, self.training))
+        f = self.ffn_out(dropout(F.relu(self.ffn_in(t)), self.p, self.training))
+        return self.norm2(t + dropout(f, self.p, self.training))
+
+
+class TemporalConsolidation(nn.Module):
+    """Gaussian branches + weight-token mixing of one stream (clips or frames)."""
+
+    def __init__(self, cfg: GMMFormerConfig, length: int):
+        super().__init__()
+        H = cfg.hidden_size
+        self.branches = GaussianBranches(H, cfg.n_heads, cfg.widths, length, cfg.drop)
+        self.token_attention = WeightTokenAttention(H, cfg.n_heads, cfg.drop)
+        self.mix_hidden = nn.Linear(H, H)
+        self.mix_out = nn.Linear(H, length)  # one logit per position and branch
+        self.p, self.sft_factor = cfg.drop, cfg.sft_factor
+
+    def forward(self, x: Tensor, token: Tensor, tokens: _Tokens) -> Tensor:
+        """packed (N, H) -> packed (N, H)"""
+        outs = self.branches(x, tokens)                                   # (K, N, H)
+        t = self.token_attention(token, outs, tokens)                     # (K, B, H)
+        h = dropout(F.relu(self.mix_hidden(t)), self.p, self.training)
+        L = tokens.length
+        logits = F.linear(h, self.mix_out.weight[:L], self.mix_out.bias[:L])  # (K, B, L)
+        mix = torch.softmax(logits / self.sft_factor, dim=0).reshape(len(outs), -1)
+        if tokens.index is not None:
+            mix = mix.index_select(1, tokens.index)                       # (K, N)
+        return torch.einsum("kn,knh->nh", mix, outs)
+
+
+class GMMFormer(nn.Module):
+    def __init__(self, cfg: GMMFormerConfig | None = None):
+        super().__init__()
+        cfg = cfg or GMMFormerConfig()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.query_proj = InputProjection(cfg.text_dim, H, cfg.input_drop)
+        self.query_pos = PositionEmbedding(cfg.max_query_len, H, cfg.input_drop)
+        self.query_layer = EncoderLayer(H, cfg.n_heads, cfg.drop)
+        self.query_pool = nn.Linear(H, 1, bias=False)
+
+        self.clip_proj = InputProjection(cfg.visual_dim, H, cfg.input_drop)
+        self.clip_pos = PositionEmbedding(cfg.max_frames, H, cfg.input_drop)  # the release sizes it 128 too
+        self.clip_consolidation = TemporalConsolidation(cfg, cfg.n_clips)
+
+        self.frame_proj = InputProjection(cfg.visual_dim, H, cfg.input_drop)
+        self.frame_pos = PositionEmbedding(cfg.max_frames, H, cfg.input_drop)
+        self.frame_consolidation = TemporalConsolidation(cfg, cfg.max_frames)
+
+        self.weight_token = nn.Parameter(torch.empty(H))  # shared by both streams
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear/Embedding weights N(0, init_std), biases 0, LayerNorms (1, 0), token N(0, 1)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, GaussianBranches):
+                for name, p in module.named_parameters(recurse=False):
+                    if name.startswith("norm") and name.endswith("weight"):
+                        nn.init.ones_(p)
+                    elif name.endswith("bias"):
+                        nn.init.zeros_(p)
+                    else:
+                        nn.init.normal_(p, 0.0, std)
+        nn.init.normal_(self.weight_token, 0.0, 1.0)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_query(self, query_feats: Tensor, query_mask: Tensor) -> Tensor:
+        """(Nq, Lq, Dt), (Nq, Lq) -> (Nq, H)"""
+        Nq, Lq = query_mask.shape
+        tokens = _Tokens(_as_bool(query_mask), Nq, Lq, query_feats.device)
+        x = self.query_proj(tokens.pack(query_feats))
+        x = self.query_pos(x, tokens.positions)
+        x = self.query_layer(x, tokens)                                   # (N, H)
+        logits = tokens.unpack(self.query_pool(x).squeeze(1), fill=-1e10).view(Nq, Lq)
+        attn = tokens.pack(torch.softmax(logits, dim=1).unsqueeze(-1))   # (N, 1)
+        rows = torch.div(tokens.index, Lq, rounding_mode="floor") if tokens.index is not None \
+            else torch.arange(Nq, device=x.device).repeat_interleave(Lq)
+        return x.new_zeros(Nq, x.shape[1]).index_add(0, rows, attn * x)
+
+    def encode_videos(self, clip_feats: Tensor, frame_feats: Tensor, frame_mask: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> clips (B, n_clips, H), frames (B, Lf, H) zero at pads, frame_mask (B, Lf) bool."""
+        token = self.weight_token
+        B, C = clip_feats.shape[:2]
+        clip_tokens = _Tokens(None, B, C, clip_feats.device)
+        c = self.clip_pos(self.clip_proj(clip_tokens.pack(clip_feats)), clip_tokens.positions)
+        clips = self.clip_consolidation(c, token, clip_tokens).view(B, C, -1)
+
+        frame_mask = _as_bool(frame_mask)
+        Lf = frame_mask.shape[1]
+        if Lf > self.cfg.max_frames:
+            raise ValueError(f"frame_feats has {Lf} frames; the model takes at most {self.cfg.max_frames}")
+        # attention runs at the batch's longest real length, not at the padded Lf
+        used = frame_mask.any(0).nonzero()
+        L = int(used.max()) + 1 if used.numel() else 1
+        valid = frame_mask[:, :L]
+        frame_tokens = _Tokens(valid, B, L, frame_feats.device)
+        f = self.frame_pos(self.frame_proj(frame_tokens.pack(frame_feats[:, :L])), frame_tokens.positions)
+        f = self.frame_consolidation(f, token, frame_tokens)
+        frames = f.new_zeros(B, Lf, f.shape[-1])
+        frames[:, :L] = frame_tokens.unpack(f).view(B, L, -1)
+        return clips, frames, frame_mask
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        query = self.encode_query(batch["query_feats"], batch["query_mask"])
+        clips, frames, frame_mask = self.encode_videos(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
+        scores = pair_scores(query, clips, frames, frame_mask, self.cfg.max_frames)
+        return ModelOutput(query, clips, frames, frame_mask, *scores)
+
+    # ------------------------------------------------------------------ optimiser
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The release's decay rule: no decay for biases and for the LayerNorms of the
+        input projections and position embeddings; decay for everything else (encoder
+        norm1/norm2 weights included)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            embed_norm = name.split(".")[0].endswith(("_proj", "_pos")) and ".norm." in name
+            (no_decay if name.endswith("bias") or embed_norm else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- scores
+
+def pair_scores(query: Tensor, clips: Tensor, frames: Tensor, frame_mask: Tensor, max_frames: int = 128
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(clip, clip_raw, frame, frame_raw) scores, each (Nq, B).
+
+    Max over clips / frames of cosine (and of the plain dot product). A video with fewer
+    than `max_frames` real frames has zero vectors in its remaining slots (as the release
+    pads every video to 128), so 0 is among its frame candidates.
+    """
+    frame_mask = _as_bool(frame_mask)
+    qn = F.normalize(query, dim=-1)
+    clip_raw = torch.einsum("qh,bch->qbc", query, clips).amax(-1)
+    clip = torch.einsum("qh,bch->qbc", qn, F.normalize(clips, dim=-1)).amax(-1)
+    neg = torch.finfo(frames.dtype).min
+    pad = (~frame_mask)[None]                                  # (1, B, Lf)
+    short = (frame_mask.sum(1) < max_frames)[None]             # (1, B): 0 is a candidate
+    fr = torch.einsum("qh,bfh->qbf", query, frames).masked_fill(pad, neg).amax(-1)
+    fn = torch.einsum("qh,bfh->qbf", qn, F.normalize(frames, dim=-1)).masked_fill(pad, neg).amax(-1)
+    frame_raw = torch.where(short, fr.clamp_min(0.0), fr)
+    frame = torch.where(short, fn.clamp_min(0.0), fn)
+    return clip, clip_raw, frame, frame_raw
+
+
+def retrieval_scores(query: Tensor, clips: Tensor, frames: Tensor, frame_mask: Tensor,
+                     cfg: GMMFormerConfig) -> Tensor:
+    """(Nq, B) = clip_scale_w * clip score + frame_scale_w * frame score."""
+    clip, _, frame, _ = pair_scores(query, clips, frames, frame_mask, cfg.max_frames)
+    return cfg.clip_scale_w * clip + cfg.frame_scale_w * frame

@@ -1,0 +1,207 @@
+"""Map the public GMMFormer v2 release's parameter layout onto ours and back.
+
+The release keeps one module per Gaussian branch (`clip_encoder.attn0` .. `attn7`) with
+separate query/key/value Linears; we stack the branches and fuse q/k/v (see
+`prvr.model`). Every one of our tensors is the concatenation, in a fixed order, of one
+or more release tensors flattened: e.g. `frame_consolidation.branches.qkv_weight`
+(8, 3H, H) is [attn0.query, attn0.key, attn0.value, attn1.query, ...] row blocks. That one
+rule (`_groups`) drives both directions, so they cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from .model import GMMFormerConfig
+
+__all__ = ["release_layout", "convert_release_state_dict", "to_release_state_dict", "config_from_release"]
+
+Shape = tuple[int, ...]
+
+
+def _layer(prefix: str, H: int, ffn: int) -> list[tuple[str, Shape]]:
+    """Release names of one BertAttention / BertCrossAttention module, in release order."""
+    out = []
+    for part in ("query", "key", "value"):
+        out += [(f"{prefix}.self.{part}.weight", (H, H)), (f"{prefix}.self.{part}.bias", (H,))]
+    out += [(f"{prefix}.output.layer1.weight", (ffn, H)), (f"{prefix}.output.layer1.bias", (ffn,)),
+            (f"{prefix}.output.layer2.weight", (H, ffn)), (f"{prefix}.output.layer2.bias", (H,))]
+    for norm in ("norm1", "norm2"):
+        out += [(f"{prefix}.{norm}.weight", (H,)), (f"{prefix}.{norm}.bias", (H,))]
+    return out
+
+
+def _proj(prefix: str, d_in: int, H: int) -> list[tuple[str, Shape]]:
+    return [(f"{prefix}.LayerNorm.weight", (d_in,)), (f"{prefix}.LayerNorm.bias", (d_in,)),
+            (f"{prefix}.net.1.weight", (H, d_in)), (f"{prefix}.net.1.bias", (H,))]
+
+
+def _pos(prefix: str, n: int, H: int) -> list[tuple[str, Shape]]:
+    return [(f"{prefix}.position_embeddings.weight", (n, H)),
+            (f"{prefix}.LayerNorm.weight", (H,)), (f"{prefix}.LayerNorm.bias", (H,))]
+
+
+def _block(prefix: str, K: int, H: int, length: int) -> list[tuple[str, Shape]]:
+    out = []
+    for k in range(K):
+        out += _layer(f"{prefix}.attn{k}", H, 4 * H)
+    out += _layer(f"{prefix}.ca", H, H)
+    out += [(f"{prefix}.layer1.weight", (H, H)), (f"{prefix}.layer1.bias", (H,)),
+            (f"{prefix}.layer2.weight", (length, H)), (f"{prefix}.layer2.bias", (length,))]
+    return out
+
+
+def release_layout(cfg: GMMFormerConfig) -> list[tuple[str, Shape]]:
+    """Every release parameter name and shape for `cfg`, in the release's state_dict order."""
+    H, K = cfg.hidden_size, len(cfg.widths)
+    return ([("weight_token", (1, 1, H))]
+            + _pos("query_pos_embed", cfg.max_query_len, H)
+            + _pos("clip_pos_embed", cfg.max_frames, H)
+            + _pos("frame_pos_embed", cfg.max_frames, H)
+            + _proj("query_input_proj", cfg.text_dim, H)
+            + _layer("query_encoder", H, 4 * H)
+            + _proj("clip_input_proj", cfg.visual_dim, H)
+            + _block("clip_encoder", K, H, cfg.n_clips)
+            + _proj("frame_input_proj", cfg.visual_dim, H)
+            + _block("frame_encoder_1", K, H, cfg.max_frames)
+            + [("modular_vector_mapping.weight", (1, H))])
+
+
+def _groups(cfg: GMMFormerConfig) -> Iterator[tuple[str, list[str]]]:
+    """(our name, release names whose flattened concatenation it is)."""
+    K = len(cfg.widths)
+
+    def qkv(p: str, kind: str) -> list[str]:
+        return [f"{p}.self.{x}.{kind}" for x in ("query", "key", "value")]
+
+    yield "weight_token", ["weight_token"]
+    for ours, rel in (("query", "query"), ("clip", "clip"), ("frame", "frame")):
+        yield f"{ours}_pos.embedding.weight", [f"{rel}_pos_embed.position_embeddings.weight"]
+        for kind in ("weight", "bias"):
+            yield f"{ours}_pos.norm.{kind}", [f"{rel}_pos_embed.LayerNorm.{kind}"]
+            yield f"{ours}_proj.norm.{kind}", [f"{rel}_input_proj.LayerNorm.{kind}"]
+            yield f"{ours}_proj.linear.{kind}", [f"{rel}_input_proj.net.1.{kind}"]
+    for kind in ("weight", "bias"):
+        yield f"query_layer.qkv.{kind}", qkv("query_encoder", kind)
+        yield f"query_layer.ffn_in.{kind}", [f"query_encoder.output.layer1.{kind}"]
+        yield f"query_layer.ffn_out.{kind}", [f"query_encoder.output.layer2.{kind}"]
+        yield f"query_layer.norm1.{kind}", [f"query_encoder.norm1.{kind}"]
+        yield f"query_layer.norm2.{kind}", [f"query_encoder.norm2.{kind}"]
+    yield "query_pool.weight", ["modular_vector_mapping.weight"]
+    for ours, rel in (("clip_consolidation", "clip_encoder"), ("frame_consolidation", "frame_encoder_1")):
+        br, ca = f"{ours}.branches", f"{rel}.ca"
+        for kind in ("weight", "bias"):
+            yield f"{br}.qkv_{kind}", [n for k in range(K) for n in qkv(f"{rel}.attn{k}", kind)]
+            yield f"{br}.ffn_in_{kind}", [f"{rel}.attn{k}.output.layer1.{kind}" for k in range(K)]
+            yield f"{br}.ffn_out_{kind}", [f"{rel}.attn{k}.output.layer2.{kind}" for k in range(K)]
+            yield f"{br}.norm1_{kind}", [f"{rel}.attn{k}.norm1.{kind}" for k in range(K)]
+            yield f"{br}.norm2_{kind}", [f"{rel}.attn{k}.norm2.{kind}" for k in range(K)]
+            ta = f"{ours}.token_attention"
+            yield f"{ta}.query.{kind}", [f"{ca}.self.query.{kind}"]
+            yield f"{ta}.key_value.{kind}", [f"{ca}.self.key.{kind}", f"{ca}.self.value.{kind}"]
+            yield f"{ta}.ffn_in.{kind}", [f"{ca}.output.layer1.{kind}"]
+            yield f"{ta}.ffn_out.{kind}", [f"{ca}.output.layer2.{kind}"]
+            yield f"{ta}.norm1.{kind}", [f"{ca}.norm1.{kind}"]
+            yield f"{ta}.norm2.{kind}", [f"{ca}.norm2.{kind}"]
+            yield f"{ours}.mix_hidden.{kind}", [f"{rel}.layer1.{kind}"]
+            yield f"{ours}.mix_out.{kind}", [f"{rel}.layer2.{kind}"]
+
+
+def _our_shapes(cfg: GMMFormerConfig) -> dict[str, Shape]:
+    from .model import GMMFormer
+    with torch.device("meta"):
+        model = GMMFormer(cfg)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _strip_module_prefix(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: GMMFormerConfig) -> dict[str, Tensor]:
+    """A release `state_dict` (names of reference_state_dict_tvr.txt) -> our state_dict.
+
+    Raises ValueError naming the first missing or mis-shaped release tensor (in release
+    order), or the unexpected extra names.
+    """
+    sd = _strip_module_prefix(sd)
+    layout = release_layout(cfg)
+    for name, shape in layout:
+        if name not in sd:
+            raise ValueError(f"release state dict: missing tensor '{name}' (expected shape {shape})")
+        got = tuple(sd[name].shape)
+        if got != shape:
+            raise ValueError(f"release state dict: tensor '{name}' has shape {got}, expected {shape} "
+                             f"for hidden_size={cfg.hidden_size}, text_dim={cfg.text_dim}, "
+                             f"visual_dim={cfg.visual_dim}")
+    extra = sorted(set(sd) - {n for n, _ in layout})
+    if extra:
+        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(f"release state dict: unexpected tensors {extra[:5]}{more}")
+    shapes = _our_shapes(cfg)
+    out = {}
+    for ours, names in _groups(cfg):
+        flat = torch.cat([sd[n].detach().reshape(-1) for n in names])
+        out[ours] = flat.view(shapes[ours]).clone()
+    missing = set(shapes) - set(out)
+    if missing:  # a layout bug, not a user error
+        raise AssertionError(f"release mapping does not cover {sorted(missing)}")
+    return out
+
+
+def to_release_state_dict(our_sd: Mapping[str, Tensor], cfg: GMMFormerConfig) -> dict[str, Tensor]:
+    """Our state_dict -> the release's names and shapes (inverse of the conversion)."""
+    layout = dict(release_layout(cfg))
+    out = {}
+    for ours, names in _groups(cfg):
+        if ours not in our_sd:
+            raise ValueError(f"state dict: missing tensor '{ours}'")
+        flat = our_sd[ours].detach().reshape(-1)
+        sizes = [int(torch.Size(layout[n]).numel()) for n in names]
+        if sum(sizes) != flat.numel():
+            raise ValueError(f"state dict: tensor '{ours}' has {flat.numel()} values, expected {sum(sizes)}")
+        for n, part in zip(names, flat.split(sizes)):
+            out[n] = part.view(layout[n]).clone()
+    return {n: out[n] for n, _ in release_layout(cfg)}
+
+
+_RELEASE_KEYS = {  # release config key -> our GMMFormerConfig field
+    "hidden_size": "hidden_size",
+    "sft_factor": "sft_factor",
+    "q_feat_size": "text_dim",
+    "query_input_size": "text_dim",
+    "visual_feat_dim": "visual_dim",
+    "visual_input_size": "visual_dim",
+    "n_heads": "n_heads",
+    "max_desc_l": "max_query_len",
+    "input_drop": "input_drop",
+    "drop": "drop",
+    "initializer_range": "init_std",
+    "clip_scale_w": "clip_scale_w",
+    "frame_scale_w": "frame_scale_w",
+}
+
+
+def config_from_release(release_config: Mapping[str, Any] | Any, base: GMMFormerConfig) -> GMMFormerConfig:
+    """`base` with the values the release's config (dict, EasyDict or attribute object) sets."""
+    if isinstance(release_config, Mapping):
+        get = release_config.get
+    else:
+        def get(key, default=None):
+            return getattr(release_config, key, default)
+    changes: dict[str, Any] = {}
+    for key, field in _RELEASE_KEYS.items():
+        value = get(key, None)
+        if value is None:
+            continue
+        kind = type(getattr(base, field))
+        try:
+            changes[field] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"release config: '{key}' = {value!r} is not a {kind.__name__}") from None
+    return dataclasses.replace(base, **changes)
