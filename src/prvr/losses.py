@@ -1,0 +1,290 @@
+"""GMMFormer v2 training objective, vectorised.
+
+One training step sees B videos with all of their captions (Nq queries); ``labels[q]`` is the
+index of query q's video in the batch. The objective (see shared/spec/gmmformer_v2.md) is
+
+    total = lf[0] * clip_nce + clip_trip + lf[1] * frame_nce + frame_trip
+            + lf[2] * qdl + lf[3] * oml
+
+with ``lf = loss_factor``. NCE runs on the unnormalised (dot-product) scores, the triplet
+terms on the cosine scores, QDL and OML on the query embeddings (OML also on the clip
+embeddings).
+
+Everything except the Hungarian solve of OML is batched tensor code: per-video quantities are
+computed with label masks, masked ``logsumexp`` and gathers. Negative sampling follows the
+public release: candidates are ranked by (detached) score in descending order and a rank is
+drawn uniformly, so with the same integer draws this module and the release pick the same
+negatives. Random numbers come from the given ``torch.Generator`` (drawn on the generator's
+device, then moved to the scores' device), so runs are seeded and device independent and a
+distributed caller can draw identically on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+__all__ = [
+    "GMMFormerLoss",
+    "LOSS_TERMS",
+    "nce_loss",
+    "triplet_loss",
+    "query_diverse_loss",
+    "optimal_matching",
+    "oml_from_matching",
+    "uniform_ranks",
+]
+
+LOSS_TERMS = ("clip_nce", "clip_trip", "frame_nce", "frame_trip", "qdl", "oml")
+
+
+def _check_labels(labels: Tensor, n_queries: int, n_videos: int) -> Tensor:
+    if labels.dim() != 1 or labels.numel() != n_queries:
+        raise ValueError(f"labels: expected shape ({n_queries},), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels: expected an integer tensor, got {labels.dtype}")
+    return labels.long()
+
+
+def _video_onehot(labels: Tensor, n_videos: int) -> Tensor:
+    """(Nq, B) bool: query q belongs to video v."""
+    return labels.unsqueeze(1) == torch.arange(n_videos, device=labels.device).unsqueeze(0)
+
+
+def uniform_ranks(pool: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One uniform integer in [0, pool[i]) per entry (0 where pool[i] <= 0).
+
+    Draws ``pool.numel()`` float64 uniforms from ``generator`` (the default CPU generator when
+    None) on the generator's device and moves the result to ``pool``'s device.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(pool.shape, generator=generator, dtype=torch.float64, device=gen_device)
+    u = u.to(pool.device)
+    k = torch.floor(u * pool.to(torch.float64)).long()
+    return torch.minimum(k, (pool - 1).clamp_min(0))
+
+
+def nce_loss(scores: Tensor, labels: Tensor) -> Tensor:
+    """InfoNCE in both directions on an (Nq, B) score matrix.
+
+    t2v: mean over queries of ``logsumexp_v S[q, v] - S[q, label(q)]``;
+    v2t: mean over the B videos of ``logsumexp_q S[q, v] - logsumexp_{q of v} S[q, v]``
+    (a video with no query in the batch contributes 0 but still counts in the mean).
+    """
+    n_q, n_v = scores.shape
+    labels = _check_labels(labels, n_q, n_v)
+    rows = torch.arange(n_q, device=scores.device)
+    t2v = torch.logsumexp(scores, dim=1) - scores[rows, labels]
+    onehot = _video_onehot(labels, n_v)
+    has_query = onehot.any(dim=0)
+    # A column without queries keeps all its entries, so its two logsumexps cancel (no -inf/NaN).
+    keep = onehot | ~has_query.unsqueeze(0)
+    pos = torch.logsumexp(scores.masked_fill(~keep, float("-inf")), dim=0)
+    v2t = torch.logsumexp(scores, dim=0) - pos
+    v2t = torch.where(has_query, v2t, torch.zeros_like(v2t))
+    return t2v.mean() + v2t.mean()
+
+
+def triplet_loss(
+    scores: Tensor,
+    labels: Tensor,
+    margin: float,
+    hard_negatives: bool,
+    hard_pool_size: int = 20,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Hinge ranking loss t2v + v2t on an (Nq, B) cosine score matrix (release semantics).
+
+    t2v: for each query, the other videos are ranked by score (descending); a rank is drawn
+    uniformly among all B-1 of them, or among the first ``hard_pool_size`` with hard negatives.
+    ``sum_q max(0, m + S[q, neg] - S[q, label]) / Nq``.
+    v2t: for each video, the queries of other videos are ranked by score; with hard negatives
+    the first one is taken, otherwise a uniformly drawn one.
+    ``sum_v max(0, m + S[neg, v] - mean_{q of v} S[q, v]) / B``.
+    Queries/videos without any candidate negative contribute 0.
+    Draw order: Nq uniforms for t2v, then (random mode only) B uniforms for v2t.
+    """
+    n_q, n_v = scores.shape
+    labels = _check_labels(labels, n_q, n_v)
+    device = scores.device
+    rows = torch.arange(n_q, device=device)
+    onehot = _video_onehot(labels, n_v)
+    detached = scores.detach()
+
+    # --- text to video ---
+    pos_t2v = scores[rows, labels]
+    masked = detached.clone()
+    masked[rows, labels] = float("inf")  # the positive always ranks first
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # (Nq, B)
+    n_other = n_v - 1
+    pool = min(hard_pool_size, n_other) if hard_negatives else n_other
+    pool_t = torch.full((n_q,), pool, dtype=torch.long, device=device)
+    rank = 1 + uniform_ranks(pool_t, generator)
+    rank = rank.clamp_max(n_v - 1)
+    neg_video = order.gather(1, rank.unsqueeze(1)).squeeze(1)
+    t2v = (margin + scores[rows, neg_video] - pos_t2v).clamp(min=0)
+    if pool <= 0:
+        t2v = t2v * 0.0
+    t2v_loss = t2v.sum() / n_q
+
+    # --- video to text ---
+    st = scores.t()  # (B, Nq)
+    own = onehot.t()  # (B, Nq)
+    count = own.sum(dim=1)
+    pos_v2t = (st * own).sum(dim=1) / count.clamp_min(1)
+    neg_masked = detached.t().masked_fill(own, float("-inf"))
+    order_v = torch.sort(neg_masked, dim=1, descending=True, stable=True).indices  # (B, Nq)
+    n_neg = n_q - count
+    if hard_negatives:
+        rank_v = torch.zeros(n_v, dtype=torch.long, device=device)
+    else:
+        rank_v = uniform_ranks(n_neg, generator)
+    neg_query = order_v.gather(1, rank_v.unsqueeze(1)).squeeze(1)
+    neg_v2t = st.gather(1, neg_query.unsqueeze(1)).squeeze(1)
+    v2t = (margin + neg_v2t - pos_v2t).clamp(min=0)
+    valid = (count > 0) & (n_neg > 0)
+    v2t = torch.where(valid, v2t, torch.zeros_like(v2t))
+    v2t_loss = v2t.sum() / n_v
+    return t2v_loss + v2t_loss
+
+
+def query_diverse_loss(query: Tensor, labels: Tensor, neg_factor: Sequence[float]) -> Tensor:
+    """QDL: for each ordered pair i != j of queries of one video, with c = cos(q_i, q_j),
+    ``(1 + c)^lambda * log(1 + exp(alpha * (c + delta)))``; summed and divided by Nq.
+    ``neg_factor = (delta, alpha, lambda)``.
+    """
+    delta, alpha, lam = (float(x) for x in neg_factor)
+    n_q = query.shape[0]
+    labels = _check_labels(labels, n_q, -1)
+    x = F.normalize(query, dim=-1)
+    cos = x @ x.t()
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    pair = same & ~torch.eye(n_q, dtype=torch.bool, device=query.device)
+    c = torch.where(pair, cos, torch.zeros_like(cos))
+    z = alpha * (c + delta)
+    term = (1.0 + c).clamp_min(0.0).pow(lam) * torch.logaddexp(torch.zeros_like(z), z)
+    term = torch.where(pair, term, torch.zeros_like(term))
+    return term.sum() / n_q
+
+
+def optimal_matching(query: Tensor, clips: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Hungarian matching of each video's queries to distinct clips of that video.
+
+    For every video with two or more queries, cost = -cos(query_i, clip_k) (n_q x n_clips) is
+    solved on the host (scipy, one call per video; all cost blocks cross to the host in one
+    transfer). Returns ``(sum of matched cosines, number of matched pairs)``; the sum carries
+    gradient through the matched cosines only. OML = 1 - sum / count (0 when count == 0).
+    With no such video the sum is a zero connected to the graph.
+    """
+    n_q = query.shape[0]
+    n_v = clips.shape[0]
+    labels = _check_labels(labels, n_q, n_v)
+    qn = F.normalize(query, dim=-1)
+    cn = F.normalize(clips, dim=-1)
+    # cos of each query against the clips of its own video: (Nq, n_clips)
+    own_cos = torch.bmm(cn[labels], qn.unsqueeze(2)).squeeze(2)
+    # One device->host transfer: every query's cost row plus its label; grouping on the host.
+    host = torch.cat([own_cos.detach().to(torch.float64),
+                      labels.unsqueeze(1).to(torch.float64)], dim=1).cpu().numpy()
+    lab = host[:, -1].astype(np.int64)
+    counts = np.bincount(lab, minlength=n_v)
+    qidx = np.flatnonzero(counts[lab] >= 2)
+    if qidx.size == 0:
+        return own_cos.sum() * 0.0, 0
+    cost_all = -host[qidx, :-1]
+    lab = lab[qidx]
+    order = np.argsort(lab, kind="stable")
+    lab_sorted = lab[order]
+    starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    q_match, c_match = [], []
+    for s, e in zip(starts, ends):
+        members = order[s:e]
+        r, c = linear_sum_assignment(cost_all[members])
+        q_match.append(qidx[members[r]])
+        c_match.append(c)
+    pairs = np.stack([np.concatenate(q_match), np.concatenate(c_match)]).astype(np.int64)
+    pairs_t = torch.from_numpy(pairs).to(query.device)  # one host->device copy
+    matched = own_cos[pairs_t[0], pairs_t[1]]
+    return matched.sum(), int(matched.numel())
+
+
+def oml_from_matching(sum_cos: Tensor, count: int | Tensor) -> Tensor:
+    """OML = 1 - sum_cos / count, or a graph-connected 0 when count == 0."""
+    if int(count) == 0:
+        return sum_cos * 0.0
+    return 1.0 - sum_cos / count
+
+
+class GMMFormerLoss(nn.Module):
+    """The full GMMFormer v2 objective as one module.
+
+    ``forward(out, labels, hard_negatives, generator=None, matching=None)`` takes any object
+    with the ModelOutput attributes ``query (Nq, H)``, ``clips (B, n_clips, H)``,
+    ``clip_scores``, ``clip_scores_raw``, ``frame_scores``, ``frame_scores_raw`` (each (Nq, B))
+    and returns a dict of 0-dim tensors: the unweighted terms of LOSS_TERMS and ``total``.
+    ``matching``, when given, is a precomputed ``(sum_cos, count)`` for OML (e.g. combined over
+    ranks by a distributed caller); otherwise ``optimal_matching`` runs on ``out``.
+    Random draws (in order): clip triplet, then frame triplet (see ``triplet_loss``).
+    """
+
+    def __init__(self, margin: float, loss_factor: Sequence[float], neg_factor: Sequence[float],
+                 hard_pool_size: int = 20):
+        super().__init__()
+        loss_factor = [float(x) for x in loss_factor]
+        neg_factor = [float(x) for x in neg_factor]
+        if len(loss_factor) != 4:
+            raise ValueError(f"loss_factor: expected 4 values, got {len(loss_factor)}")
+        if len(neg_factor) != 3:
+            raise ValueError(f"neg_factor: expected 3 values (delta, alpha, lambda), got {len(neg_factor)}")
+        if int(hard_pool_size) < 1:
+            raise ValueError(f"hard_pool_size: expected >= 1, got {hard_pool_size}")
+        self.margin = float(margin)
+        self.loss_factor = loss_factor
+        self.neg_factor = neg_factor
+        self.hard_pool_size = int(hard_pool_size)
+
+    @classmethod
+    def from_settings(cls, loss_settings: dict[str, Any]) -> "GMMFormerLoss":
+        """Build from the resolved settings' ``loss`` section."""
+        return cls(loss_settings["margin"], loss_settings["loss_factor"], loss_settings["neg_factor"],
+                   loss_settings.get("hard_pool_size", 20))
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, loss_factor={self.loss_factor}, neg_factor={self.neg_factor}, "
+                f"hard_pool_size={self.hard_pool_size}")
+
+    def forward(self, out: Any, labels: Tensor, hard_negatives: bool,
+                generator: torch.Generator | None = None,
+                matching: tuple[Tensor, int] | None = None) -> dict[str, Tensor]:
+        labels = labels.to(out.clip_scores.device)
+        n_q, n_v = out.clip_scores.shape
+        for name in ("clip_scores_raw", "frame_scores", "frame_scores_raw"):
+            shape = tuple(getattr(out, name).shape)
+            if shape != (n_q, n_v):
+                raise ValueError(f"{name}: expected shape {(n_q, n_v)}, got {shape}")
+        if out.query.shape[0] != n_q or out.clips.shape[0] != n_v:
+            raise ValueError(f"query/clips: expected {n_q} queries and {n_v} videos, got "
+                             f"{out.query.shape[0]} and {out.clips.shape[0]}")
+        hard = bool(hard_negatives)
+        terms = {
+            "clip_nce": nce_loss(out.clip_scores_raw, labels),
+            "clip_trip": triplet_loss(out.clip_scores, labels, self.margin, hard,
+                                      self.hard_pool_size, generator),
+            "frame_nce": nce_loss(out.frame_scores_raw, labels),
+            "frame_trip": triplet_loss(out.frame_scores, labels, self.margin, hard,
+                                       self.hard_pool_size, generator),
+            "qdl": query_diverse_loss(out.query, labels, self.neg_factor),
+        }
+        if matching is None:
+            matching = optimal_matching(out.query, out.clips, labels)
+        terms["oml"] = oml_from_matching(*matching)
+        lf = self.loss_factor
+        terms["total"] = (lf[0] * terms["clip_nce"] + terms["clip_trip"]
+                          + lf[1] * terms["frame_nce"] + terms["frame_trip"]
+                          + lf[2] * terms["qdl"] + lf[3] * terms["oml"])
+        return terms
