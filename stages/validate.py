@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, info in report["splits"].items():
         log.info("  %s: %s videos, %s captions", split, info.get("videos"), info.get("captions"))
     if errors:
-        print(f"validate: error: {len(errors)} problems in {report['collection_dir']} "
+        print(f"validate: error: {len(errors)} errors in {report['collection_dir']} "
               f"(report: {out}):", file=sys.stderr)
         for problem in errors[:SHOW]:
             print(f"  {problem['message']}", file=sys.stderr)

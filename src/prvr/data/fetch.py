@@ -370,7 +370,10 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
         seed = int(generator.get("seed", 0))
         kwargs = {"scale": float(generator["scale"])} if "scale" in generator else {}
         log.info("generating the %s corpus (preset %s, seed %d) under %s", ds, preset, seed, out_dir)
-        collection_dir = Path(generate(out_dir, preset=preset, seed=seed, progress=progress, **kwargs))
+        try:
+            collection_dir = Path(generate(out_dir, preset=preset, seed=seed, progress=progress, **kwargs))
+        except ValueError as exc:  # unknown preset, bad scale
+            raise DataError(f"params.yaml: {ds}.generator: {exc}") from None
         if collection_dir.name != collection:
             raise DataError(f"params.yaml: {ds}.collection is '{collection}' but the generator preset "
                             f"'{preset}' writes '{collection_dir.name}'")
