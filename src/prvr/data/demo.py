@@ -28,6 +28,7 @@ CLI: python -m prvr.data.demo --out DIR --preset demo --seed 7 [--scale S]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -136,7 +137,8 @@ def _scaled(preset: Preset, scale: float) -> dict[str, SplitSize]:
     out = {}
     for split, size in preset.splits.items():
         n = max(1, int(round(size.videos * scale)))
-        caps = None if size.captions is None else max(n, int(round(size.captions * scale)))
+        # keep the captions-per-video ratio (TVR: exactly 5 per video at every scale)
+        caps = None if size.captions is None else max(n, int(round(n * size.captions / size.videos)))
         out[split] = SplitSize(n, caps)
     return out
 
@@ -242,6 +244,15 @@ def _render_video(preset: Preset, world: _World, seed: int, split: str, index: i
     return frames.astype("<f4", copy=False), captions, caption_spans
 
 
+def _single_thread_blas():
+    """The matmuls here are small: extra BLAS threads only fight other processes for cores."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: without it BLAS keeps its default thread count
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def video_id(preset: Preset, split: str, index: int) -> str:
     return f"{preset.collection}_{split}_{index:06d}"
 
@@ -268,45 +279,46 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.collection}.tmp-", dir=out_dir))
     try:
-        text_dir = tmp / "TextData"
-        feat_dir = tmp / "FeatureData" / p.feature
-        text_dir.mkdir(parents=True)
-        feat_dir.mkdir(parents=True)
-        n_rows = 0
-        n_caps_total = 0
-        bar = tqdm(total=total_videos, desc=f"generate {preset}", unit="video", disable=not progress)
-        with open(feat_dir / "feature.bin", "wb") as fbin, \
-                open(feat_dir / "id.txt", "w", encoding="ISO-8859-1", newline="\n") as fid, \
-                open(feat_dir / "video2frames.txt", "w", encoding="ISO-8859-1", newline="\n") as fv2f, \
-                h5py.File(text_dir / f"roberta_{p.collection}_query_feat.hdf5", "w") as h5:
-            fv2f.write("{")
-            first_video = True
-            for split in SPLITS:
-                lengths, caps = plans[split]
-                with open(text_dir / f"{p.collection}{split}.caption.txt", "w",
-                          encoding="utf-8", newline="\n") as fcap:
-                    for i in range(sizes[split].videos):
-                        vid = video_id(p, split, i)
-                        frames, captions, _ = _render_video(p, world, seed, split, i,
-                                                            int(lengths[i]), int(caps[i]))
-                        fbin.write(frames.tobytes())
-                        frame_ids = [f"{vid}_{t}" for t in range(len(frames))]
-                        fid.write(" ".join(frame_ids))
-                        fid.write("\n")
-                        fv2f.write(("" if first_video else ", ") + repr(vid) + ": " + repr(frame_ids))
-                        first_video = False
-                        n_rows += len(frames)
-                        for c, (tokens, text) in enumerate(captions):
-                            cap_id = f"{vid}#enc#{c}"
-                            fcap.write(f"{cap_id} {text}\n")
-                            h5.create_dataset(cap_id, data=tokens, track_times=False)
-                        n_caps_total += len(captions)
-                        bar.update(1)
-            fv2f.write("}\n")
-        bar.close()
-        with open(feat_dir / "shape.txt", "w", encoding="ascii", newline="\n") as fh:
-            fh.write(f"{n_rows} {p.visual_dim}\n")
-        _replace_dir(tmp, target)
+        with _single_thread_blas():
+            text_dir = tmp / "TextData"
+            feat_dir = tmp / "FeatureData" / p.feature
+            text_dir.mkdir(parents=True)
+            feat_dir.mkdir(parents=True)
+            n_rows = 0
+            n_caps_total = 0
+            bar = tqdm(total=total_videos, desc=f"generate {preset}", unit="video", disable=not progress)
+            with open(feat_dir / "feature.bin", "wb") as fbin, \
+                    open(feat_dir / "id.txt", "w", encoding="ISO-8859-1", newline="\n") as fid, \
+                    open(feat_dir / "video2frames.txt", "w", encoding="ISO-8859-1", newline="\n") as fv2f, \
+                    h5py.File(text_dir / f"roberta_{p.collection}_query_feat.hdf5", "w") as h5:
+                fv2f.write("{")
+                first_video = True
+                for split in SPLITS:
+                    lengths, caps = plans[split]
+                    with open(text_dir / f"{p.collection}{split}.caption.txt", "w",
+                              encoding="utf-8", newline="\n") as fcap:
+                        for i in range(sizes[split].videos):
+                            vid = video_id(p, split, i)
+                            frames, captions, _ = _render_video(p, world, seed, split, i,
+                                                                int(lengths[i]), int(caps[i]))
+                            fbin.write(frames.tobytes())
+                            frame_ids = [f"{vid}_{t}" for t in range(len(frames))]
+                            fid.write(" ".join(frame_ids))
+                            fid.write("\n")
+                            fv2f.write(("" if first_video else ", ") + repr(vid) + ": " + repr(frame_ids))
+                            first_video = False
+                            n_rows += len(frames)
+                            for c, (tokens, text) in enumerate(captions):
+                                cap_id = f"{vid}#enc#{c}"
+                                fcap.write(f"{cap_id} {text}\n")
+                                h5.create_dataset(cap_id, data=tokens, track_times=False)
+                            n_caps_total += len(captions)
+                            bar.update(1)
+                fv2f.write("}\n")
+            bar.close()
+            with open(feat_dir / "shape.txt", "w", encoding="ascii", newline="\n") as fh:
+                fh.write(f"{n_rows} {p.visual_dim}\n")
+            _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
