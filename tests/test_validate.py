@@ -112,6 +112,18 @@ def _cap_other_dim(p):
     _rewrite_h5(p, "train_video_000#enc#0", np.ones((3, TEXT_DIM + 1)))
 
 
+def _cap_group(p):
+    with h5py.File(p.query_feat_file, "a") as h5:
+        del h5["val_video_001#enc#0"]
+        h5.create_group("val_video_001#enc#0")
+
+
+def _cap_int_1d(p):
+    with h5py.File(p.query_feat_file, "a") as h5:
+        del h5["train_video_003#enc#1"]
+        h5.create_dataset("train_video_003#enc#1", data=np.arange(4))
+
+
 def _cap_bad_line(p):
     with open(p.caption_file("train"), "a") as fh:
         fh.write("train_video_000#enc#9\n")
@@ -153,6 +165,8 @@ CASES = {
                                      "have no text feature"),
     "caption with 0 tokens": (_cap_empty_tokens, {}, "roberta_toy_query_feat.hdf5", "0 tokens"),
     "Inf caption feature": (_cap_inf, {}, "roberta_toy_query_feat.hdf5", "NaN or Inf"),
+    "caption feature is a group": (_cap_group, {}, "roberta_toy_query_feat.hdf5", "not 2-d float arrays"),
+    "caption feature is 1-d int": (_cap_int_1d, {}, "roberta_toy_query_feat.hdf5", "not 2-d float arrays"),
     "caption line without text": (_cap_bad_line, {}, "toytrain.caption.txt:9", "has no text"),
     "duplicate caption ids": (_cap_dup_id, {}, "toytest.caption.txt", "appear more than once"),
     "empty split": (_empty_split, {}, "toyval.caption.txt", "has no captions"),

@@ -224,7 +224,7 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
 
         try:
             with h5py.File(hfile, "r") as h5:
-                top = set(h5.keys())
+                fid = h5.id
                 total = sum(len(c) for c in split_caps.values())
                 bar = tqdm(total=total, desc="scan caption features", unit="caption",
                            disable=not progress or total < 5000)
@@ -237,15 +237,17 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
                     non_finite: list[str] = []
                     for cap_id, _, _ in caps:
                         bar.update(1)
-                        if cap_id not in top and cap_id not in h5:
-                            absent.append(cap_id)
+                        # The low-level API is ~3x faster per caption than h5[cap_id][()].
+                        try:
+                            node = h5py.h5d.open(fid, cap_id.encode("utf-8"))
+                        except KeyError:  # absent, or a group / other non-dataset object
+                            (bad_shape if cap_id in h5 else absent).append(cap_id)
                             continue
-                        node = h5[cap_id]
-                        if not isinstance(node, h5py.Dataset) or node.ndim != 2 \
-                                or not np.issubdtype(node.dtype, np.floating):
+                        shape, dtype = node.shape, node.dtype
+                        if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
                             bad_shape.append(cap_id)
                             continue
-                        t, dt = node.shape
+                        t, dt = shape
                         tokens.append(t)
                         text_dims.add(int(dt))
                         if text_dim is not None and dt != text_dim:
@@ -253,7 +255,9 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
                         if t == 0:
                             empty.append(cap_id)
                             continue
-                        if not np.isfinite(node[()]).all():
+                        values = np.empty(shape, dtype)
+                        node.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
+                        if not np.isfinite(values).all():
                             non_finite.append(cap_id)
                     if absent:
                         P.error(hfile, f"{len(absent)} captions of split '{split}' have no text "
