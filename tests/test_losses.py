@@ -180,7 +180,7 @@ def test_triplet_sampling_is_uniform_over_the_right_pool():
     b = len(counts)
     for hard, hps in [(False, 20), (True, 2)]:
         vals = torch.tensor([float(triplet_loss(S, labels, margin, hard, hps, torch.Generator().manual_seed(s)))
-                             for s in range(3000)])
+                             for s in range(2000)])
         pool = min(hps, b - 1) if hard else b - 1
         expect_t2v = sum(ref_triplet(S, labels.tolist(), margin, [r] * b, [0] * b) for r in range(pool)) / pool
         if hard:
@@ -268,7 +268,7 @@ def test_oml_zero_when_every_video_has_one_query():
     s, c = optimal_matching(q, out.clips, labels)
     assert c == 0 and float(s.detach()) == 0.0
     oml = oml_from_matching(s, c)
-    assert float(oml) == 0.0
+    assert float(oml.detach()) == 0.0
     oml.backward()  # still part of a graph
     assert torch.all(q.grad == 0)
 
