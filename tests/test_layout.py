@@ -149,3 +149,16 @@ def test_locate_demo_defaults_to_the_generated_corpus(tmp_path):
     s = _settings(tmp_path, dataset="demo", collection="demo", feature="demo_feats")
     paths = locate(s, tmp_path / "data", must_exist=False)
     assert paths.collection_dir == (tmp_path / "data" / "demo" / "corpus" / "demo").absolute()
+
+
+def test_locate_finds_a_generated_corpus_next_to_its_source_json(tmp_path):
+    # A workspace copied elsewhere (dvc exp run --temp) keeps the absolute path of the workspace
+    # that generated it in source.json; locate must use its own copy.
+    s = _settings(tmp_path, dataset="mini", collection="toy")
+    s["generator"] = {"preset": "demo", "seed": 1}
+    data = tmp_path / "moved" / "data"
+    local = write_collection(data / "mini" / "corpus")
+    (data / "mini" / "source.json").write_text(json.dumps({
+        "dataset": "mini", "collection": "toy", "feature": "toyfeat", "origin": "generated",
+        "collection_dir": str(tmp_path / "gone" / "data" / "mini" / "corpus" / "toy")}))
+    assert locate(s, data).collection_dir == local.collection_dir.absolute()

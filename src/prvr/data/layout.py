@@ -317,8 +317,9 @@ def source_file(settings: dict[str, Any], data_dir: str | os.PathLike = "data") 
 
 def default_collection_dir(settings: dict[str, Any], data_dir: str | os.PathLike = "data") -> Path:
     """Where the collection lives when no source.json says otherwise."""
-    if settings["dataset"] == "demo":
-        return (Path(data_dir) / "demo" / DEMO_CORPUS_SUBDIR / str(settings["collection"])).absolute()
+    if settings.get("generator") or settings["dataset"] == "demo":
+        return (Path(data_dir) / str(settings["dataset"]) / DEMO_CORPUS_SUBDIR
+                / str(settings["collection"])).absolute()
     return Path(settings["data_root"]).expanduser().absolute() / str(settings["collection"])
 
 
@@ -358,6 +359,11 @@ def locate(settings: dict[str, Any], data_dir: str | os.PathLike = "data",
         collection_dir = Path(record["collection_dir"])
         if not collection_dir.is_absolute():
             raise DataError(f"{src}: collection_dir must be an absolute path")
+        if record.get("origin") == "generated":
+            # A generated corpus lives next to source.json (data/<dataset>/corpus/<collection>);
+            # resolve it from here so that a copied or moved workspace (dvc exp run --temp)
+            # finds its own copy, not the absolute path of the workspace that generated it.
+            collection_dir = (src.parent / DEMO_CORPUS_SUBDIR / collection).absolute()
     else:
         collection_dir = default_collection_dir(settings, data_dir)
     paths = CollectionPaths(collection_dir, collection, feature)
