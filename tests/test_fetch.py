@@ -344,3 +344,32 @@ def test_demo_with_an_unknown_preset_is_a_one_line_error(tmp_path):
                           feature="demo_feats", generator={"preset": "nope", "seed": 3})
     with pytest.raises(DataError, match="demo.generator: unknown preset 'nope'"):
         fetch(load_settings(params), tmp_path / "data", progress=False)
+
+
+@pytest.mark.parametrize("name", ["toy.tar.gz", "toy.zip"])
+def test_damaged_archive_is_a_one_line_error_and_leaves_nothing(tmp_path, name):
+    paths = write_collection(tmp_path / "src")
+    full = (_tar_gz_of(paths.collection_dir, "toy") if name.endswith(".tar.gz")
+            else _zip_of(paths.collection_dir, tmp_path / "src"))
+    archive = tmp_path / name
+    if name.endswith(".zip"):  # corrupt the compressed data of the first member, keep the directory
+        data = bytearray(full)
+        data[40:400] = bytes(360)
+        archive.write_bytes(bytes(data))
+    else:
+        archive.write_bytes(full[: len(full) // 2])
+    root = tmp_path / "root"
+    with pytest.raises(DataError) as err:
+        extract_collection(archive, root, "toy", "toyfeat", progress=False)
+    assert str(err.value).startswith(f"{archive}: ") and "\n" not in str(err.value)
+    assert "damaged" in str(err.value) or "extraction failed" in str(err.value)
+    assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_download_of_a_complete_part_file_verifies_it(tmp_path, server):
+    data, sha = _payload()
+    blob = Blob(data)
+    url = server("done.zip", blob)
+    (tmp_path / "done.zip.part").write_bytes(data)
+    download(url, tmp_path / "done.zip", sha, progress=False, retry_wait=0)
+    assert (tmp_path / "done.zip").read_bytes() == data and blob.requests == [f"bytes={len(data)}-"]

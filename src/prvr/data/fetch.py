@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -36,6 +37,9 @@ from .layout import MSSL_DATA_PAGE, CollectionPaths, DataError, DEMO_CORPUS_SUBD
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# What a damaged or truncated archive raises while it is read.
+_ARCHIVE_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error,
+                   OSError, UnicodeDecodeError)
 _DOWNLOAD_DIR = ".prvr-downloads"
 
 
@@ -210,9 +214,17 @@ def check_archive(path: str | os.PathLike) -> str:
     """Raise DataError for an archive with a member that could write outside its folder.
 
     Rejects absolute names, '..' components, links (symbolic or hard) whose target leaves the
-    folder, and device/fifo members. Returns the format: 'zip' or 'tar'.
+    folder, and device/fifo members; a damaged archive is a DataError too. Returns the format:
+    'zip' or 'tar'.
     """
     path = Path(path)
+    try:
+        return _check_archive(path)
+    except _ARCHIVE_ERRORS as exc:
+        raise DataError(f"{path}: damaged or unreadable archive ({exc})") from None
+
+
+def _check_archive(path: Path) -> str:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -253,6 +265,24 @@ def check_archive(path: str | os.PathLike) -> str:
     return "tar"
 
 
+def _extract_all(archive: Path, kind: str, dest: Path, progress: bool) -> None:
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for info in tqdm(members, desc=f"extract {archive.name}", unit="file",
+                             disable=not progress or len(members) < 50):
+                zf.extract(info, dest)
+    else:
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for member in tqdm(members, desc=f"extract {archive.name}", unit="file",
+                               disable=not progress or len(members) < 50):
+                if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: belt and braces
+                    tf.extract(member, dest, filter="data")
+                else:  # pragma: no cover - members were checked by check_archive
+                    tf.extract(member, dest)
+
+
 def extract_collection(archive: str | os.PathLike, data_root: str | os.PathLike, collection: str,
                        feature: str, progress: bool = True) -> Path:
     """Extract `archive` so that `<data_root>/<collection>/` appears, atomically.
@@ -268,21 +298,10 @@ def extract_collection(archive: str | os.PathLike, data_root: str | os.PathLike,
     target = data_root / collection
     tmp = Path(tempfile.mkdtemp(prefix=f".{collection}.extract-", dir=data_root))
     try:
-        if kind == "zip":
-            with zipfile.ZipFile(archive) as zf:
-                members = zf.infolist()
-                for info in tqdm(members, desc=f"extract {archive.name}", unit="file",
-                                 disable=not progress or len(members) < 50):
-                    zf.extract(info, tmp)
-        else:
-            with tarfile.open(archive) as tf:
-                members = tf.getmembers()
-                for member in tqdm(members, desc=f"extract {archive.name}", unit="file",
-                                   disable=not progress or len(members) < 50):
-                    if hasattr(tarfile, "data_filter"):
-                        tf.extract(member, tmp, filter="data")
-                    else:  # pragma: no cover - Python < 3.11.4; members were checked above
-                        tf.extract(member, tmp)
+        try:
+            _extract_all(archive, kind, tmp, progress)
+        except _ARCHIVE_ERRORS as exc:
+            raise DataError(f"{archive}: extraction failed ({exc})") from None
         if (tmp / collection).is_dir():
             found = tmp / collection
         elif (tmp / "TextData").is_dir() or (tmp / "FeatureData").is_dir():
