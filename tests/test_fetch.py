@@ -300,6 +300,14 @@ def test_fetch_references_an_existing_folder_without_copying(tmp_path):
     assert record["origin"] == "folder" and record["feature"] == "toyfeat"
     assert record["collection_dir"] == str(paths.collection_dir.absolute())
     assert [p.name for p in (tmp_path / "data" / "toy").iterdir()] == ["source.json"]
+    assert record["files"]["FeatureData/toyfeat/feature.bin"]["size"] == paths.feature_file.stat().st_size
+    # re-running on unchanged features writes the same record; changed features change it
+    assert run_stage(tmp_path, params).returncode == 0
+    assert json.loads((tmp_path / "data" / "toy" / "source.json").read_text()) == record
+    with open(paths.feature_file, "ab") as fh:
+        fh.write(bytes(4 * 8))
+    assert run_stage(tmp_path, params).returncode == 0
+    assert json.loads((tmp_path / "data" / "toy" / "source.json").read_text()) != record
 
 
 def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path):

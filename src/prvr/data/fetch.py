@@ -7,6 +7,11 @@ Three origins:
   archive    a zip or tar(.gz) given as a local path or an http(s) URL with its sha256
              (`<dataset>.archive`, `<dataset>.sha256`): downloaded with resume, verified,
              checked for unsafe members and extracted atomically into data_root
+
+source.json: {"dataset", "collection", "feature", "origin", "collection_dir" (absolute), and
+  generated: "generator" {preset, seed[, scale]}; folder/archive: "data_root", "files"
+  {path in collection: {size, mtime_ns}}; archive: "archive", "sha256"}.
+  Readers go through `prvr.data.layout.locate`.
 """
 from __future__ import annotations
 
@@ -330,6 +335,19 @@ def extract_collection(archive: str | os.PathLike, data_root: str | os.PathLike,
 # the fetch stage's logic
 
 
+def fingerprint(paths: CollectionPaths) -> dict[str, dict[str, int]]:
+    """Size and modification time (ns) of each file of the layout, by path in the collection.
+
+    Written into source.json for folder and archive origins so that a pipeline re-running the
+    fetch stage sees a changed source.json (and re-validates) exactly when the features change.
+    """
+    out = {}
+    for f in paths.required_files():
+        st = f.stat()
+        out[f.relative_to(paths.collection_dir).as_posix()] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return out
+
+
 def missing_dataset_message(settings: dict[str, Any], folder: Path, missing: list[Path] | None = None) -> str:
     ds, collection, feature = settings["dataset"], settings["collection"], settings["feature"]
     root = Path(settings["data_root"]).expanduser()
@@ -407,7 +425,8 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
             if missing:
                 raise DataError(missing_dataset_message(settings, folder, missing))
             log.info("found the MS-SL collection at %s (referenced, not copied)", folder)
-            record.update(origin="folder", collection_dir=str(folder), data_root=str(data_root))
+            record.update(origin="folder", collection_dir=str(folder), data_root=str(data_root),
+                          files=fingerprint(paths))
         elif settings.get("archive"):
             archive, downloaded = _archive_from_settings(settings, data_root, progress)
             log.info("extracting %s into %s", archive, data_root)
@@ -415,7 +434,8 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
             if downloaded:
                 archive.unlink(missing_ok=True)
             record.update(origin="archive", collection_dir=str(folder), data_root=str(data_root),
-                          archive=str(settings["archive"]), sha256=settings.get("sha256"))
+                          archive=str(settings["archive"]), sha256=settings.get("sha256"),
+                          files=fingerprint(paths))
         else:
             raise DataError(missing_dataset_message(settings, folder))
     out = source_file(settings, data_dir)
