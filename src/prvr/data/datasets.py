@@ -12,7 +12,7 @@ Processing of one video (n frames, float32 (n, Dv)), as in the shared spec:
 * caption tokens: each token L2-normalised, then cut to the first 30.
 
 Normalisation is applied AFTER binning (bins of raw frames are averaged, then normalised),
-as the release's data provider does. Binning is vectorised (one ``np.add.reduceat``).
+as the release's data provider does. Binning is vectorised (one ``index_add`` per video).
 
 Batch order: a training batch keeps the sampler's order of videos, and each video's captions
 in caption-file order. (The release's collate sorts a batch by frame count; that changes no
@@ -44,8 +44,8 @@ EPS = 1e-5
 
 def l2_normalize(x: np.ndarray, eps: float = EPS) -> np.ndarray:
     """x / (||x|| + eps) along the last axis, float32."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + np.float32(eps))
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    return (t / (torch.linalg.vector_norm(t, dim=-1, keepdim=True) + eps)).numpy()
 
 
 def bin_edges(n: int, n_bins: int) -> np.ndarray:
@@ -55,29 +55,42 @@ def bin_edges(n: int, n_bins: int) -> np.ndarray:
     return np.minimum(np.rint(np.linspace(0, n, n_bins + 1)), n - 1).astype(np.int64)
 
 
-def average_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
-    """(n, D) -> (n_bins, D): mean of [e_i, e_{i+1}) when non-empty, else frame e_i."""
+def _average_bins_t(x: torch.Tensor, n_bins: int) -> torch.Tensor:
     e = bin_edges(len(x), n_bins)
-    # reduceat over [e_0 .. e_{n_bins}]: row i sums x[e_i:e_{i+1}] when e_i < e_{i+1} and is
-    # x[e_i] otherwise -- exactly the bin rule. The extra last row (x[e_n:]) is dropped.
-    sums = np.add.reduceat(x, e, axis=0)[:n_bins]
-    counts = np.maximum(e[1:] - e[:-1], 1).astype(x.dtype)
-    return sums / counts[:, None]
+    counts = e[1:] - e[:-1]                      # >= 0; bins tile [0, e_last) without overlap
+    bin_of = torch.from_numpy(np.repeat(np.arange(n_bins), counts))
+    sums = torch.zeros(n_bins, x.shape[1], dtype=x.dtype).index_add_(0, bin_of, x[:int(e[-1])])
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):                               # an empty bin is the single frame e_i
+        sums[torch.from_numpy(empty)] = x[torch.from_numpy(e[empty])]
+    return sums / torch.from_numpy(np.maximum(counts, 1).astype(np.float32))[:, None]
+
+
+def average_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n, D) -> (n_bins, D): mean of [e_i, e_{i+1}) when non-empty, else frame e_i.
+
+    Vectorised: every frame is added into its bin with one index_add (no loop over bins)."""
+    return _average_bins_t(torch.as_tensor(np.asarray(x, dtype=np.float32)), n_bins).numpy()
+
+
+def _normalize_t(t: torch.Tensor) -> torch.Tensor:
+    return t / (torch.linalg.vector_norm(t, dim=-1, keepdim=True) + EPS)
 
 
 def clip_stream(frames: np.ndarray, n_clips: int = N_CLIPS) -> np.ndarray:
-    return l2_normalize(average_bins(np.asarray(frames, dtype=np.float32), n_clips))
+    t = torch.as_tensor(np.asarray(frames, dtype=np.float32))
+    return _normalize_t(_average_bins_t(t, n_clips)).numpy()
 
 
 def frame_stream(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    frames = np.asarray(frames, dtype=np.float32)
-    if len(frames) > max_frames:
-        frames = average_bins(frames, max_frames)
-    return l2_normalize(frames)
+    t = torch.as_tensor(np.asarray(frames, dtype=np.float32))
+    if len(t) > max_frames:
+        t = _average_bins_t(t, max_frames)
+    return _normalize_t(t).numpy()
 
 
 def query_tokens(tokens: np.ndarray, max_len: int = MAX_QUERY_LEN) -> np.ndarray:
-    return l2_normalize(np.asarray(tokens, dtype=np.float32)[:max_len])
+    return _normalize_t(torch.as_tensor(np.asarray(tokens, dtype=np.float32)[:max_len])).numpy()
 
 
 # ------------------------------------------------------------------------------ text features
