@@ -39,6 +39,9 @@ def test_read_captions_video_ids_and_order(tmp_path):
                     ("vidB#1", "vidB", "Text with\ttabs"),
                     ("castle_s01e02_seg02_clip_09#enc#1", "castle_s01e02_seg02_clip_09", "another one")]
     assert split_video_ids(caps) == ["castle_s01e02_seg02_clip_09", "vidB"]
+    # only \n, \r\n and \r end lines; U+0085 / U+2028 inside a caption do not
+    f.write_text("v#0 caf\u00e9 \u2028 text\u0085 more\r\nv#1 two\rw#0 three", encoding="utf-8")
+    assert [c[0] for c in read_captions(f)] == ["v#0", "v#1", "w#0"]
 
 
 @pytest.mark.parametrize("line, what", [("lonely_id_without_text", "has no text"),

@@ -122,6 +122,9 @@ def video_id_of(cap_id: str) -> str:
     return cap_id.split("#", 1)[0]
 
 
+_NEWLINE = re.compile(r"\r\n|\r|\n")
+
+
 def parse_caption_lines(path: str | os.PathLike
                         ) -> tuple[list[tuple[str, str, str]], list[tuple[int, str]]]:
     """Read a caption file leniently: (captions, [(line_no, what is wrong), ...]).
@@ -133,7 +136,9 @@ def parse_caption_lines(path: str | os.PathLike
     text = _decode_text(_read_bytes(path))
     captions: list[tuple[str, str, str]] = []
     bad: list[tuple[int, str]] = []
-    for no, line in enumerate(text.splitlines(), start=1):
+    # Only \n, \r\n and \r end a line (as Python's text mode reads it); str.splitlines would also
+    # split on characters such as U+0085 or U+2028 inside a caption's text.
+    for no, line in enumerate(_NEWLINE.split(text), start=1):
         line = line.strip()
         if not line:
             continue
