@@ -287,3 +287,68 @@ def test_a_stalled_rank_is_bounded_by_the_process_group_timeout(tmp_path):
     assert proc.returncode != 0
     assert elapsed < 60, elapsed
     assert not Path(f"{marker}.0").exists()
+
+
+# ------------------------------------------------------------------------ the train stage
+def _stage_params(src: Path, dst: Path, nproc: int) -> None:
+    import yaml
+
+    params = yaml.safe_load(src.read_text())
+    params["dataset"] = "demo"
+    params["train"].update(device="cpu", nproc=nproc, num_workers=0)
+    demo = params["demo"]
+    demo["generator"] = {**(demo.get("generator") or {}), "scale": 0.06}   # 36 train videos
+    demo["model"] = {**(demo.get("model") or {}), "hidden_size": 16}
+    demo["train"] = {**(demo.get("train") or {}), "epochs": 2, "batch_size": 8,
+                     "hard_negative_start_epoch": 1}
+    dst.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _outputs(workdir: Path) -> list[str]:
+    return sorted(str(p.relative_to(workdir)) for d in ("runs", "metrics")
+                  for p in (workdir / d).rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_train_stage_with_two_processes_writes_what_one_process_writes(tmp_path):
+    """train.nproc=2 relaunches stages/train.py through torchrun; rank 0 alone writes the
+    checkpoints, DVC outputs and ONE MLflow run: the same file set as a one-process run."""
+    import shutil
+
+    import mlflow
+
+    from prvr.checkpoint import load_checkpoint
+
+    runs = {}
+    for nproc in (1, 2):
+        work = tmp_path / f"nproc{nproc}"
+        work.mkdir()
+        _stage_params(ROOT / "params.yaml", work / "params.yaml", nproc)
+        if nproc == 1:
+            proc = subprocess.run([sys.executable, str(ROOT / "stages" / "fetch.py"), "--no-progress"],
+                                  cwd=work, capture_output=True, text=True, timeout=120, env=_clean_env())
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        else:
+            shutil.copytree(tmp_path / "nproc1" / "data", work / "data")
+        uri = f"sqlite:///{work / 'mlflow.db'}"
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "--no-progress"],
+                              cwd=work, capture_output=True, text=True, timeout=300,
+                              env=_clean_env(MLFLOW_TRACKING_URI=uri))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if nproc == 2:
+            assert "rank 1/2" in proc.stderr                       # really ran as two ranks
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exps = [e for e in client.search_experiments() if e.name == "prvr-demo"]
+        assert len(exps) == 1
+        mlflow_runs = client.search_runs([exps[0].experiment_id])
+        assert len(mlflow_runs) == 1, [r.info.run_id for r in mlflow_runs]
+        summary = __import__("json").loads((work / "metrics" / "demo" / "train.json").read_text())
+        assert summary["world_size"] == nproc
+        assert summary["mlflow_run_id"] == mlflow_runs[0].info.run_id
+        ckpt = load_checkpoint(work / "runs" / "demo" / "checkpoints" / "best.pt", map_location="cpu")
+        runs[nproc] = (_outputs(work), sorted(ckpt["state_dict"]), summary)
+
+    assert runs[2][0] == runs[1][0]                                 # same DVC outputs, nothing extra
+    assert "runs/demo/checkpoints/best.pt" in runs[2][0]
+    assert runs[2][1] == runs[1][1]                                 # plain state dict, no "module."
+    assert runs[2][2]["epochs_run"] == runs[1][2]["epochs_run"] == 2
