@@ -175,9 +175,9 @@ def optimal_matching(query: Tensor, clips: Tensor, labels: Tensor) -> tuple[Tens
     """Hungarian matching of each video's queries to distinct clips of that video.
 
     For every video with two or more queries, cost = -cos(query_i, clip_k) (n_q x n_clips) is
-    solved on the host (scipy, one call per video; all cost blocks cross to the host in one
-    transfer). Returns ``(sum of matched cosines, number of matched pairs)``; the sum carries
-    gradient through the matched cosines only. OML = 1 - sum / count (0 when count == 0).
+    solved on the host (scipy, one call per video). Two fixed-size device->host transfers per
+    call (the per-video query counts, then all cost blocks together), never one per video.
+    Returns ``(sum of matched cosines, number of matched pairs)``; the sum carries gradient through the matched cosines only. OML = 1 - sum / count (0 when count == 0).
     With no such video the sum is a zero connected to the graph.
     """
     n_q = query.shape[0]
@@ -185,31 +185,30 @@ def optimal_matching(query: Tensor, clips: Tensor, labels: Tensor) -> tuple[Tens
     labels = _check_labels(labels, n_q, n_v)
     qn = F.normalize(query, dim=-1)
     cn = F.normalize(clips, dim=-1)
-    # cos of each query against the clips of its own video: (Nq, n_clips)
-    own_cos = torch.bmm(cn[labels], qn.unsqueeze(2)).squeeze(2)
-    # One device->host transfer: every query's cost row plus its label; grouping on the host.
-    host = torch.cat([own_cos.detach().to(torch.float64),
-                      labels.unsqueeze(1).to(torch.float64)], dim=1).cpu().numpy()
-    lab = host[:, -1].astype(np.int64)
-    counts = np.bincount(lab, minlength=n_v)
-    qidx = np.flatnonzero(counts[lab] >= 2)
-    if qidx.size == 0:
-        return own_cos.sum() * 0.0, 0
-    cost_all = -host[qidx, :-1]
-    lab = lab[qidx]
-    order = np.argsort(lab, kind="stable")
-    lab_sorted = lab[order]
-    starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
-    ends = np.r_[starts[1:], len(order)]
-    q_match, c_match = [], []
-    for s, e in zip(starts, ends):
-        members = order[s:e]
-        r, c = linear_sum_assignment(cost_all[members])
-        q_match.append(qidx[members[r]])
+    # Lay the queries out per video, (B, max_q, H), and score each video's queries against its
+    # own clips with one batched matmul: blocks (B, max_q, n_clips) of cosines.
+    counts = torch.bincount(labels, minlength=n_v)
+    counts_host = counts.cpu().numpy()  # transfer 1 (B ints): the block layout
+    max_q = int(counts_host.max()) if n_q else 0
+    if max_q < 2:
+        return (qn.sum() + cn.sum()) * 0.0, 0
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(labels)
+    slot[order] = torch.arange(n_q, device=labels.device) - starts[labels[order]]
+    qpad = qn.new_zeros(n_v, max_q, qn.shape[-1])
+    qpad = qpad.index_put((labels, slot), qn)
+    blocks = torch.bmm(qpad, cn.transpose(1, 2))
+    host = blocks.detach().cpu().numpy()  # transfer 2: every cost block at once
+    v_match, s_match, c_match = [], [], []
+    for v in np.flatnonzero(counts_host >= 2):
+        r, c = linear_sum_assignment(-host[v, :counts_host[v]])
+        v_match.append(np.full(len(r), v))
+        s_match.append(r)
         c_match.append(c)
-    pairs = np.stack([np.concatenate(q_match), np.concatenate(c_match)]).astype(np.int64)
-    pairs_t = torch.from_numpy(pairs).to(query.device)  # one host->device copy
-    matched = own_cos[pairs_t[0], pairs_t[1]]
+    idx = np.stack([np.concatenate(v_match), np.concatenate(s_match), np.concatenate(c_match)]).astype(np.int64)
+    idx_t = torch.from_numpy(idx).to(query.device)  # one host->device copy
+    matched = blocks[idx_t[0], idx_t[1], idx_t[2]]
     return matched.sum(), int(matched.numel())
 
 
