@@ -132,6 +132,8 @@ def maybe_relaunch(nproc: int, argv: Sequence[str] | None = None) -> None:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    if rc < 0:                                     # killed by a signal: shell convention
+        rc = 128 - rc
     if rc != 0:
         log.error("torchrun exited with code %d", rc)
     sys.exit(rc)
