@@ -343,3 +343,14 @@ def test_bad_inputs_raise():
     out.frame_scores = out.frame_scores[:, :1]
     with pytest.raises(ValueError, match="frame_scores"):
         GMMFormerLoss(0.1, LF, NF)(out, labels, True)
+
+
+def test_matching_with_interleaved_labels_matches_brute_force():
+    # queries of a video need not be adjacent in the batch
+    out, labels = rand_case(16, [3, 1, 2, 2], n_clips=4)
+    perm = torch.tensor([5, 0, 3, 7, 1, 4, 6, 2])
+    q, lab = out.query[perm], labels[perm]
+    s, c = optimal_matching(q, out.clips, lab)
+    ref_s, ref_c = ref_matching(q, out.clips, lab.tolist())
+    assert c == ref_c == 7
+    assert float(s) == pytest.approx(ref_s, abs=1e-12)
