@@ -244,9 +244,12 @@ class DistContext:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # The model's buffers are constants built from its config (the Gaussian matrices), so
+        # they are not re-broadcast before every forward.
         if self.device.type == "cuda":
-            return DDP(model, device_ids=[self.device.index], output_device=self.device.index)
-        return DDP(model)
+            return DDP(model, device_ids=[self.device.index], output_device=self.device.index,
+                       broadcast_buffers=False)
+        return DDP(model, broadcast_buffers=False)
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
