@@ -19,8 +19,9 @@ how it computes it is our own design, built for speed:
   pooling (sum_j p_j (W_v o_j + b_v) = W_v (sum_j p_j o_j) + b_v sum_j p_j): the per-token
   keys and values of the cross-attention are never materialised.
 * Dropout never touches padding, and on CPU draws its keep-mask from 32-bit chunks of
-  64-bit random words (half the generator calls of torch's float Bernoulli draw, same keep
-  probability to 2^-32).
+  64-bit random words (half the generator calls of torch's Bernoulli draw, keep probability
+  exact to 2^-32) and applies it as one multiply by a {0, 1/(1-p)} tensor, which is also
+  all the backward pass needs.
 
 Parameter layout differs from the release (stacked branches, fused q/k/v); see
 `prvr.release` for the exact mapping of a released state dict onto this one. Every
@@ -124,8 +125,10 @@ def gaussian_matrix(length: int, width: float | None) -> Tensor:
     centre = torch.arange(length, dtype=torch.float64).unsqueeze(1) / length
     pos = torch.linspace(0.0, 1.0, length, dtype=torch.float64).unsqueeze(0)
     sigma = max(float(width), 0.01) / 9.0
-    dens = torch.exp(-((pos - centre) ** 2) / (2.0 * sigma ** 2)) / (sigma * math.sqrt(2.0 * math.pi))
-    return dens / dens.max(dim=1, keepdim=True).values
+    # density / row max == exp(-(d^2 - min d^2) / (2 sigma^2)): the same numbers, but a row
+    # whose densities all underflow (tiny L, narrow width) stays finite instead of 0 / 0.
+    d2 = (pos - centre) ** 2
+    return torch.exp(-(d2 - d2.min(dim=1, keepdim=True).values) / (2.0 * sigma ** 2))
 
 
 def _as_bool(mask: Tensor) -> Tensor:
@@ -140,11 +143,12 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return torch.zeros_like(x)
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
+    # 32-bit uniform integers, two per 64-bit random word; keep when >= the p-quantile.
     n = x.numel()
     words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2 ** 63, None)
     bits = words.view(torch.int32)[:n].view(x.shape)
-    keep = bits >= (int(round(p * 2 ** 32)) - 2 ** 31)
-    return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))
+    scale = (bits >= (int(round(p * 2 ** 32)) - 2 ** 31)).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * scale  # autograd keeps only `scale` for the backward pass
 
 
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

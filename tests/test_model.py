@@ -1,0 +1,360 @@
+"""GMMFormer network: Gaussian geometry, padding invariance, dropout modes, determinism,
+scores, optimiser groups, and a slow per-branch reference written straight from the spec."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prvr.model import (GMMFormer, GMMFormerConfig, ModelOutput, dropout, gaussian_matrix, pair_scores,
+                        release_chunks, retrieval_scores)
+from prvr.release import release_layout, to_release_state_dict
+
+SMALL = dict(visual_dim=12, text_dim=10, hidden_size=8, n_heads=2, max_query_len=7, max_frames=20, n_clips=5)
+
+
+def small_model(seed: int = 0, **kw) -> GMMFormer:
+    torch.manual_seed(seed)
+    model = GMMFormer(GMMFormerConfig(**{**SMALL, **kw}))
+    with torch.no_grad():  # move norms/biases off their (1, 0) init so every tensor matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_inputs(cfg: GMMFormerConfig, frame_lens, query_lens, seed: int = 1, pad_to: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    B, Nq = len(frame_lens), len(query_lens)
+    Lf = pad_to or max(frame_lens)
+    Lq = max(query_lens)
+    fmask = torch.arange(Lf)[None] < torch.tensor(frame_lens)[:, None]
+    qmask = torch.arange(Lq)[None] < torch.tensor(query_lens)[:, None]
+    return {
+        "clip_feats": torch.randn(B, cfg.n_clips, cfg.visual_dim, generator=g),
+        "frame_feats": torch.randn(B, Lf, cfg.visual_dim, generator=g) * fmask[..., None],
+        "frame_mask": fmask,
+        "query_feats": torch.randn(Nq, Lq, cfg.text_dim, generator=g) * qmask[..., None],
+        "query_mask": qmask,
+        "query_labels": torch.arange(Nq) % B,
+    }
+
+
+# ----------------------------------------------------------------------------- Gaussian matrices
+
+def test_gaussian_matrix_matches_hand_computation():
+    L, width = 4, 1.0
+    sigma = 1.0 / 9
+    pos = [0.0, 1 / 3, 2 / 3, 1.0]
+    for i in range(L):
+        centre = i / L
+        dens = [math.exp(-(p - centre) ** 2 / (2 * sigma ** 2)) for p in pos]
+        expected = [d / max(dens) for d in dens]
+        assert gaussian_matrix(L, width)[i].tolist() == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    # row 1: centre 0.25, nearest column 1/3 is the maximum
+    assert gaussian_matrix(L, width)[1, 1].item() == 1.0
+    assert gaussian_matrix(L, width)[1, 0].item() == pytest.approx(math.exp(-(0.25 ** 2 - (1 / 12) ** 2) * 40.5))
+
+
+def test_gaussian_matrix_plain_branch_and_width_floor():
+    assert torch.equal(gaussian_matrix(5, None), torch.ones(5, 5))
+    assert torch.equal(gaussian_matrix(6, 0.001), gaussian_matrix(6, 0.01))  # sigma floored at 0.01 / 9
+    assert not torch.equal(gaussian_matrix(6, 0.05), gaussian_matrix(6, 0.01))
+    assert gaussian_matrix(128, 0.1).max(dim=1).values.eq(1).all()
+    # all densities of a row underflow for L=2 and the narrowest width: still finite
+    assert torch.isfinite(gaussian_matrix(2, 0.01)).all()
+
+
+def test_frame_stream_uses_corner_of_max_frames_matrix():
+    model = small_model()
+    g = model.frame_consolidation.branches.gauss
+    assert g.shape == (8, 20, 20)
+    for k, w in enumerate(model.cfg.widths):
+        assert torch.allclose(g[k], gaussian_matrix(20, w).float())
+    assert model.clip_consolidation.branches.gauss.shape == (8, 5, 5)
+    assert "gauss" not in "".join(model.state_dict())  # buffers are derived, not saved
+
+
+# ----------------------------------------------------------------------------- padding
+
+def test_padding_never_changes_results():
+    model = small_model().eval()
+    cfg = model.cfg
+    a = make_inputs(cfg, [3, 9], [4, 2, 7])
+    # b: the same videos padded to 17 slots; padded slots hold garbage that must be ignored
+    b = {"frame_feats": torch.cat([a["frame_feats"], torch.full((2, 8, cfg.visual_dim), 5.0)], 1),
+         "frame_mask": torch.cat([a["frame_mask"], torch.zeros(2, 8, dtype=torch.bool)], 1)}
+    b["frame_feats"][0, 3:9] = -3.0
+    a["frame_feats"][0, 3:] = 7.0
+    qb = torch.cat([a["query_feats"], torch.full((3, 4, cfg.text_dim), 9.0)], 1)
+    qmb = torch.cat([a["query_mask"], torch.zeros(3, 4, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        ca, fa, _ = model.encode_videos(a["clip_feats"], a["frame_feats"], a["frame_mask"])
+        cb, fb, mb = model.encode_videos(a["clip_feats"], b["frame_feats"], b["frame_mask"])
+        qa = model.encode_query(a["query_feats"], a["query_mask"])
+        qb = model.encode_query(qb, qmb)
+    assert fb.shape == (2, 17, 8) and mb.shape == (2, 17)
+    assert torch.allclose(ca, cb, atol=1e-6)
+    assert torch.allclose(fa, fb[:, :9], atol=1e-6)
+    assert fb[:, 9:].abs().max() == 0 and fb[0, 3:].abs().max() == 0 and fa[0, 3:].abs().max() == 0
+    assert torch.allclose(qa, qb, atol=1e-6)
+    for x, y in zip(pair_scores(qa, ca, fa, a["frame_mask"], 20), pair_scores(qb, cb, fb, mb, 20)):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_video_alone_equals_video_in_batch_with_longer_one():
+    model = small_model().eval()
+    cfg = model.cfg
+    batch = make_inputs(cfg, [6, 20, 1], [3])
+    with torch.no_grad():
+        c_all, f_all, _ = model.encode_videos(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
+        for i, n in enumerate([6, 20, 1]):
+            c1, f1, _ = model.encode_videos(batch["clip_feats"][i:i + 1], batch["frame_feats"][i:i + 1, :n],
+                                             batch["frame_mask"][i:i + 1, :n])
+            assert torch.allclose(c1[0], c_all[i], atol=1e-6)
+            assert torch.allclose(f1[0], f_all[i, :n], atol=1e-6)
+        q_all = model.encode_query(batch["query_feats"], batch["query_mask"])
+        q_one = model.encode_query(batch["query_feats"][:1], batch["query_mask"][:1])
+    assert q_one.shape == (1, 8) and torch.allclose(q_one[0], q_all[0], atol=1e-6)
+
+
+def test_float_masks_are_accepted():
+    model = small_model().eval()
+    batch = make_inputs(model.cfg, [4, 11], [2, 5])
+    with torch.no_grad():
+        out_bool = model(batch)
+        out_float = model({**batch, "frame_mask": batch["frame_mask"].float(),
+                           "query_mask": batch["query_mask"].float()})
+    assert out_float.frame_mask.dtype == torch.bool
+    assert torch.equal(out_bool.frame_scores, out_float.frame_scores)
+    assert torch.equal(out_bool.query, out_float.query)
+
+
+def test_more_frames_than_max_frames_is_an_error():
+    model = small_model().eval()
+    batch = make_inputs(model.cfg, [21], [2])
+    with pytest.raises(ValueError, match="at most 20"):
+        model.encode_videos(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
+
+
+def test_no_gradient_reaches_padded_frames():
+    model = small_model().train()
+    batch = make_inputs(model.cfg, [5, 12], [3, 4])
+    frames = batch["frame_feats"].requires_grad_(True)
+    out = model({**batch, "frame_feats": frames})
+    (out.frame_scores.sum() + out.frame_scores_raw.sum() + out.clip_scores.sum()).backward()
+    assert frames.grad[0, 5:].abs().max() == 0
+    assert frames.grad[0, :5].abs().max() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ----------------------------------------------------------------------------- modes and seeds
+
+def test_eval_is_deterministic_and_train_uses_dropout():
+    model = small_model()
+    batch = make_inputs(model.cfg, [7, 13], [3, 6, 2])
+    model.eval()
+    with torch.no_grad():
+        e1, e2 = model(batch), model(batch)
+    assert torch.equal(e1.clip_scores, e2.clip_scores) and torch.equal(e1.frames, e2.frames)
+    model.train()
+    with torch.no_grad():
+        t1, t2 = model(batch), model(batch)
+    assert not torch.allclose(t1.frames, t2.frames)
+    assert not torch.allclose(t1.query, e1.query)
+    # with every dropout rate at 0, train mode computes exactly the eval function
+    nodrop = small_model(input_drop=0.0, drop=0.0).train()
+    with torch.no_grad():
+        a = nodrop(batch)
+        nodrop.eval()
+        b = nodrop(batch)
+    assert torch.allclose(a.frame_scores, b.frame_scores, atol=1e-6)
+
+
+def test_cpu_training_is_deterministic_for_a_seed():
+    def run():
+        model = small_model(seed=3).train()
+        batch = make_inputs(model.cfg, [4, 16, 9], [2, 7, 5, 3])
+        torch.manual_seed(11)
+        out = model(batch)
+        (out.clip_scores_raw.sum() + out.frame_scores.sum() + out.query.sum()).backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    (o1, g1), (o2, g2) = run(), run()
+    assert torch.equal(o1.frames, o2.frames) and torch.equal(o1.query, o2.query)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_dropout_rate_and_scale():
+    torch.manual_seed(0)
+    x = torch.ones(400_000)
+    y = dropout(x, 0.2, True)
+    assert (y == 0).float().mean().item() == pytest.approx(0.2, abs=0.004)
+    assert set(torch.unique(y).tolist()) == {0.0, 1.25}
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert dropout(x, 0.2, False) is x
+    x = torch.randn(3, 5, requires_grad=True)
+    y = dropout(x, 0.5, True)
+    y.sum().backward()
+    assert torch.equal(x.grad, (y.detach() != 0).float() * 2.0)
+
+
+# ----------------------------------------------------------------------------- scores
+
+def test_pair_scores_include_zero_for_short_videos_only():
+    H = 4
+    query = torch.tensor([[1.0, 0, 0, 0]])
+    clips = torch.tensor([[[0.0, 1, 0, 0], [-1.0, 0, 0, 0]]]).repeat(2, 1, 1)  # cosines 0 and -1
+    frames = torch.zeros(2, 3, H)
+    frames[:, :, 0] = -2.0  # every real frame has cosine -1, dot -2
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    frames[1, 2] = 0.0
+    clip, clip_raw, frame, frame_raw = pair_scores(query, clips, frames, mask, max_frames=3)
+    assert clip.tolist() == [[0.0, 0.0]] and clip_raw.tolist() == [[0.0, 0.0]]
+    # video 0 has all 3 of max_frames real: no zero candidate; video 1 is short: 0 wins
+    assert frame.tolist() == [[-1.0, 0.0]] and frame_raw.tolist() == [[-2.0, 0.0]]
+    # with max_frames 128 both videos are short
+    assert pair_scores(query, clips, frames, mask)[2].tolist() == [[0.0, 0.0]]
+    cfg = GMMFormerConfig(**{**SMALL, "max_frames": 3, "n_clips": 2})
+    assert torch.allclose(retrieval_scores(query, clips, frames, mask, cfg), 0.7 * clip + 0.3 * frame)
+    assert retrieval_scores(query, clips, frames, mask, cfg)[0].tolist() == pytest.approx([-0.3, 0.0])
+
+
+def test_forward_returns_model_output_of_contract_shapes():
+    model = small_model().eval()
+    batch = make_inputs(model.cfg, [4, 9, 2], [3, 6, 2, 7])
+    with torch.no_grad():
+        out = model(batch)
+    assert isinstance(out, ModelOutput)
+    assert out.query.shape == (4, 8) and out.clips.shape == (3, 5, 8) and out.frames.shape == (3, 9, 8)
+    for s in (out.clip_scores, out.clip_scores_raw, out.frame_scores, out.frame_scores_raw):
+        assert s.shape == (4, 3)
+    assert (out.clip_scores.abs() <= 1 + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------- optimiser groups
+
+def test_param_groups_follow_release_decay_rule():
+    model = small_model()
+    decay, no_decay = model.param_groups(0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    d = {names[id(p)] for p in decay["params"]}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert d.isdisjoint(nd) and d | nd == set(names.values())
+    assert all(n.endswith("bias") or n.split(".")[0].endswith(("_proj", "_pos")) for n in nd)
+    for n in ("query_proj.norm.weight", "frame_pos.norm.weight", "clip_proj.linear.bias",
+              "frame_consolidation.branches.norm1_bias", "query_layer.qkv.bias"):
+        assert n in nd
+    for n in ("query_layer.norm1.weight", "frame_consolidation.branches.norm2_weight",
+              "clip_consolidation.token_attention.norm1.weight", "weight_token", "query_pool.weight",
+              "frame_pos.embedding.weight", "clip_consolidation.branches.qkv_weight"):
+        assert n in d
+
+
+def test_release_chunks_count_release_tensors():
+    """An optimiser clipping each release tensor separately relies on these counts."""
+    model = small_model()
+    assert sum(release_chunks(p) for p in model.parameters()) == len(release_layout(model.cfg))
+    for p in model.parameters():
+        assert p.numel() % release_chunks(p) == 0
+
+
+# ----------------------------------------------------------------------------- golden
+
+# Frozen from this implementation once it matched the per-branch reference below and the
+# public release (max abs diff 4e-6); any change to the computed function shows up here.
+GOLDEN_CLIP = [[0.345212, 0.201922], [0.463899, 0.699998], [0.311213, 0.746225]]
+GOLDEN_FRAME = [[0.823448, 0.861951], [0.527217, 0.710894], [0.699359, 0.709712]]
+
+
+def test_golden_scores():
+    model = small_model(seed=5).eval()
+    batch = make_inputs(model.cfg, [6, 14], [5, 3, 7], seed=6)
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.allclose(out.clip_scores, torch.tensor(GOLDEN_CLIP), rtol=0, atol=1e-5)
+    assert torch.allclose(out.frame_scores, torch.tensor(GOLDEN_FRAME), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- slow reference
+
+def _lin(x, P, name, bias=True):
+    return x @ P[name + ".weight"].T + (P[name + ".bias"] if bias else 0)
+
+
+def _ln(x, P, name):
+    return F.layer_norm(x, x.shape[-1:], P[name + ".weight"], P[name + ".bias"])
+
+
+def _ref_gauss(L, width):
+    sigma = max(width, 0.01) / 9
+    G = torch.zeros(L, L, dtype=torch.float64)
+    for i in range(L):
+        row = [math.exp(-((j / (L - 1) if L > 1 else 0.0) - i / L) ** 2 / (2 * sigma ** 2)) for j in range(L)]
+        G[i] = torch.tensor(row, dtype=torch.float64) / max(row)
+    return G.float()
+
+
+def _ref_attention(q_in, kv_in, mask, P, prefix, n_heads, width=None):
+    """One post-norm attention layer of the spec (queries q_in, keys/values kv_in)."""
+    B, Lq, H = q_in.shape
+    dh = H // n_heads
+
+    def heads(x):
+        return x.view(B, -1, n_heads, dh).transpose(1, 2)
+    q, k, v = (heads(_lin(x, P, f"{prefix}.self.{n}")) for x, n in ((q_in, "query"), (kv_in, "key"), (kv_in, "value")))
+    s = q @ k.transpose(-1, -2) / math.sqrt(dh)
+    if width is not None:
+        s = s * _ref_gauss(s.shape[-1], width)
+    s = s + (1 - mask)[:, None, None, :] * -10000.0
+    ctx = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, Lq, H)
+    x = _ln(q_in + ctx, P, f"{prefix}.norm1")
+    return _ln(x + _lin(torch.relu(_lin(x, P, f"{prefix}.output.layer1")), P, f"{prefix}.output.layer2"),
+               P, f"{prefix}.norm2")
+
+
+def _ref_stream(feats, mask, P, proj, pos, block, cfg):
+    x = torch.relu(_lin(_ln(feats, P, f"{proj}.LayerNorm"), P, f"{proj}.net.1"))
+    x = _ln(x + P[f"{pos}.position_embeddings.weight"][: x.shape[1]], P, f"{pos}.LayerNorm")
+    outs = [_ref_attention(x, x, mask, P, f"{block}.attn{k}", cfg.n_heads, w) for k, w in enumerate(cfg.widths)]
+    token = P["weight_token"].expand(x.shape[0], 1, -1)
+    t = torch.cat([_ref_attention(token, o, mask, P, f"{block}.ca", cfg.n_heads) for o in outs], 1)  # (B, 8, H)
+    logits = _lin(torch.relu(_lin(t, P, f"{block}.layer1")), P, f"{block}.layer2")  # (B, 8, L)
+    w = torch.softmax(logits.transpose(1, 2) / cfg.sft_factor, -1)  # (B, L, 8)
+    return sum(w[..., k:k + 1] * o for k, o in enumerate(outs))
+
+
+def test_batched_model_matches_per_branch_reference():
+    model = small_model(seed=2).eval()
+    cfg = model.cfg
+    P = to_release_state_dict(model.state_dict(), cfg)
+    batch = make_inputs(cfg, [7, 20, 2], [4, 7, 1], seed=4)
+    # reference: frames padded to max_frames, full geometry, every branch on every slot
+    B, Lf = batch["frame_mask"].shape
+    frames = torch.zeros(B, cfg.max_frames, cfg.visual_dim)
+    frames[:, :Lf] = batch["frame_feats"]
+    fmask = torch.zeros(B, cfg.max_frames)
+    fmask[:, :Lf] = batch["frame_mask"].float()
+    ref_frames = _ref_stream(frames, fmask, P, "frame_input_proj", "frame_pos_embed", "frame_encoder_1", cfg)
+    ref_frames = ref_frames * fmask[..., None]
+    ref_clips = _ref_stream(batch["clip_feats"], torch.ones(B, cfg.n_clips), P, "clip_input_proj",
+                            "clip_pos_embed", "clip_encoder", cfg)
+    qm = batch["query_mask"].float()
+    x = torch.relu(_lin(_ln(batch["query_feats"], P, "query_input_proj.LayerNorm"), P, "query_input_proj.net.1"))
+    x = _ln(x + P["query_pos_embed.position_embeddings.weight"][: x.shape[1]], P, "query_pos_embed.LayerNorm")
+    x = _ref_attention(x, x, qm, P, "query_encoder", cfg.n_heads)
+    a = _lin(x, P, "modular_vector_mapping", bias=False).squeeze(-1)
+    a = torch.softmax(a * qm + (1 - qm) * -1e10, 1)
+    ref_query = (a[..., None] * x).sum(1)
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.allclose(out.clips, ref_clips, atol=1e-5)
+    assert torch.allclose(out.frames, ref_frames[:, :Lf], atol=1e-5)
+    assert torch.allclose(out.query, ref_query, atol=1e-5)
+    qn, cn, fn = (F.normalize(t, dim=-1) for t in (ref_query, ref_clips, ref_frames))
+    ref_clip_scores = torch.einsum("qh,bch->qbc", qn, cn).amax(-1)
+    ref_frame_scores = torch.einsum("qh,bfh->qbf", qn, fn).amax(-1)  # the padded zeros take part
+    assert torch.allclose(out.clip_scores, ref_clip_scores, atol=1e-5)
+    assert torch.allclose(out.frame_scores, ref_frame_scores, atol=1e-5)
