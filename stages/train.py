@@ -1,0 +1,122 @@
+"""DVC stage `train`: train GMMFormer v2 on the current dataset (resumable).
+
+    python stages/train.py [--params params.yaml] [--dataset NAME] [--no-progress] [--no-mlflow]
+
+Reads params.yaml (`dataset`, `train`, `model` and the dataset's section) and
+data/<dataset>/source.json. Writes:
+  runs/<dataset>/checkpoints/last.pt   resume state after every epoch (atomic)
+  runs/<dataset>/checkpoints/best.pt   best validation SumR
+  metrics/<dataset>/train.json         best epoch, its validation metrics, MLflow run id
+  metrics/<dataset>/train_history.csv  one row per epoch: loss terms, lr, validation R@k, time
+Rerun after a crash: it resumes after the last finished epoch when the settings, data source and
+training code are unchanged, and starts fresh (saying why) otherwise.
+`train.nproc > 1` relaunches this script through torchrun (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from prvr.config import ConfigError, load_settings
+
+log = logging.getLogger("prvr.stages.train")
+
+
+def paths(dataset: str) -> dict[str, Path]:
+    return {"ckpt_dir": Path("runs") / dataset / "checkpoints",
+            "summary": Path("metrics") / dataset / "train.json",
+            "history": Path("metrics") / dataset / "train_history.csv"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("--dataset", default=None, help="dataset section (default: params 'dataset')")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.time()
+    try:
+        settings = load_settings(args.params, args.dataset)
+    except ConfigError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
+
+    from prvr.distributed import DistContext, DistError, maybe_relaunch
+
+    try:
+        maybe_relaunch(int(settings["train"].get("nproc", 1)), sys.argv if argv is None
+                       else [sys.argv[0], *argv])
+    except DistError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
+
+    from prvr.checkpoint import CheckpointError
+    from prvr.data.layout import DataError, read_source, source_file
+    from prvr.tracking import Tracker
+    from prvr.training import TrainingError, train, write_json_atomic
+
+    ds = settings["dataset"]
+    out = paths(ds)
+    try:
+        ctx = DistContext.from_env(settings["train"].get("device", "auto"))
+    except (DistError, RuntimeError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
+    if not ctx.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    tracker = None
+    try:
+        src_path = source_file(settings)
+        source = read_source(src_path) if src_path.is_file() else None
+        log.info("read %s (dataset %s) and %s", args.params, ds,
+                 src_path if source else "no source.json (default corpus location)")
+        if ctx.is_main:
+            tracker = Tracker(ds, enabled=not args.no_mlflow)
+        result = train(settings, out["ckpt_dir"], out["history"], ctx=ctx, tracker=tracker,
+                       source=source, progress=not args.no_progress)
+        if ctx.is_main:
+            summary = {
+                "dataset": ds,
+                "best_epoch": result.best_epoch,
+                "val": result.best_val,
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                "device": str(ctx.device),
+                "world_size": ctx.world_size,
+                "settings_hash": result.fingerprint.get("settings_hash"),
+                "mlflow_run_id": result.run_id,
+            }
+            write_json_atomic(out["summary"], summary)
+            best = out["ckpt_dir"] / "best.pt"
+            if tracker is not None and tracker.active:
+                tracker.log_artifact(best, "checkpoints")
+                tracker.log_artifact(out["history"], "metrics")
+                tracker.log_metrics({f"best_val_{k}": v for k, v in result.best_val.items()},
+                                    step=result.best_epoch)
+                from prvr.checkpoint import load_model
+
+                model, _ = load_model(best, "cpu")
+                tracker.log_model(model)
+                tracker.end("FINISHED")
+            log.info("wrote %s, %s, %s (best epoch %d, val SumR %.2f; %.1f s)", out["ckpt_dir"],
+                     out["summary"], out["history"], result.best_epoch, result.best_val["sumr"],
+                     time.time() - t0)
+    except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as exc:
+        if tracker is not None:
+            tracker.end("FAILED")
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
