@@ -123,7 +123,7 @@ def test_relaunch_command_and_noop_cases(monkeypatch):
 GRAD_SCRIPT = r'''
 import sys
 import torch
-from prvr.distributed import DistContext
+from prvr.distributed import DistContext, DistError
 from prvr.losses import GMMFormerLoss
 from prvr.model import GMMFormer, GMMFormerConfig
 
@@ -199,9 +199,24 @@ def run(ctx, dtype):
     return {"dist": results, "single": ref}
 
 
+def mismatched_generator(ctx):
+    """A generator seeded per rank would sample different negatives: refused on every rank."""
+    fresh = DistContext(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.backend)
+    model = fresh.wrap(GMMFormer(CFG))
+    batch = shard(global_batch(), SPLITS["even"][ctx.rank])
+    loss_fn = GMMFormerLoss(0.1, [0.05, 0.04, 8e-5, 0.09], [0.15, 32, 1])
+    try:
+        fresh.compute_loss(loss_fn, model(batch), batch["query_labels"], False,
+                           torch.Generator().manual_seed(ctx.rank))
+    except DistError as exc:
+        return str(exc)
+    return None
+
+
 def main(out_path):
     ctx = DistContext.from_env("cpu")
     found = {str(dtype).split(".")[-1]: run(ctx, dtype) for dtype in (torch.float64, torch.float32)}
+    found["mismatch"] = mismatched_generator(ctx)
     if ctx.is_main:
         torch.save(found, out_path)
     ctx.barrier()
@@ -223,6 +238,7 @@ def test_two_process_step_equals_single_process_step(tmp_path):
     proc, _ = _torchrun(script, str(result))
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = torch.load(result, weights_only=False)
+    assert found["mismatch"] is not None and "generator differs" in found["mismatch"]
     for dtype, rtol in (("float64", 1e-10), ("float32", 1e-5)):
         data = found[dtype]
         worst = 0.0
