@@ -186,6 +186,8 @@ def _moment_spans(rng: np.random.Generator, n: int, k: int, frac: tuple[float, f
     budget = max(k, int(0.8 * n))
     if lengths.sum() > budget:
         lengths = np.maximum(1, np.floor(lengths * budget / lengths.sum())).astype(np.int64)
+    while lengths.sum() > n:  # rounding up to 1 frame each can overshoot on tiny videos
+        lengths[np.argmax(lengths)] -= 1
     gap_total = n - int(lengths.sum())
     gaps = rng.multinomial(gap_total, rng.dirichlet(np.ones(k + 1)))
     order = rng.permutation(k)  # temporal slot of moment j is order[j]
