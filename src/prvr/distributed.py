@@ -245,11 +245,11 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # The model's buffers are constants built from its config (the Gaussian matrices), so
-        # they are not re-broadcast before every forward.
+        # they are synced once at wrap time, not before every forward.
         if self.device.type == "cuda":
             return DDP(model, device_ids=[self.device.index], output_device=self.device.index,
-                       broadcast_buffers=False)
-        return DDP(model, broadcast_buffers=False)
+                       forward_sync_buffers=False)
+        return DDP(model, forward_sync_buffers=False)
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
