@@ -252,8 +252,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
         B, L, nh = tokens.batch, tokens.length, self.n_heads
-        qkv = tokens.unpack(self.qkv(x)).view(B, L, 3, nh, -1).permute(2, 0, 3, 1, 4)
-        ctx = _attention(qkv[0], qkv[1], qkv[2], None, tokens.key_mask_add(x.dtype), self.p, self.training)
+        q, k, v = tokens.unpack(self.qkv(x)).view(B, L, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.pack(ctx.transpose(1, 2).reshape(B, L, -1))
         x = self.norm1(x + dropout(ctx, self.p, self.training))
         h = dropout(F.relu(self.ffn_in(x)), self.p, self.training)
@@ -288,9 +288,9 @@ class GaussianBranches(nn.Module):
         B, L = tokens.batch, tokens.length
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        qkv = tokens.unpack(qkv).view(B, L, K, 3, nh, H // nh).permute(3, 2, 0, 4, 1, 5)
+        q, k, v = tokens.unpack(qkv).view(B, L, K, 3, nh, H // nh).permute(3, 2, 0, 4, 1, 5).unbind(0)
         gauss = self.gauss[:, None, None, :L, :L]
-        ctx = _attention(qkv[0], qkv[1], qkv[2], gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
+        ctx = _attention(q, k, v, gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = ctx.permute(0, 1, 3, 2, 4).reshape(K, B * L, H)
         if tokens.index is not None:
             ctx = ctx.index_select(1, tokens.index)  # (K, N, H)
