@@ -358,3 +358,22 @@ def test_batched_model_matches_per_branch_reference():
     ref_frame_scores = torch.einsum("qh,bfh->qbf", qn, fn).amax(-1)  # the padded zeros take part
     assert torch.allclose(out.clip_scores, ref_clip_scores, atol=1e-5)
     assert torch.allclose(out.frame_scores, ref_frame_scores, atol=1e-5)
+
+
+def test_bertadam_clips_each_release_tensor_of_a_fused_parameter():
+    """The release clips every one of its tensors to norm 1; our stacked/fused parameters
+    carry `release_chunks` so BertAdam clips the same blocks."""
+    from prvr.optim import BertAdam
+
+    model = small_model()
+    branches = model.frame_consolidation.branches
+    H = model.cfg.hidden_size
+    opt = BertAdam([branches.qkv_weight], lr=1.0, warmup=-1, t_total=-1, max_grad_norm=1.0, weight_decay=0.0)
+    grad = torch.zeros_like(branches.qkv_weight)
+    grad[3, H:2 * H] = 10.0   # branch 3 key: clipped to norm 1
+    grad[5, :H] = 1e-3        # branch 5 query: small, untouched
+    branches.qkv_weight.grad = grad.clone()
+    opt.step()
+    clipped = branches.qkv_weight.grad
+    assert clipped[3, H:2 * H].norm().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.allclose(clipped[5, :H], torch.full((H, H), 1e-3))

@@ -115,9 +115,14 @@ class BertAdam(Optimizer):
                 ms = [self.state[p]["next_m"] for p in params]
                 vs = [self.state[p]["next_v"] for p in params]
                 if max_norm > 0:
-                    norms = torch.stack(torch._foreach_norm(grads))
+                    # a parameter fusing several release tensors (attribute `release_chunks`,
+                    # see prvr.model) is clipped block by block, as the release clips each
+                    pieces = [piece for p, g in zip(params, grads)
+                              for piece in (g.view(int(getattr(p, "release_chunks", 1)), -1).unbind(0)
+                                            if g.is_contiguous() else (g,))]
+                    norms = torch.stack(torch._foreach_norm(pieces))
                     coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-                    torch._foreach_mul_(grads, list(coefs.unbind()))
+                    torch._foreach_mul_(pieces, list(coefs.unbind()))
                 torch._foreach_mul_(ms, b1)
                 torch._foreach_add_(ms, grads, alpha=1.0 - b1)
                 torch._foreach_mul_(vs, b2)
