@@ -198,6 +198,16 @@ def test_dropout_rate_and_scale():
     y = dropout(x, 0.5, True)
     y.sum().backward()
     assert torch.equal(x.grad, (y.detach() != 0).float() * 2.0)
+    # relu=True is dropout(relu(x)): zero where x <= 0, 2x or 0 elsewhere, same mask in backward
+    x = torch.randn(1000, requires_grad=True)
+    y = dropout(x, 0.5, True, relu=True)
+    y.sum().backward()
+    assert (y[x <= 0] == 0).all()
+    kept = y != 0
+    assert torch.equal(y[kept], 2.0 * x[kept])
+    assert 0.4 < kept[x > 0].float().mean().item() < 0.6
+    assert torch.equal(x.grad, kept.float() * 2.0)
+    assert torch.equal(dropout(x, 0.5, False, relu=True), torch.relu(x))
 
 
 # ----------------------------------------------------------------------------- scores

@@ -135,19 +135,26 @@ def _as_bool(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else mask > 0.5
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout (keep with prob 1-p, scale by 1/(1-p)), cheap on CPU."""
+def dropout(x: Tensor, p: float, training: bool, relu: bool = False) -> Tensor:
+    """Inverted dropout (keep with prob 1-p, scale by 1/(1-p)), cheap on CPU.
+
+    relu=True computes dropout(relu(x)) with one mask (keep and x > 0), which is also the
+    whole backward pass of the pair.
+    """
     if not training or p <= 0.0:
-        return x
+        return F.relu(x) if relu else x
     if p >= 1.0:
         return torch.zeros_like(x)
     if x.device.type != "cpu":
-        return F.dropout(x, p, True)
+        return F.dropout(F.relu(x) if relu else x, p, True)
     # 32-bit uniform integers, two per 64-bit random word; keep when >= the p-quantile.
     n = x.numel()
     words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-2 ** 63, None)
     bits = words.view(torch.int32)[:n].view(x.shape)
-    scale = (bits >= (int(round(p * 2 ** 32)) - 2 ** 31)).to(x.dtype).mul_(1.0 / (1.0 - p))
+    keep = bits >= (int(round(p * 2 ** 32)) - 2 ** 31)
+    if relu:
+        keep &= x > 0
+    scale = keep.to(x.dtype).mul_(1.0 / (1.0 - p))
     return x * scale  # autograd keeps only `scale` for the backward pass
 
 
@@ -256,7 +263,7 @@ class EncoderLayer(nn.Module):
         ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.pack(ctx.transpose(1, 2).reshape(B, L, -1))
         x = self.norm1(x + dropout(ctx, self.p, self.training))
-        h = dropout(F.relu(self.ffn_in(x)), self.p, self.training)
+        h = dropout(self.ffn_in(x), self.p, self.training, relu=True)
         return self.norm2(x + dropout(self.ffn_out(h), self.p, self.training))
 
 
@@ -296,7 +303,7 @@ class GaussianBranches(nn.Module):
             ctx = ctx.index_select(1, tokens.index)  # (K, N, H)
         y = _branch_layer_norm(x + dropout(ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
         h = torch.baddbmm(self.ffn_in_bias.unsqueeze(1), y, self.ffn_in_weight.transpose(1, 2))
-        h = dropout(F.relu(h), self.p, self.training)
+        h = dropout(h, self.p, self.training, relu=True)
         f = torch.baddbmm(self.ffn_out_bias.unsqueeze(1), h, self.ffn_out_weight.transpose(1, 2))
         return _branch_layer_norm(y + dropout(f, self.p, self.training), self.norm2_weight, self.norm2_bias)
 
@@ -336,7 +343,7 @@ class WeightTokenAttention(nn.Module):
         # values: W_v applied after pooling; the bias is weighted by the kept probability mass.
         ctx = torch.einsum("nhc,hdc->nhd", pooled, w_v) + probs.sum(2).view(K * B, nh, 1) * b_v
         t = self.norm1(token + dropout(ctx.reshape(K, B, H), self.p, self.training))
-        f = self.ffn_out(dropout(F.relu(self.ffn_in(t)), self.p, self.training))
+        f = self.ffn_out(dropout(self.ffn_in(t), self.p, self.training, relu=True))
         return self.norm2(t + dropout(f, self.p, self.training))
 
 
@@ -356,7 +363,7 @@ class TemporalConsolidation(nn.Module):
         """packed (N, H) -> packed (N, H)"""
         outs = self.branches(x, tokens)                                   # (K, N, H)
         t = self.token_attention(token, outs, tokens)                     # (K, B, H)
-        h = dropout(F.relu(self.mix_hidden(t)), self.p, self.training)
+        h = dropout(self.mix_hidden(t), self.p, self.training, relu=True)
         L = tokens.length
         logits = F.linear(h, self.mix_out.weight[:L], self.mix_out.bias[:L])  # (K, B, L)
         mix = torch.softmax(logits / self.sft_factor, dim=0).reshape(len(outs), -1)
