@@ -6,7 +6,7 @@
 Pipeline mode (no --checkpoint): evaluates runs/<dataset>/checkpoints/best.pt on
 `evaluate.split`, writes metrics/<dataset>/test.json (DVC metric) and
 metrics/<dataset>/recall_at_k.json (DVC plot), and logs the test metrics to the training's
-MLflow run (its id is in metrics/<dataset>/train.json).
+MLflow run (its id is in runs/<dataset>/run.json).
 By hand (--checkpoint): evaluates any checkpoint, ours or one of the public release, on the
 current dataset, prints the metrics, and writes only what --out / --save-scores ask for
 (the pipeline's outputs are left alone).
@@ -29,7 +29,7 @@ KS = (1, 5, 10, 100)
 
 def paths(dataset: str) -> dict[str, Path]:
     return {"best": Path("runs") / dataset / "checkpoints" / "best.pt",
-            "train_summary": Path("metrics") / dataset / "train.json",
+            "run": Path("runs") / dataset / "run.json",
             "metrics": Path("metrics") / dataset / "test.json",
             "recall": Path("metrics") / dataset / "recall_at_k.json"}
 
@@ -83,14 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1
 
-    record = {
+    record = {  # numbers only: a DVC metric
         **{k: float(metrics[k]) for k in ("r1", "r5", "r10", "r100", "sumr")},
-        "dataset": ds,
-        "split": split,
         "n_queries": len(result.query_ids),
         "n_videos": len(result.video_ids),
-        "checkpoint": str(ckpt),
-        "checkpoint_kind": info["kind"],
         "checkpoint_epoch": info.get("epoch"),
     }
     for extra in ("medr", "meanr"):
@@ -102,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         save_scores_h5(args.save_scores, result, {k: record[k] for k in ("r1", "r5", "r10", "r100", "sumr")})
         log.info("wrote %s", args.save_scores)
     if by_hand:
+        record.update(dataset=ds, split=split, checkpoint=str(ckpt), checkpoint_kind=info["kind"])
         if args.out:
             write_json_atomic(args.out, record)
             log.info("wrote %s", args.out)
@@ -110,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json_atomic(args.out or out["metrics"], record)
     write_json_atomic(out["recall"], {"recall_at_k": [
-        {"k": k, "recall": record[f"r{k}"], "split": split} for k in KS]})
+        {"k": f"R@{k}", "recall": record[f"r{k}"]} for k in KS]})
     run_id = None
-    if out["train_summary"].is_file():
-        run_id = json.loads(out["train_summary"].read_text(encoding="utf-8")).get("mlflow_run_id")
+    if out["run"].is_file():
+        run_id = json.loads(out["run"].read_text(encoding="utf-8")).get("mlflow_run_id")
     if run_id and not args.no_mlflow:
         from prvr.tracking import Tracker
 

@@ -2,8 +2,8 @@
 
     python stages/report.py [--params params.yaml] [--dataset NAME] [--no-mlflow]
 
-Reads metrics/<dataset>/{test.json, train.json, train_history.csv} and
-data/<dataset>/validation.json; writes reports/<dataset>/{report.md, training_curves.png,
+Reads metrics/<dataset>/{test.json, train.json, train_history.csv}, runs/<dataset>/run.json
+and data/<dataset>/validation.json; writes reports/<dataset>/{report.md, training_curves.png,
 recall_at_k.png} and logs the report folder to the training's MLflow run.
 """
 from __future__ import annotations
@@ -47,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         mdir = Path("metrics") / ds
         test = _read_json(mdir / "test.json", "evaluate")
         train = _read_json(mdir / "train.json", "train")
+        rpath = Path("runs") / ds / "run.json"
+        run = _read_json(rpath, "train") if rpath.is_file() else {}
         vpath = Path("data") / ds / "validation.json"
         validation = _read_json(vpath, "validate") if vpath.is_file() else None
         hpath = mdir / "train_history.csv"
         history = read_history(hpath) if hpath.is_file() else []
-        files = build_report(ds, test, train, validation, history, Path("reports") / ds)
+        split = load_params(args.params).get("evaluate", {}).get("split", "test")
+        test["split"] = split
+        files = build_report(ds, test, {**train, **run}, validation, history, Path("reports") / ds)
     except (ConfigError, ValueError, KeyError, OSError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
-    run_id = train.get("mlflow_run_id")
+    run_id = run.get("mlflow_run_id")
     if run_id and not args.no_mlflow:
         from prvr.tracking import Tracker
 

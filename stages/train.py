@@ -6,7 +6,8 @@ Reads params.yaml (`dataset`, `train`, `model` and the dataset's section) and
 data/<dataset>/source.json. Writes:
   runs/<dataset>/checkpoints/last.pt   resume state after every epoch (atomic)
   runs/<dataset>/checkpoints/best.pt   best validation SumR
-  metrics/<dataset>/train.json         best epoch, its validation metrics, MLflow run id
+  metrics/<dataset>/train.json         best epoch and its validation metrics (DVC metric)
+  runs/<dataset>/run.json              MLflow run id, device, settings hash
   metrics/<dataset>/train_history.csv  one row per epoch: loss terms, lr, validation R@k, time
 Rerun after a crash: it resumes after the last finished epoch when the settings, data source and
 training code are unchanged, and starts fresh (saying why) otherwise.
@@ -29,6 +30,7 @@ log = logging.getLogger("prvr.stages.train")
 def paths(dataset: str) -> dict[str, Path]:
     return {"ckpt_dir": Path("runs") / dataset / "checkpoints",
             "summary": Path("metrics") / dataset / "train.json",
+            "run": Path("runs") / dataset / "run.json",
             "history": Path("metrics") / dataset / "train_history.csv"}
 
 
@@ -82,18 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         result = train(settings, out["ckpt_dir"], out["history"], ctx=ctx, tracker=tracker,
                        source=source, progress=not args.no_progress)
         if ctx.is_main:
-            summary = {
-                "dataset": ds,
+            summary = {  # numbers only: a DVC metric
                 "best_epoch": result.best_epoch,
                 "val": result.best_val,
                 "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early,
+            }
+            write_json_atomic(out["summary"], summary)
+            write_json_atomic(out["run"], {
+                "dataset": ds,
+                "mlflow_run_id": result.run_id,
+                "mlflow_tracking_uri": tracker.tracking_uri if tracker is not None else None,
+                "experiment": f"prvr-{ds}",
                 "device": str(ctx.device),
                 "world_size": ctx.world_size,
                 "settings_hash": result.fingerprint.get("settings_hash"),
-                "mlflow_run_id": result.run_id,
-            }
-            write_json_atomic(out["summary"], summary)
+                "resumed_after_epoch": result.resumed_from,
+            })
             best = out["ckpt_dir"] / "best.pt"
             if tracker is not None and tracker.active:
                 tracker.log_artifact(best, "checkpoints")
@@ -105,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 model, _ = load_model(best, "cpu")
                 tracker.log_model(model)
                 tracker.end("FINISHED")
-            log.info("wrote %s, %s, %s (best epoch %d, val SumR %.2f; %.1f s)", out["ckpt_dir"],
-                     out["summary"], out["history"], result.best_epoch, result.best_val["sumr"],
+            log.info("wrote %s, %s, %s, %s (best epoch %d, val SumR %.2f; %.1f s)", out["ckpt_dir"],
+                     out["summary"], out["run"], out["history"], result.best_epoch, result.best_val["sumr"],
                      time.time() - t0)
     except (ConfigError, DataError, CheckpointError, TrainingError, ValueError) as exc:
         if tracker is not None:

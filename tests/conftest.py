@@ -1,0 +1,120 @@
+"""Shared helpers for the pipeline tests: copy the repository, shrink the demo, run commands."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's bin first on PATH (so `dvc` and the
+    `python` of dvc.yaml are this venv's), no inherited MLflow store, no test hooks."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    for key in ("MLFLOW_TRACKING_URI", "PRVR_TEST_CRASH_AFTER_EPOCH", "DVC_EXP_NAME",
+                "DVC_EXP_BASELINE_REV", "DVC_ROOT", "DVC_STAGE", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 600, check: bool = True, **env: str
+        ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=tool_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def repo_files() -> list[str]:
+    """Files of the repository: tracked plus untracked-but-not-ignored (a developer's new files)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return sorted({f for f in out.split("\0") if f and (REPO / f).is_file()})
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy the repository's files into dest and make it a fresh git repository (one commit)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in repo_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def git_commit(cwd: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "add", "-A"], cwd=cwd, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", message], cwd=cwd, check=True)
+
+
+def edit_params(path: Path, **dotted) -> None:
+    """Set dotted keys in a params.yaml, e.g. edit_params(p, **{"demo.train.epochs": 2})."""
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for key, value in dotted.items():
+        node = params
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+
+# A demo small enough for CI: 60 train / 15 val / 15 test videos, a narrow model.
+TINY_DEMO = {
+    "demo.generator.scale": 0.1,
+    "demo.model.hidden_size": 32,
+    "demo.train.epochs": 3,
+    "demo.train.batch_size": 20,
+    "demo.train.hard_negative_start_epoch": 2,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_corpus(tmp_path_factory) -> Path:
+    """The tiny demo corpus (generated once per session); returns the folder holding demo/."""
+    from prvr.data.demo import generate_corpus
+
+    root = tmp_path_factory.mktemp("tiny_demo_corpus")
+    generate_corpus(root, preset="demo", seed=7, scale=TINY_DEMO["demo.generator.scale"], progress=False)
+    return root
+
+
+def make_workdir(work: Path, corpus_root: Path) -> Path:
+    """A folder with params.yaml (tiny demo) and data/demo/corpus/ linked to the tiny corpus,
+    for running stages/train.py directly (no DVC; no source.json: the default location)."""
+    (work / "data" / "demo").mkdir(parents=True)
+    shutil.copy2(REPO / "params.yaml", work / "params.yaml")
+    edit_params(work / "params.yaml", **TINY_DEMO)
+    (work / "data" / "demo" / "corpus").symlink_to(corpus_root, target_is_directory=True)
+    return work
+
+
+@pytest.fixture()
+def tiny_workdir(tmp_path: Path, tiny_demo_corpus: Path) -> Path:
+    return make_workdir(tmp_path / "work", tiny_demo_corpus)

@@ -1,0 +1,127 @@
+"""Training survives a crash: it resumes after the last finished epoch and ends exactly where an
+uninterrupted run ends (CPU), and it never resumes a run whose settings differ."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, edit_params, make_workdir, run, tool_env
+
+TRAIN = [sys.executable, str(REPO / "stages" / "train.py"), "--no-progress"]
+CKPT = Path("runs/demo/checkpoints")
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"parameter {name} differs"
+
+
+def _history(work: Path) -> list[dict]:
+    with open(work / "metrics/demo/train_history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r.pop("epoch_time_s")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_demo_corpus: Path) -> Path:
+    """An uninterrupted 3-epoch run (shared: tests copy it before changing anything)."""
+    ref = make_workdir(tmp_path_factory.mktemp("reference") / "work", tiny_demo_corpus)
+    run([*TRAIN, "--no-mlflow"], cwd=ref, timeout=300)
+    return ref
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.mark.slow
+def test_resume_after_crash_matches_uninterrupted_run(reference: Path, tiny_workdir: Path):
+    work = tiny_workdir
+    db = work / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    # Crash right after epoch 0's checkpoint (hard exit, like a kill).
+    crashed = run(TRAIN, cwd=work, check=False, timeout=300, MLFLOW_TRACKING_URI=uri,
+                  PRVR_TEST_CRASH_AFTER_EPOCH="0")
+    assert crashed.returncode == 75, crashed.stderr[-3000:]
+    state = _load(work / CKPT / "last.pt")
+    assert state["epoch"] == 0
+    run_id = state["extra"]["run_id"]
+    assert run_id, "the MLflow run id is part of the resume state"
+    assert not (work / "metrics/demo/train.json").exists()
+
+    resumed = run(TRAIN, cwd=work, timeout=300, MLFLOW_TRACKING_URI=uri)
+    assert "resuming after epoch 0" in resumed.stderr
+    assert "training from scratch" not in resumed.stderr
+
+    ref_last, new_last = _load(reference / CKPT / "last.pt"), _load(work / CKPT / "last.pt")
+    assert new_last["epoch"] == ref_last["epoch"] == 2
+    _assert_same_weights(ref_last["state_dict"], new_last["state_dict"])
+    _assert_same_weights(_load(reference / CKPT / "best.pt")["state_dict"],
+                         _load(work / CKPT / "best.pt")["state_dict"])
+    assert _history(work) == _history(reference)
+
+    # The resumed training logged into the same MLflow run: one value per epoch, no duplicates.
+    from mlflow.tracking import MlflowClient
+
+    import json
+    assert json.loads((work / "runs/demo/run.json").read_text())["mlflow_run_id"] == run_id
+    hist = MlflowClient(uri).get_metric_history(run_id, "val_sumr")
+    assert sorted(m.step for m in hist) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume(reference: Path, tiny_workdir: Path):
+    work = tiny_workdir
+    proc = subprocess.Popen([*TRAIN, "--no-mlflow"], cwd=work, env=tool_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (work / CKPT / "last.pt").exists():
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    finished = _load(work / CKPT / "last.pt")["epoch"]
+    assert finished < 2, "the kill came after the last epoch; nothing was interrupted"
+    resumed = run([*TRAIN, "--no-mlflow"], cwd=work, timeout=300)
+    assert f"resuming after epoch {finished}" in resumed.stderr
+    _assert_same_weights(_load(reference / CKPT / "last.pt")["state_dict"],
+                         _load(work / CKPT / "last.pt")["state_dict"])
+    assert _history(work) == _history(reference)
+
+    # Once finished, a rerun with the same settings does not train again.
+    before = _load(work / CKPT / "last.pt")
+    again = run([*TRAIN, "--no-mlflow"], cwd=work, timeout=300)
+    assert "training already finished" in again.stderr
+    _assert_same_weights(before["state_dict"], _load(work / CKPT / "last.pt")["state_dict"])
+    assert _history(work) == _history(reference)
+
+
+@pytest.mark.slow
+def test_changed_settings_start_fresh(reference: Path, tmp_path: Path):
+    work = _copy(reference, tmp_path / "changed")
+    edit_params(work / "params.yaml", **{"demo.lr": 5.0e-4, "demo.train.epochs": 1})
+    again = run([*TRAIN, "--no-mlflow"], cwd=work, timeout=300)
+    assert "NOT resuming" in again.stderr and "different settings" in again.stderr
+    assert "training from scratch" in again.stderr
+    assert _load(work / CKPT / "last.pt")["epoch"] == 0
+    assert len(_history(work)) == 1
