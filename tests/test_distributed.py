@@ -4,6 +4,7 @@ The multi-process tests run real torchrun jobs (gloo on CPU, 2 processes) in sub
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -365,9 +366,10 @@ def test_train_stage_with_two_processes_writes_what_one_process_writes(tmp_path)
         assert len(exps) == 1
         mlflow_runs = client.search_runs([exps[0].experiment_id])
         assert len(mlflow_runs) == 1, [r.info.run_id for r in mlflow_runs]
-        summary = __import__("json").loads((work / "metrics" / "demo" / "train.json").read_text())
-        assert summary["world_size"] == nproc
-        assert summary["mlflow_run_id"] == mlflow_runs[0].info.run_id
+        summary = json.loads((work / "metrics" / "demo" / "train.json").read_text())
+        info = json.loads((work / "runs" / "demo" / "run.json").read_text())
+        assert info["world_size"] == nproc
+        assert info["mlflow_run_id"] == mlflow_runs[0].info.run_id
         ckpt = load_checkpoint(work / "runs" / "demo" / "checkpoints" / "best.pt", map_location="cpu")
         runs[nproc] = (_outputs(work), sorted(ckpt["state_dict"]), summary)
 
