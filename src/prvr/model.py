@@ -182,6 +182,7 @@ class _Tokens:
             self.index = mask.reshape(-1).nonzero().squeeze(1)
             self.count = int(self.index.numel())
             self.positions = self.index % length
+            self.rows = torch.div(self.index, length, rounding_mode="floor")  # video of each token
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, L, ...) -> (N, ...)"""
@@ -195,6 +196,27 @@ class _Tokens:
         shape = list(x.shape)
         shape[dim] = self.batch * self.length
         return x.new_full(shape, fill).index_copy_(dim, self.index, x)  # in place: no second copy
+
+    def to_heads(self, x: Tensor, groups: int, n_heads: int) -> Tensor:
+        """packed (N, groups * n_heads * dh) -> padded (groups, B, n_heads, L, dh), pads 0.
+
+        One scatter straight into the attention layout (no separate permute copy)."""
+        B, L = self.batch, self.length
+        x = x.view(-1, groups, n_heads, x.shape[-1] // (groups * n_heads))
+        if self.index is None:
+            return x.view(B, L, *x.shape[1:]).permute(2, 0, 3, 1, 4)
+        out = x.new_zeros(groups, B, n_heads, L, x.shape[-1])
+        out.permute(1, 3, 0, 2, 4)[self.rows, self.positions] = x
+        return out
+
+    def from_heads(self, x: Tensor) -> Tensor:
+        """padded (..., B, n_heads, L, dh) -> packed (..., N, n_heads * dh)."""
+        lead = x.shape[:-4]
+        x = x.transpose(-3, -2)  # (..., B, L, nh, dh)
+        if self.index is None:
+            return x.reshape(*lead, self.batch * self.length, -1)
+        sl = (slice(None),) * len(lead)
+        return x[sl + (self.rows, self.positions)].reshape(*lead, self.count, -1)
 
     def key_mask_add(self, dtype: torch.dtype) -> Tensor | None:
         """(B, 1, 1, L) additive key mask (0 valid, -10000 pad), or None."""
@@ -261,10 +283,9 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
 
     def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
-        B, L, nh = tokens.batch, tokens.length, self.n_heads
-        q, k, v = tokens.unpack(self.qkv(x)).view(B, L, 3, nh, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = tokens.to_heads(self.qkv(x), 3, self.n_heads).unbind(0)
         ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
-        ctx = tokens.pack(ctx.transpose(1, 2).reshape(B, L, -1))
+        ctx = tokens.from_heads(ctx)
         x = self.norm1(x + dropout(ctx, self.p, self.training))
         h = dropout(self.ffn_in(x), self.p, self.training, relu=True)
         return self.norm2(x + dropout(self.ffn_out(h), self.p, self.training))
@@ -295,15 +316,14 @@ class GaussianBranches(nn.Module):
 
     def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
         K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
-        B, L = tokens.batch, tokens.length
+        L = tokens.length
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        q, k, v = tokens.unpack(qkv).view(B, L, K, 3, nh, H // nh).permute(3, 2, 0, 4, 1, 5).unbind(0)
+        qkv = tokens.to_heads(qkv, K * 3, nh)                              # (K*3, B, nh, L, dh)
+        q, k, v = qkv.view(K, 3, *qkv.shape[1:]).unbind(1)
         gauss = self.gauss[:, None, None, :L, :L]
         ctx = _attention(q, k, v, gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
-        ctx = ctx.permute(0, 1, 3, 2, 4).reshape(K, B * L, H)
-        if tokens.index is not None:
-            ctx = ctx.index_select(1, tokens.index)  # (K, N, H)
+        ctx = tokens.from_heads(ctx)                                       # (K, N, H)
         y = _branch_layer_norm(x + dropout(ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
         h = torch.baddbmm(self.ffn_in_bias.unsqueeze(1), y, self.ffn_in_weight.transpose(1, 2))
         h = dropout(h, self.p, self.training, relu=True)
