@@ -144,15 +144,16 @@ class Release:
         self.opt.step()
 
 
-def _one_step(runner, batch, device) -> tuple[float, float]:
+def _one_step(runner, batch, device) -> tuple[float, float, float]:
+    """(forward+loss wall s, step wall s, step process-CPU s)"""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     loss = runner.forward(batch)
     _sync(device)
     t1 = time.perf_counter()
     runner.update(loss)
     _sync(device)
-    return t1 - t0, time.perf_counter() - t0
+    return t1 - t0, time.perf_counter() - t0, time.process_time() - c0
 
 
 def time_steps(runners, device, reps: int, warmup: int) -> dict:
@@ -161,13 +162,14 @@ def time_steps(runners, device, reps: int, warmup: int) -> dict:
     times = {r.name: [] for r, _ in runners}
     for i in range(warmup + reps):
         for runner, batch in runners:
-            fwd, total = _one_step(runner, batch, device)
+            fwd, total, cpu = _one_step(runner, batch, device)
             if i >= warmup:
-                times[runner.name].append((fwd, total))
+                times[runner.name].append((fwd, total, cpu))
     out = {}
     for name, ts in times.items():
-        out[name] = {"step": statistics.median(t for _, t in ts), "fwd": statistics.median(f for f, _ in ts),
-                     "bwd": statistics.median(t - f for f, t in ts), "min": min(t for _, t in ts)}
+        out[name] = {"step": statistics.median(t for _, t, _ in ts), "fwd": statistics.median(f for f, _, _ in ts),
+                     "bwd": statistics.median(t - f for f, t, _ in ts), "min": min(t for _, t, _ in ts),
+                     "cpu": statistics.median(c for _, _, c in ts)}
     return out
 
 
@@ -208,8 +210,10 @@ def main(argv=None) -> int:
     cfg = GMMFormerConfig()  # TVR
     for device in devices:
         print(f"\n## {device.type}: {machine_info(device)}")
+        print("wall seconds per step (median, min) and process CPU seconds per step (median); "
+              "speed-up = release / ours (median wall; CPU)")
         print(f"{'videos':>6} {'queries':>7} {'frames':>6} | {'impl':>7} | {'step s':>7} {'fwd+loss':>8} "
-              f"{'bwd+opt':>8} {'min':>7} | speed-up")
+              f"{'bwd+opt':>8} {'min':>7} {'cpu s':>7} | speed-up")
         for n in args.videos:
             torch.manual_seed(args.seed)
             batch = make_batch(n, cfg, args.seed + n)
@@ -222,10 +226,12 @@ def main(argv=None) -> int:
             results = time_steps(runners, device, args.reps, args.warmup)
             for runner, _ in runners:
                 r = results[runner.name]
-                ratio = f"x{r['step'] / results['ours']['step']:.2f}" if runner.name == "release" else ""
+                ours = results["ours"]
+                ratio = (f"x{r['step'] / ours['step']:.2f}; x{r['cpu'] / ours['cpu']:.2f}"
+                         if runner.name == "release" else "")
                 print(f"{n:>6} {len(batch['query_labels']):>7} {int(batch['frame_mask'].sum()):>6} | "
-                      f"{runner.name:>7} | {r['step']:7.3f} {r['fwd']:8.3f} {r['bwd']:8.3f} {r['min']:7.3f} | {ratio}",
-                      flush=True)
+                      f"{runner.name:>7} | {r['step']:7.3f} {r['fwd']:8.3f} {r['bwd']:8.3f} {r['min']:7.3f} "
+                      f"{r['cpu']:7.3f} | {ratio}", flush=True)
             del runners
     return 0
 
