@@ -1,0 +1,131 @@
+"""End to end: `dvc repro` on the demo corpus in a fresh copy of the repository, then a DVC
+experiment on a second (generated, Charades-shaped) dataset, then MLflow's view of both."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_DEMO, copy_repo, edit_params, git_commit, run
+
+pytestmark = pytest.mark.slow
+
+# The e2e demo: the tiny corpus, trained a little harder than the unit-test workdir so that
+# the test split is clearly learnt.
+E2E_DEMO = {**TINY_DEMO, "demo.generator.scale": 0.3, "demo.train.batch_size": 12,
+            "demo.train.epochs": 2, "demo.train.hard_negative_start_epoch": 1, "demo.lr": 3.0e-3}
+
+STAGE_OUTPUTS = {
+    "fetch": ["data/{ds}/source.json"],
+    "validate": ["data/{ds}/validation.json"],
+    "train": ["runs/{ds}/checkpoints/best.pt", "runs/{ds}/checkpoints/last.pt", "runs/{ds}/run.json",
+              "metrics/{ds}/train.json", "metrics/{ds}/train_history.csv"],
+    "evaluate": ["metrics/{ds}/test.json", "metrics/{ds}/recall_at_k.json"],
+    "report": ["reports/{ds}/report.md", "reports/{ds}/training_curves.png", "reports/{ds}/recall_at_k.png"],
+}
+
+
+def _outputs(ds: str) -> list[str]:
+    return [p.format(ds=ds) for paths in STAGE_OUTPUTS.values() for p in paths]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_dvc_pipeline_end_to_end(tmp_path: Path):
+    from prvr.data.demo import generate_corpus
+    from prvr.report import chance_metrics
+
+    repo = copy_repo(tmp_path / "repo")
+    edit_params(repo / "params.yaml", **E2E_DEMO)
+    git_commit(repo, "tiny demo")
+
+    # ---- first repro: every stage runs and writes its outputs
+    first = run(["dvc", "repro"], cwd=repo, timeout=900)
+    for stage in STAGE_OUTPUTS:
+        assert f"Running stage '{stage}'" in first.stdout, first.stdout[-3000:]
+    for rel in _outputs("demo"):
+        assert (repo / rel).is_file() and (repo / rel).stat().st_size > 0, rel
+    assert (repo / "data/demo/corpus/demo/FeatureData/demo_feats/feature.bin").is_file()
+    assert _json(repo / "data/demo/validation.json")["ok"] is True
+
+    test = _json(repo / "metrics/demo/test.json")
+    chance = chance_metrics(test["n_videos"])
+    print(f"demo test: SumR {test['sumr']:.1f} (R@1 {test['r1']:.1f}, R@5 {test['r5']:.1f}, "
+          f"R@10 {test['r10']:.1f}) vs chance SumR {chance['sumr']:.1f} (R@1 {chance['r1']:.1f}, "
+          f"R@5 {chance['r5']:.1f}, R@10 {chance['r10']:.1f}) on {test['n_videos']} videos")
+    top10 = test["r1"] + test["r5"] + test["r10"]
+    top10_chance = chance["r1"] + chance["r5"] + chance["r10"]
+    assert test["sumr"] > chance["sumr"] + 15, (test, chance)
+    assert top10 > 1.5 * top10_chance, (test, chance)
+    report = (repo / "reports/demo/report.md").read_text()
+    assert "chance (random ranking)" in report and f"{test['sumr']:.1f}" in report
+    run_info = _json(repo / "runs/demo/run.json")
+    assert run_info["mlflow_run_id"] and run_info["mlflow_run_id"] in report
+
+    # ---- second repro: nothing to do
+    second = run(["dvc", "repro"], cwd=repo)
+    assert "Running stage" not in second.stdout, second.stdout
+    assert "up to date" in second.stdout
+    status = run(["dvc", "status"], cwd=repo)
+    assert "up to date" in status.stdout, status.stdout
+
+    # ---- DVC sees the metrics and plots
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=repo).stdout)
+    shown = json.dumps(metrics)
+    assert "metrics/demo/test.json" in shown and "sumr" in shown
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], cwd=repo).stdout)
+    plot_ids = set(plots.get("data", plots))
+    assert {"validation_sumr", "training_loss", "test_recall_at_k",
+            "reports/demo/training_curves.png"} <= plot_ids, plot_ids
+
+    # ---- an experiment on another dataset keeps the demo's outputs
+    demo_digests = {rel: _digest(repo / rel) for rel in _outputs("demo")}
+    git_commit(repo, "demo results")
+    cha_root = tmp_path / "VisualSearch"
+    generate_corpus(cha_root, preset="cha-shaped", seed=3, scale=0.01, progress=False)
+    exp = run(["dvc", "exp", "run", "-S", "dataset=cha", "-S", f"data_root={cha_root}",
+               "-S", "train.epochs=1", "-S", "train.batch_size=32", "-S", "model.hidden_size=32"],
+              cwd=repo, timeout=900)
+    assert "Running stage 'train'" in exp.stdout, exp.stdout[-3000:]
+    for rel in _outputs("cha"):
+        assert (repo / rel).is_file(), rel
+    assert _json(repo / "data/cha/source.json")["collection_dir"] == str(cha_root / "charades")
+    for rel, digest in demo_digests.items():
+        assert (repo / rel).is_file(), f"{rel} was removed by the cha experiment"
+        assert _digest(repo / rel) == digest, f"{rel} changed by the cha experiment"
+    cha_test = _json(repo / "metrics/cha/test.json")
+    assert 0 <= cha_test["sumr"] <= 400 and cha_test["n_videos"] > 0
+    assert "paper (GMMFormer v2, Charades-STA)" in (repo / "reports/cha/report.md").read_text()
+    exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
+    assert "metrics/cha/test.json" in exps
+
+    # ---- MLflow: one experiment per dataset, one run each, per-epoch metrics, artifacts
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for ds in ("demo", "cha"):
+        exp_ = client.get_experiment_by_name(f"prvr-{ds}")
+        assert exp_ is not None, ds
+        runs = client.search_runs([exp_.experiment_id])
+        assert len(runs) == 1, (ds, len(runs))
+        r = runs[0]
+        assert r.info.run_id == _json(repo / f"runs/{ds}/run.json")["mlflow_run_id"]
+        epochs = _json(repo / f"metrics/{ds}/train.json")["epochs_run"]
+        for key in ("val_sumr", "train_total", "train_oml", "lr", "epoch_time_s"):
+            assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == list(range(epochs)), key
+        assert "test_sumr" in r.data.metrics
+        assert r.data.params["dataset"] == ds and r.data.tags["dataset"] == ds
+        assert "git_commit" in r.data.tags
+        artifacts = [a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")]
+        assert artifacts == ["checkpoints/best.pt"]
+        assert "report/report.md" in [a.path for a in client.list_artifacts(r.info.run_id, "report")]
+    cha_run = client.search_runs([client.get_experiment_by_name("prvr-cha").experiment_id])[0]
+    assert cha_run.data.tags.get("dvc_exp_name"), "the DVC experiment name is a tag of the run"
