@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 # The e2e demo: the tiny corpus, trained a little harder than the unit-test workdir so that
 # the test split is clearly learnt.
-E2E_DEMO = {**TINY_DEMO, "demo.generator.scale": 0.3, "demo.train.batch_size": 12,
-            "demo.train.epochs": 2, "demo.train.hard_negative_start_epoch": 1, "demo.lr": 3.0e-3}
+E2E_DEMO = {**TINY_DEMO, "demo.generator.scale": 0.5, "demo.train.batch_size": 32,
+            "demo.train.epochs": 3, "demo.train.hard_negative_start_epoch": 2}
 
 STAGE_OUTPUTS = {
     "fetch": ["data/{ds}/source.json"],

@@ -5,7 +5,7 @@ settings (flattened) as params, tags (git commit, DVC experiment name, dataset, 
 per-epoch metrics, the best checkpoint, the report, the final test metrics and the model.
 
 The default store is ``sqlite:///<repo root>/mlflow.db`` with artifacts under
-``<repo root>/mlruns``; ``MLFLOW_TRACKING_URI`` overrides the store. DVC outputs stay the
+``<repo root>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides the store. DVC outputs stay the
 source of truth: every MLflow call goes through :meth:`Tracker._call`, which on the first
 failure logs ONE warning and switches tracking off for the rest of the process, so a tracking
 server that goes away mid-run costs at most one short timeout. MLflow's HTTP retries are
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_PREFIX = "prvr-"
 DB_FILE = "mlflow.db"
-ARTIFACT_DIR = "mlruns"
+ARTIFACT_DIR = "mlartifacts"
 
 # A dead tracking server must cost seconds, not MLflow's default minutes of retries.
 _HTTP_ENV_DEFAULTS = {
