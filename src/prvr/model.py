@@ -23,6 +23,11 @@ how it computes it is our own design, built for speed:
   applies it as one multiply by a {0, 1/(1-p)} tensor, which is also all the backward pass
   needs; relu+dropout share one mask.
 
+Two deliberate differences in TRAIN mode only (eval is the release's function to float
+tolerance): the release encodes the queries twice per step (once for the scores, once more,
+with fresh dropout, for its query-diversity and matching losses) where we encode once and
+use that for everything; and the CPU dropout rate is p rounded to a multiple of 2^-16.
+
 Parameter layout differs from the release (stacked branches, fused q/k/v); see
 `prvr.release` for the exact mapping of a released state dict onto this one. Every
 parameter that fuses several release tensors carries the attribute `release_chunks`
