@@ -10,6 +10,11 @@ per-frame `BigFile.read_one`.
 * After copying a video out, the pages of the map it touched are dropped from this
   process (madvise DONTNEED; they stay in the OS page cache), so an epoch over a corpus much
   larger than RAM keeps the resident set small instead of growing to the file size.
+* `apply(video_id, fn)` hands `fn` the video's rows in place (a view of the map, no copy,
+  when they are contiguous) and drops the pages after `fn` returns: the datasets bin and
+  normalise straight from the map, so a video's frames are copied once, into its result.
+  The map is private copy-on-write (np.memmap mode "c"): the view is writable as numpy and
+  torch require, but nothing is ever written to it (a write would stay in this process).
 """
 from __future__ import annotations
 
@@ -84,7 +89,7 @@ class FeatureStore:
             if self.num_rows == 0:
                 self._mm = np.zeros((0, self.dim), dtype="<f4")  # type: ignore[assignment]
             else:
-                self._mm = np.memmap(self.feature_file, dtype="<f4", mode="r",
+                self._mm = np.memmap(self.feature_file, dtype="<f4", mode="c",
                                      shape=(self.num_rows, self.dim))
             self._pid = pid
         return self._mm  # type: ignore[return-value]
@@ -131,6 +136,26 @@ class FeatureStore:
         if self.release_pages:
             self._release(mm, lo, hi)
         return out
+
+    def apply(self, video_id: str, fn):
+        """fn(frames) with frames the video's (n_frames, D) float32 rows in time order, then
+        the map's pages dropped; returns what fn returns. frames is a view of the map when the
+        video's rows are contiguous (else a copy): fn must only read it and must not keep it
+        (nor a view of it)."""
+        r = self._lookup(video_id)
+        mm = self._map()
+        if isinstance(r, tuple):
+            lo, hi = r
+            frames = np.asarray(mm[lo:hi])   # plain ndarray view (memmap slicing overhead once)
+        else:
+            lo, hi = int(r.min()), int(r.max()) + 1
+            frames = np.asarray(mm[r], dtype=np.float32)
+        try:
+            return fn(frames)
+        finally:
+            del frames
+            if self.release_pages:
+                self._release(mm, lo, hi)
 
     def _release(self, mm, lo: int, hi: int) -> None:
         raw = getattr(mm, "_mmap", None)
