@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_DEMO, copy_repo, edit_params, git_commit, run
-
-pytestmark = pytest.mark.slow
+from conftest import REPO, TINY_DEMO, copy_repo, edit_params, git_commit, run
 
 # The e2e demo: the tiny corpus, trained a little harder than the unit-test workdir so that
 # the test split is clearly learnt.
-E2E_DEMO = {**TINY_DEMO, "demo.generator.scale": 0.5, "demo.train.batch_size": 32,
-            "demo.train.epochs": 3, "demo.train.hard_negative_start_epoch": 2}
+E2E_DEMO = {**TINY_DEMO, "demo.generator.scale": 0.5, "demo.model.hidden_size": 64,
+            "demo.train.batch_size": 32, "demo.train.epochs": 2,
+            "demo.train.hard_negative_start_epoch": 1}
 
 STAGE_OUTPUTS = {
     "fetch": ["data/{ds}/source.json"],
@@ -39,6 +39,32 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def test_chance_level_of_a_random_ranking():
+    from prvr.report import chance_metrics, chance_recall
+
+    assert chance_recall(150, 1) == pytest.approx(100 / 150)
+    assert chance_recall(150, 10) == pytest.approx(1000 / 150)
+    assert chance_recall(75, 100) == 100.0
+    # two relevant videos among 4: P(neither in the top 1) = 2/4
+    assert chance_recall(4, 1, n_relevant=2) == pytest.approx(50.0)
+    m = chance_metrics(150)
+    assert m["sumr"] == pytest.approx(100 * 16 / 150 + 100 * 100 / 150)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
+    commands = [line for b in blocks for line in b.strip().splitlines()]
+    assert len(commands) == 2, commands
+    demo_cmd, test_cmd = commands
+    assert demo_cmd.endswith("pip install -e . && dvc repro")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert f"TEST_COMMAND='{test_cmd}'" in ci
+    assert "set -euo pipefail" in ci and '"$status" -eq 5' in ci
+
+
+@pytest.mark.slow
 def test_dvc_pipeline_end_to_end(tmp_path: Path):
     from prvr.data.demo import generate_corpus
     from prvr.report import chance_metrics
