@@ -202,16 +202,19 @@ class _Tokens:
         shape[dim] = self.batch * self.length
         return x.new_full(shape, fill).index_copy_(dim, self.index, x)  # in place: no second copy
 
-    def to_heads(self, x: Tensor, groups: int, n_heads: int) -> Tensor:
-        """packed (N, groups * n_heads * dh) -> padded (groups, B, n_heads, L, dh), pads 0.
+    def to_heads(self, x: Tensor, lead: tuple[int, ...], n_heads: int) -> Tensor:
+        """packed (N, *lead, n_heads * dh) features -> padded (*reversed(lead), B, n_heads, L, dh).
 
-        One scatter straight into the attention layout (no separate permute copy)."""
-        B, L = self.batch, self.length
-        x = x.view(-1, groups, n_heads, x.shape[-1] // (groups * n_heads))
-        if self.index is None:
-            return x.view(B, L, *x.shape[1:]).permute(2, 0, 3, 1, 4)
-        out = x.new_zeros(groups, B, n_heads, L, x.shape[-1])
-        out.permute(1, 3, 0, 2, 4)[self.rows, self.positions] = x
+        One scatter straight into the attention layout (pads 0). The lead dimensions come
+        out reversed so that, e.g., (K, 3) features give a (3, K, ...) tensor whose q, k and
+        v parts are each contiguous for the attention matmuls."""
+        B, L, n = self.batch, self.length, len(lead)
+        x = x.view(-1, *lead, n_heads, x.shape[-1] // (n_heads * math.prod(lead)))
+        if self.index is None:  # (B, L, *lead, nh, dh) -> (*reversed(lead), B, nh, L, dh)
+            x = x.view(B, L, *x.shape[1:])
+            return x.permute(*range(n + 1, 1, -1), 0, n + 2, 1, n + 3)
+        out = x.new_zeros(*reversed(lead), B, n_heads, L, x.shape[-1])
+        out.permute(n, n + 2, *range(n - 1, -1, -1), n + 1, n + 3)[self.rows, self.positions] = x
         return out
 
     def from_heads(self, x: Tensor) -> Tensor:
@@ -288,7 +291,7 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
 
     def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
-        q, k, v = tokens.to_heads(self.qkv(x), 3, self.n_heads).unbind(0)
+        q, k, v = tokens.to_heads(self.qkv(x), (3,), self.n_heads).unbind(0)
         ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)
         x = self.norm1(x + dropout(ctx, self.p, self.training))
@@ -324,8 +327,7 @@ class GaussianBranches(nn.Module):
         L = tokens.length
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        qkv = tokens.to_heads(qkv, K * 3, nh)                              # (K*3, B, nh, L, dh)
-        q, k, v = qkv.view(K, 3, *qkv.shape[1:]).unbind(1)
+        q, k, v = tokens.to_heads(qkv, (K, 3), nh).unbind(0)               # each (K, B, nh, L, dh)
         gauss = self.gauss[:, None, None, :L, :L]
         ctx = _attention(q, k, v, gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)                                       # (K, N, H)
@@ -397,7 +399,7 @@ class TemporalConsolidation(nn.Module):
         mix = torch.softmax(logits / self.sft_factor, dim=0).reshape(len(outs), -1)
         if tokens.index is not None:
             mix = mix.index_select(1, tokens.index)                       # (K, N)
-        return torch.einsum("kn,knh->nh", mix, outs)
+        return (outs * mix.unsqueeze(-1)).sum(0)  # (einsum would run N tiny matmuls here)
 
 
 class GMMFormer(nn.Module):
