@@ -337,28 +337,34 @@ def _ref_stream(feats, mask, P, proj, pos, block, cfg):
     return sum(w[..., k:k + 1] * o for k, o in enumerate(outs))
 
 
-def test_batched_model_matches_per_branch_reference():
-    model = small_model(seed=2).eval()
+def _reference(model, batch):
+    """Slow per-branch forward of the spec: (query, clips, frames padded to max_frames)."""
     cfg = model.cfg
     P = to_release_state_dict(model.state_dict(), cfg)
-    batch = make_inputs(cfg, [7, 20, 2], [4, 7, 1], seed=4)
-    # reference: frames padded to max_frames, full geometry, every branch on every slot
     B, Lf = batch["frame_mask"].shape
-    frames = torch.zeros(B, cfg.max_frames, cfg.visual_dim)
-    frames[:, :Lf] = batch["frame_feats"]
-    fmask = torch.zeros(B, cfg.max_frames)
-    fmask[:, :Lf] = batch["frame_mask"].float()
+    # frames padded to max_frames, full 128-style geometry, every branch on every slot
+    frames = torch.cat([batch["frame_feats"],
+                        batch["frame_feats"].new_zeros(B, cfg.max_frames - Lf, cfg.visual_dim)], 1)
+    fmask = torch.zeros(B, cfg.max_frames, dtype=frames.dtype)
+    fmask[:, :Lf] = batch["frame_mask"].to(frames.dtype)
     ref_frames = _ref_stream(frames, fmask, P, "frame_input_proj", "frame_pos_embed", "frame_encoder_1", cfg)
     ref_frames = ref_frames * fmask[..., None]
-    ref_clips = _ref_stream(batch["clip_feats"], torch.ones(B, cfg.n_clips), P, "clip_input_proj",
-                            "clip_pos_embed", "clip_encoder", cfg)
-    qm = batch["query_mask"].float()
+    ref_clips = _ref_stream(batch["clip_feats"], torch.ones(B, cfg.n_clips, dtype=frames.dtype), P,
+                            "clip_input_proj", "clip_pos_embed", "clip_encoder", cfg)
+    qm = batch["query_mask"].to(frames.dtype)
     x = torch.relu(_lin(_ln(batch["query_feats"], P, "query_input_proj.LayerNorm"), P, "query_input_proj.net.1"))
     x = _ln(x + P["query_pos_embed.position_embeddings.weight"][: x.shape[1]], P, "query_pos_embed.LayerNorm")
     x = _ref_attention(x, x, qm, P, "query_encoder", cfg.n_heads)
     a = _lin(x, P, "modular_vector_mapping", bias=False).squeeze(-1)
     a = torch.softmax(a * qm + (1 - qm) * -1e10, 1)
-    ref_query = (a[..., None] * x).sum(1)
+    return (a[..., None] * x).sum(1), ref_clips, ref_frames
+
+
+def test_batched_model_matches_per_branch_reference():
+    model = small_model(seed=2).eval()
+    batch = make_inputs(model.cfg, [7, 20, 2], [4, 7, 1], seed=4)
+    Lf = batch["frame_mask"].shape[1]
+    ref_query, ref_clips, ref_frames = _reference(model, batch)
     with torch.no_grad():
         out = model(batch)
     assert torch.allclose(out.clips, ref_clips, atol=1e-5)
@@ -369,6 +375,45 @@ def test_batched_model_matches_per_branch_reference():
     ref_frame_scores = torch.einsum("qh,bfh->qbf", qn, fn).amax(-1)  # the padded zeros take part
     assert torch.allclose(out.clip_scores, ref_clip_scores, atol=1e-5)
     assert torch.allclose(out.frame_scores, ref_frame_scores, atol=1e-5)
+
+
+def test_gradients_match_per_branch_reference():
+    """The backward pass (packing, scatter/gather, batched branches) against autograd
+    through the slow reference, in float64."""
+    model = small_model(seed=7).double().eval()
+    batch = make_inputs(model.cfg, [5, 13, 9], [3, 6, 2], seed=8)
+    g = torch.Generator().manual_seed(9)
+    wq, wc, wf = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (3, 5, 20))
+    grads = []
+    for fn in ("ours", "reference"):
+        inputs = {k: v.double().requires_grad_(True) if v.is_floating_point() else v for k, v in batch.items()}
+        if fn == "ours":
+            out = model(inputs)
+            q, c, f = out.query, out.clips, out.frames
+        else:
+            q, c, f = _reference(model, inputs)
+            f = f[:, :13]
+        loss = (q * wq).sum() + (c * wc[None]).sum() + (f * wf[None, :13]).sum()
+        loss.backward()
+        grads.append([inputs[k].grad for k in ("frame_feats", "clip_feats", "query_feats")])
+    for ours, ref in zip(*grads):
+        assert torch.allclose(ours, ref, atol=1e-9, rtol=1e-7)
+    assert grads[0][0][0, 5:].abs().max() == 0  # padded frames get nothing
+
+
+def test_scatter_heads_gradcheck():
+    from prvr.model import _Tokens
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    tokens = _Tokens(mask, 2, 3, torch.device("cpu"))
+    x = torch.randn(tokens.count, 2 * 3 * 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        q, k, v = tokens.qkv_heads(x, 2, 2)
+        return q * 1.0, k * 2.0, v * 3.0
+
+    assert torch.autograd.gradcheck(f, (x,))
+    q, k, v = tokens.qkv_heads(x, 2, 2)
+    assert q.shape == (2, 2, 2, 3, 2) and q.is_contiguous() and k[:, 0, :, 2].abs().max() == 0
 
 
 def test_bertadam_clips_each_release_tensor_of_a_fused_parameter():

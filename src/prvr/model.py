@@ -188,6 +188,7 @@ class _Tokens:
             self.count = int(self.index.numel())
             self.positions = self.index % length
             self.rows = torch.div(self.index, length, rounding_mode="floor")  # video of each token
+            self.pads = None  # (video, slot) of padded slots, made when first needed
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, L, ...) -> (N, ...)"""
@@ -202,20 +203,16 @@ class _Tokens:
         shape[dim] = self.batch * self.length
         return x.new_full(shape, fill).index_copy_(dim, self.index, x)  # in place: no second copy
 
-    def to_heads(self, x: Tensor, lead: tuple[int, ...], n_heads: int) -> Tensor:
-        """packed (N, *lead, n_heads * dh) features -> padded (*reversed(lead), B, n_heads, L, dh).
-
-        One scatter straight into the attention layout (pads 0). The lead dimensions come
-        out reversed so that, e.g., (K, 3) features give a (3, K, ...) tensor whose q, k and
-        v parts are each contiguous for the attention matmuls."""
-        B, L, n = self.batch, self.length, len(lead)
-        x = x.view(-1, *lead, n_heads, x.shape[-1] // (n_heads * math.prod(lead)))
-        if self.index is None:  # (B, L, *lead, nh, dh) -> (*reversed(lead), B, nh, L, dh)
-            x = x.view(B, L, *x.shape[1:])
-            return x.permute(*range(n + 1, 1, -1), 0, n + 2, 1, n + 3)
-        out = x.new_zeros(*reversed(lead), B, n_heads, L, x.shape[-1])
-        out.permute(n, n + 2, *range(n - 1, -1, -1), n + 1, n + 3)[self.rows, self.positions] = x
-        return out
+    def qkv_heads(self, x: Tensor, branches: int, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        """packed (N, branches * 3 * H) projections -> q, k, v, each (branches, B, n_heads, L, dh),
+        zero at padded slots, each contiguous for the attention matmuls."""
+        B, L = self.batch, self.length
+        x = x.view(-1, branches, 3, n_heads, x.shape[-1] // (3 * n_heads * branches))
+        if self.index is None:  # (B, L, K, 3, nh, dh) -> 3 x (K, B, nh, L, dh)
+            return x.view(B, L, *x.shape[1:]).permute(3, 2, 0, 4, 1, 5).unbind(0)
+        if self.pads is None:
+            self.pads = (~self.mask).nonzero().unbind(1)
+        return _ScatterHeads.apply(x, self.rows, self.positions, self.pads[0], self.pads[1], B, L)
 
     def from_heads(self, x: Tensor) -> Tensor:
         """padded (..., B, n_heads, L, dh) -> packed (..., N, n_heads * dh)."""
@@ -231,6 +228,33 @@ class _Tokens:
         if self.mask is None:
             return None
         return ((~self.mask).to(dtype) * _MASK_ADD)[:, None, None, :]
+
+
+class _ScatterHeads(torch.autograd.Function):
+    """(N, K, 3, nh, dh) packed projections -> q, k, v each (K, B, nh, L, dh), pads 0.
+
+    Written straight into the attention layout, and the backward pass gathers each
+    gradient straight back (autograd's generic path would stack, clone and re-gather)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, positions, pad_rows, pad_positions, B, L):
+        N, K, _, nh, dh = x.shape
+        out = x.new_empty(3, K, B, nh, L, dh)
+        view = out.permute(2, 4, 1, 0, 3, 5)              # (B, L, K, 3, nh, dh)
+        view[rows, positions] = x
+        view[pad_rows, pad_positions] = 0.0
+        ctx.save_for_backward(rows, positions)
+        ctx.shape = x.shape
+        return tuple(out.unbind(0))
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        rows, positions = ctx.saved_tensors
+        grad = gq.new_zeros(ctx.shape) if any(g is None for g in (gq, gk, gv)) else gq.new_empty(ctx.shape)
+        for j, g in enumerate((gq, gk, gv)):
+            if g is not None:
+                grad[:, :, j] = g.permute(1, 3, 0, 2, 4)[rows, positions]
+        return grad, None, None, None, None, None, None
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
@@ -291,7 +315,7 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
 
     def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
-        q, k, v = tokens.to_heads(self.qkv(x), (3,), self.n_heads).unbind(0)
+        q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(self.qkv(x), 1, self.n_heads))
         ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)
         x = self.norm1(x + dropout(ctx, self.p, self.training))
@@ -327,7 +351,7 @@ class GaussianBranches(nn.Module):
         L = tokens.length
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        q, k, v = tokens.to_heads(qkv, (K, 3), nh).unbind(0)               # each (K, B, nh, L, dh)
+        q, k, v = tokens.qkv_heads(qkv, K, nh)                             # each (K, B, nh, L, dh)
         gauss = self.gauss[:, None, None, :L, :L]
         ctx = _attention(q, k, v, gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)                                       # (K, N, H)
