@@ -9,8 +9,9 @@ its own:
 * ``seek``: the release's access pattern (its BigFile.read_one): for every frame, open
   feature.bin, seek to the frame's row, read D floats, close.
 
-Both readers feed the same binning/normalisation/collate code, so the difference is the
-feature access alone. A third run, ``features``, times FeatureStore.get over the epoch's
+Both readers feed the same binning/normalisation/caption/collate code (the datasets'
+batched path, through the readers' num_frames/apply), so the difference is the feature
+access alone. A third run, ``features``, times FeatureStore.get over the epoch's
 videos without the rest of the pipeline, and ``seek-features`` the same for the seeking reader.
 
     python benchmarks/bench_data.py --root /tmp/prvr_bench --scale 0.1
@@ -53,6 +54,14 @@ class SeekingStore:
 
     def get(self, vid: str) -> np.ndarray:
         return np.array([self.read_one(f) for f in self.video2frames[vid]], dtype=np.float32)
+
+    # The interface the datasets' batched path uses (FeatureStore's), so that both readers run
+    # the same binning, normalisation, caption and collate code: only the reads differ.
+    def num_frames(self, vid: str) -> int:
+        return len(self.video2frames[vid])
+
+    def apply(self, vid: str, fn):
+        return fn(self.get(vid))
 
 
 def _rss_now_kib() -> tuple[int, int]:

@@ -322,3 +322,63 @@ def test_from_settings_uses_source_json(contiguous, tmp_path, monkeypatch):
     assert b["query_ids"] == corpus.split("val").query_ids
     v = VideoDataset(corpus, "val")
     assert collate_videos([v[0]])["video_ids"] == ["c0"]
+
+
+# ----------------------------------------------------------------------------- batched fetch
+
+def test_batched_fetch_gives_the_same_batches_as_item_by_item(toy):
+    """DataLoader fetches through __getitems__ (items built straight into the padded batch);
+    the batch must equal collate over items fetched one by one, exactly."""
+    cdir, videos, tokens, _ = toy
+    corpus = Corpus(cdir, "feat")
+    ds = TrainVideoDataset(corpus)
+    for idx in ([0, 8, 2], [10, 9, 7, 3, 1], [4]):
+        slow = collate_train([ds[i] for i in idx])
+        items = ds.__getitems__(idx)
+        for i, it in zip(idx, items):  # the items themselves match the one-by-one items
+            one = ds[i]
+            assert it["video_id"] == one["video_id"] and it["query_ids"] == one["query_ids"]
+            np.testing.assert_array_equal(it["clip_feats"], one["clip_feats"])
+            np.testing.assert_array_equal(it["frame_feats"], one["frame_feats"])
+            for a, b in zip(it["query_feats"], one["query_feats"]):
+                np.testing.assert_array_equal(a, b)
+        fast = collate_train(items)
+        _same([fast], [slow])
+    vds = VideoDataset(corpus, "test")
+    _same([collate_videos(vds.__getitems__([2, 0]))], [collate_videos([vds[2], vds[0]])])
+
+
+def test_collate_copies_prebatched_items_that_were_changed(toy):
+    cdir, *_ = toy
+    ds = TrainVideoDataset(Corpus(cdir, "feat"))
+    items = ds.__getitems__([1, 2, 3])
+    items[0] = ds[5]  # replaced item: the prebuilt tensors no longer describe the batch
+    b = collate_train(items)
+    _same([b], [collate_train([ds[5], ds[2], ds[3]])])
+    items = ds.__getitems__([1, 2])
+    items[1]["frame_feats"] = items[1]["frame_feats"][:3].copy()  # a changed array
+    b = collate_train(items)
+    assert b["frame_mask"].sum(1).tolist() == [5, 3]
+
+
+def test_batch_buffers_are_reused_only_once_nothing_refers_to_them(toy):
+    cdir, *_ = toy
+    loader = make_train_loader(Corpus(cdir, "feat"), batch_size=11, num_workers=0, seed=0)
+    first = next(iter(loader))
+    keep = first["frame_feats"][2:4]          # a view keeps the whole buffer busy
+    ptr, ref = keep.data_ptr(), keep.clone()
+    del first
+    for _ in range(3):
+        b = next(iter(loader))
+        assert not (b["frame_feats"].data_ptr() <= ptr
+                    < b["frame_feats"].data_ptr() + b["frame_feats"].nbytes)
+        del b
+    assert torch.equal(keep, ref)
+    base = keep.data_ptr() - 2 * keep[0].nbytes
+    del keep
+    seen = set()
+    for _ in range(3):
+        b = next(iter(loader))
+        seen.add(b["frame_feats"].data_ptr())
+        del b
+    assert base in seen  # released: its memory serves later batches

@@ -18,6 +18,21 @@ Batch order: a training batch keeps the sampler's order of videos, and each vide
 in caption-file order. (The release's collate sorts a batch by frame count; that changes no
 loss term except which random negatives are drawn, so we keep the simpler, sampler-given order.)
 Evaluation batches keep split order (videos by first appearance, queries in file order).
+
+Speed (an epoch of the data pipeline is ~10x cheaper than with a frame-by-frame reader; see
+benchmarks/README.md "Data epoch"):
+
+* Batched fetch: DataLoader fetches a batch through ``Dataset.__getitems__``, which bins and
+  normalises each video straight from the feature map (``FeatureStore.apply``, no copy of
+  the raw frames) into its row of the padded batch tensors, and reads each caption's first
+  30 tokens straight into its row of the padded query tensor. The items are views of those
+  tensors, and collate hands the tensors on instead of copying the items again
+  (``_Prebatched``; items changed after the fetch go through the copying path). The values
+  are bit-for-bit those of the item-by-item path (``ds[i]`` then collate).
+* Batch memory is recycled (``_BufferPool``): a fresh 200 MB frame batch costs ~50,000 page
+  faults, about as much CPU as the rest of the batch; a buffer is reused only once no tensor
+  or array refers to it any more.
+* Captions are read with one ``preadv`` each at the offset HDF5 reports (``TextFeatures``).
 """
 from __future__ import annotations
 
@@ -70,9 +85,10 @@ def _bin_plan(n: int, n_bins: int):
             torch.from_numpy(np.maximum(counts, 1).astype(np.float32)[:, None]))
 
 
-def _average_bins_t(x: torch.Tensor, n_bins: int) -> torch.Tensor:
+def _average_bins_t(x: torch.Tensor, n_bins: int, out: torch.Tensor | None = None) -> torch.Tensor:
     stop, bin_of, empty, single, counts = _bin_plan(len(x), n_bins)
-    sums = torch.zeros(n_bins, x.shape[1], dtype=x.dtype).index_add_(0, bin_of, x[:stop])
+    sums = torch.zeros(n_bins, x.shape[1], dtype=x.dtype) if out is None else out.zero_()
+    sums.index_add_(0, bin_of, x[:stop])
     if len(empty):                               # an empty bin is the single frame e_i
         sums[empty] = x[single]
     return sums.div_(counts)
@@ -101,6 +117,20 @@ def _streams(frames: np.ndarray, n_clips: int, max_frames: int) -> tuple[np.ndar
     clips = _normalize_t_(_average_bins_t(t, n_clips))
     rows = _normalize_t_(_average_bins_t(t, max_frames)) if len(t) > max_frames else _normalize_t(t)
     return clips.numpy(), rows.numpy()
+
+
+def _streams_into(frames: np.ndarray, clip_out: torch.Tensor, frame_out: torch.Tensor,
+                  n_clips: int, max_frames: int) -> None:
+    """Like _streams, written into clip_out (n_clips, D) and frame_out (L, D): the frame
+    stream in its first rows, zeros after them (the padding of a batch row)."""
+    t = torch.from_numpy(frames)
+    _normalize_t_(_average_bins_t(t, n_clips, clip_out))
+    if len(t) > max_frames:
+        rows = _normalize_t_(_average_bins_t(t, max_frames, frame_out[:max_frames]))
+    else:
+        rows = torch.div(t, torch.linalg.vector_norm(t, dim=-1, keepdim=True).add_(EPS),
+                         out=frame_out[:len(t)])
+    frame_out[len(rows):].zero_()
 
 
 def clip_stream(frames: np.ndarray, n_clips: int = N_CLIPS) -> np.ndarray:
@@ -210,31 +240,48 @@ class TextFeatures:
         """(tokens, D) float32 features of one caption (its first max_len tokens if given)."""
         return self.get_many([cap_id], max_len)[0]
 
-    def get_many(self, cap_ids: Sequence[str], max_len: int | None = None
-                 ) -> tuple[np.ndarray, list[int]]:
-        """The captions' features (first max_len tokens of each) stacked in one (T, D) float32
-        array, and the number of tokens of each."""
+    def locate_many(self, cap_ids: Sequence[str], max_len: int | None = None
+                    ) -> tuple[list, list[int]]:
+        """Where each caption's features are (for read_into), and how many tokens of each
+        will be read (at most max_len)."""
         if not cap_ids:
-            raise ValueError("get_many needs at least one caption id")
+            raise ValueError("at least one caption id is needed")
         self._file()
         found = [self._locate(c) for c in cap_ids]
         lengths = [(len(f) if isinstance(f, np.ndarray) else f[1]) for f in found]
         if max_len is not None:
             lengths = [min(n, max_len) for n in lengths]
+        return found, lengths
+
+    def dim_of(self, found: list) -> int:
         dims = {(f.shape[1] if isinstance(f, np.ndarray) else f[2]) for f in found}
         if len(dims) > 1:
-            raise DataError(f"{self.path}: captions {list(cap_ids)} have token features of "
-                            f"different sizes {sorted(dims)}")
-        out = np.empty((sum(lengths), dims.pop()), dtype=np.float32)
-        row = 0
-        for cap_id, f, n in zip(cap_ids, found, lengths):
+            raise DataError(f"{self.path}: captions have token features of different sizes "
+                            f"{sorted(dims)}")
+        return dims.pop()
+
+    def read_into(self, cap_ids: Sequence[str], found: list, lengths: Sequence[int],
+                  out: np.ndarray) -> None:
+        """Caption r's first lengths[r] tokens into out[r, :lengths[r]], zeros after them."""
+        for r, (cap_id, f, n) in enumerate(zip(cap_ids, found, lengths)):
             if isinstance(f, np.ndarray):
-                out[row:row + n] = f[:n]
+                out[r, :n] = f[:n]
             else:
-                dest = out[row:row + n]
+                dest = out[r, :n]
                 if os.preadv(self._fd, [dest], f[0]) != dest.nbytes:
                     raise DataError(f"{self.path}: features of caption '{cap_id}' run past "
                                     "the end of the file (truncated?)")
+            out[r, n:] = 0
+
+    def get_many(self, cap_ids: Sequence[str], max_len: int | None = None
+                 ) -> tuple[np.ndarray, list[int]]:
+        """The captions' features (first max_len tokens of each) stacked in one (T, D) float32
+        array, and the number of tokens of each."""
+        found, lengths = self.locate_many(cap_ids, max_len)
+        out = np.empty((sum(lengths), self.dim_of(found)), dtype=np.float32)
+        row = 0
+        for cap_id, f, n in zip(cap_ids, found, lengths):
+            self.read_into([cap_id], [f], [n], out[None, row:row + n])
             row += n
         return out, lengths
 
@@ -359,6 +406,31 @@ class _SplitDataset(Dataset):
         return {"video_id": vid, "clip_feats": clips, "frame_feats": frames}
 
 
+    def _videos_batched(self, vids: Sequence[str]) -> "_Prebatched":
+        """Items of these videos whose clip_feats / frame_feats are views of one padded batch
+        (B, n_clips, D) / (B, Lf, D) that collate then hands on without copying: each video
+        is binned and normalised straight from the feature map into its batch row."""
+        store = self.corpus.features
+        n = [min(store.num_frames(v), self.max_frames) for v in vids]
+        d = store.dim
+        clips = torch.from_numpy(_POOL.take("clips", (len(vids), self.n_clips, d)))
+        frames = torch.from_numpy(_POOL.take("frames", (len(vids), max(n), d)))
+        for i, vid in enumerate(vids):
+            store.apply(vid, functools.partial(_streams_into, clip_out=clips[i], frame_out=frames[i],
+                                               n_clips=self.n_clips, max_frames=self.max_frames))
+        cn, fn = clips.numpy(), frames.numpy()
+        items = _Prebatched({"video_id": v, "clip_feats": cn[i], "frame_feats": fn[i, :k]}
+                            for i, (v, k) in enumerate(zip(vids, n)))
+        items.tensors = {"clip_feats": clips, "frame_feats": frames,
+                         "frame_mask": torch.arange(frames.shape[1])[None, :]
+                         < torch.tensor(n)[:, None]}
+        return items
+
+    def _batchable(self) -> bool:
+        store = self.corpus.features
+        return hasattr(store, "apply") and hasattr(store, "num_frames") and hasattr(store, "dim")
+
+
 class TrainVideoDataset(_SplitDataset):
     """Items are videos with ALL their captions (the release's training unit)."""
 
@@ -381,6 +453,34 @@ class TrainVideoDataset(_SplitDataset):
         item["query_feats"] = [normed[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return item
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items at once (DataLoader calls this for a batch): the same items as
+        [self[i] for i in indices], built straight into padded batch tensors that
+        collate_train takes over as they are (see _Prebatched)."""
+        if not self._batchable():
+            return [self[i] for i in indices]
+        vids = [self.split.video_ids[i] for i in indices]
+        items = self._videos_batched(vids)
+        qids = [[self.split.query_ids[i] for i in self.split.video_queries[v]] for v in vids]
+        flat = [q for qs in qids for q in qs]
+        found, lengths = self.corpus.text.locate_many(flat, self.max_query_len)
+        queries = torch.from_numpy(_POOL.take(
+            "queries", (len(flat), max(lengths), self.corpus.text.dim_of(found))))
+        qn = queries.numpy()
+        self.corpus.text.read_into(flat, found, lengths, qn)
+        row = 0
+        for item, qs in zip(items, qids):
+            # the video's caption rows, padding included (zeros stay zeros), in one op
+            _normalize_t_(queries[row:row + len(qs)])
+            item["query_ids"] = qs
+            item["query_feats"] = [qn[r, :lengths[r]] for r in range(row, row + len(qs))]
+            row += len(qs)
+        items.tensors["query_feats"] = queries
+        items.tensors["query_mask"] = (torch.arange(queries.shape[1])[None, :]
+                                       < torch.tensor(lengths)[:, None])
+        items.seal()
+        return items
+
 
 class VideoDataset(_SplitDataset):
     """The split's videos (distinct, in order of first appearance in its caption file)."""
@@ -394,6 +494,12 @@ class VideoDataset(_SplitDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._video(self.split.video_ids[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """[self[i] for i in indices], built straight into padded batch tensors (_Prebatched)."""
+        if not self._batchable():
+            return [self[i] for i in indices]
+        return self._videos_batched([self.split.video_ids[i] for i in indices])
 
 
 class QueryDataset(_SplitDataset):
@@ -479,7 +585,45 @@ def _pad(seqs: Sequence[np.ndarray], kind: str) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(out), mask
 
 
+class _Prebatched(list):
+    """The items of one batch as a Dataset's __getitems__ built them: their arrays are views
+    of padded batch tensors (`tensors`), which collate hands on as the batch instead of
+    copying the items again. Collate checks that the items are still those arrays (same
+    objects, same order); anything else goes through the copying path."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self._made = [self._arrays(it) for it in self]
+
+    @staticmethod
+    def _arrays(it: dict[str, Any]) -> tuple:
+        return (it.get("clip_feats"), it.get("frame_feats"), *it.get("query_feats", ()))
+
+    def seal(self) -> None:
+        self._made = [self._arrays(it) for it in self]
+
+    def intact(self, keys: Sequence[str]) -> bool:
+        return (all(k in self.tensors for k in keys) and len(self) == len(self._made)
+                and all(len(a := self._arrays(it)) == len(b) and all(x is y for x, y in zip(a, b))
+                        for it, b in zip(self, self._made)))
+
+
+def _prebatched(items, keys: Sequence[str]) -> dict[str, torch.Tensor] | None:
+    if type(items) is _Prebatched and items.intact(keys):
+        return {k: items.tensors[k] for k in keys}
+    return None
+
+
+_VIDEO_KEYS = ("clip_feats", "frame_feats", "frame_mask")
+_QUERY_KEYS = ("query_feats", "query_mask")
+
+
 def _collate_video_part(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    ready = _prebatched(items, _VIDEO_KEYS)
+    if ready is not None:
+        return {**ready, "video_ids": [it["video_id"] for it in items]}
     first = items[0]["clip_feats"]
     clips = _POOL.take("clips", (len(items),) + first.shape)
     for i, it in enumerate(items):
@@ -491,8 +635,12 @@ def _collate_video_part(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def collate_train(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     batch = _collate_video_part(items)
-    feats = [q for it in items for q in it["query_feats"]]
-    batch["query_feats"], batch["query_mask"] = _pad(feats, "queries")
+    ready = _prebatched(items, _QUERY_KEYS)
+    if ready is not None:
+        batch.update(ready)
+    else:
+        feats = [q for it in items for q in it["query_feats"]]
+        batch["query_feats"], batch["query_mask"] = _pad(feats, "queries")
     batch["query_labels"] = torch.tensor(
         [b for b, it in enumerate(items) for _ in it["query_feats"]], dtype=torch.int64)
     batch["query_ids"] = [q for it in items for q in it["query_ids"]]
