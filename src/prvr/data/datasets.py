@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -470,8 +470,9 @@ class TrainVideoDataset(_SplitDataset):
         self.corpus.text.read_into(flat, found, lengths, qn)
         row = 0
         for item, qs in zip(items, qids):
-            # the video's caption rows, padding included (zeros stay zeros), in one op
-            _normalize_t_(queries[row:row + len(qs)])
+            # the video's caption rows up to its longest caption, in one op (padding zeros
+            # stay zeros: 0 / (0 + eps))
+            _normalize_t_(queries[row:row + len(qs), :max(lengths[row:row + len(qs)])])
             item["query_ids"] = qs
             item["query_feats"] = [qn[r, :lengths[r]] for r in range(row, row + len(qs))]
             row += len(qs)
@@ -517,50 +518,59 @@ class QueryDataset(_SplitDataset):
 
 # ------------------------------------------------------------------------------ collate
 
+class _Lease:
+    """One use of a pooled buffer, exposed to numpy through the array interface. Every array
+    or tensor made from it keeps it alive (np.asarray's result has it as base; views and
+    torch.from_numpy keep that array alive), so it dies exactly when the last of them does,
+    and its finalizer then hands the buffer back to the pool."""
+
+    def __init__(self, store: torch.Tensor, shape: tuple[int, ...]):
+        self.store = store
+        self.__array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "version": 3,
+                                    "data": (store.data_ptr(), False)}
+
+
 class _BufferPool:
     """Recycles the memory of the large padded batch tensors.
 
     A fresh 200 MB batch tensor costs ~50,000 page faults (the kernel maps and zeroes every
-    page), which took about half the CPU time of a data epoch. Collate instead takes a flat
-    float32 buffer that no live tensor uses any more and hands out a tensor over it. A buffer
-    is free when nothing but this pool refers to it: every tensor made from it holds a
-    reference to it (torch.from_numpy keeps the numpy base alive), and so does every view of
-    such a tensor, so a buffer can never be reused while any part of an earlier batch is
-    alive. At most `keep` buffers per kind are retained; `clear()` lets them go."""
+    page), about as much CPU as the rest of the batch. Batches are instead built in buffers
+    that earlier batches no longer use: `take` leases a buffer (see _Lease) and it returns to
+    the pool only when nothing refers to that use any more, so a buffer is never reused
+    while any part of an earlier batch is alive. At most `keep` idle buffers per kind are
+    retained; `clear()` lets them go. Buffers come from torch's allocator, not numpy's: numpy
+    asks for transparent huge pages on large arrays, whose first faults stalled for up to
+    ~0.5 s per 200 MB on the benchmark machine."""
 
     def __init__(self, keep: int = 2):
         self.keep = keep
-        self._bufs: dict[str, list[np.ndarray]] = {}
+        self._idle: dict[str, list[torch.Tensor]] = {}
         self._pid = os.getpid()
 
     def take(self, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of `shape` with undefined contents, owned by the caller until
-        every reference to it is dropped."""
-        if self._pid != os.getpid():     # a forked worker: the parent's buffers stay its own
-            self._bufs, self._pid = {}, os.getpid()
+        """A float32 array of `shape` with undefined contents."""
+        if self._pid != os.getpid():     # a forked worker starts its own pool
+            self._idle, self._pid = {}, os.getpid()
         need = int(np.prod(shape))
-        bufs = self._bufs.setdefault(kind, [])
-        free = [i for i in range(len(bufs)) if self._unused(bufs[i])]
-        fits = [i for i in free if bufs[i].size >= need]
+        idle = self._idle.setdefault(kind, [])
+        fits = [i for i, t in enumerate(idle) if t.numel() >= need]
         if fits:
-            buf = bufs[min(fits, key=lambda i: bufs[i].size)]
+            store = idle.pop(min(fits, key=lambda i: idle[i].numel()))
         else:
-            # torch's allocator, not numpy's: numpy asks for transparent huge pages on large
-            # arrays, whose first faults stalled for up to ~0.5 s per 200 MB here.
-            buf = torch.empty(need, dtype=torch.float32).numpy()
-            if free:                     # replace a free buffer that is too small
-                bufs[free[0]] = buf
-            elif len(bufs) < self.keep:
-                bufs.append(buf)
-        return buf[:need].reshape(shape)
+            if idle:                     # drop the largest idle buffer that is too small
+                idle.pop(max(range(len(idle)), key=lambda i: idle[i].numel()))
+            store = torch.empty(max(need, 1), dtype=torch.float32)
+        lease = _Lease(store, shape)
+        weakref.finalize(lease, self._give_back, kind, store, self._pid)
+        return np.asarray(lease)
 
-    @staticmethod
-    def _unused(buf: np.ndarray) -> bool:
-        # references: the pool's list, the argument, getrefcount's own argument
-        return sys.getrefcount(buf) <= 3
+    def _give_back(self, kind: str, store: torch.Tensor, pid: int) -> None:
+        idle = self._idle.get(kind)
+        if pid == self._pid and idle is not None and len(idle) < self.keep:
+            idle.append(store)
 
     def clear(self) -> None:
-        self._bufs = {}
+        self._idle = {}
 
 
 _POOL = _BufferPool()
