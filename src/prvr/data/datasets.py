@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +111,21 @@ def _normalize_t_(t: torch.Tensor) -> torch.Tensor:
     return t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).add_(EPS))
 
 
+def _frames_tensor(frames: np.ndarray) -> torch.Tensor:
+    """A tensor over `frames` without a copy. A read-only view of the feature map is fine
+    here: it is only ever read (torch warns about non-writable arrays; that is silenced for
+    this call only)."""
+    if frames.flags.writeable:
+        return torch.from_numpy(frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(frames)
+
+
 def _streams(frames: np.ndarray, n_clips: int, max_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """(clip stream (n_clips, D), frame stream (min(n, max_frames), D)) of one video, read
     from `frames` (which may be a view of the feature map: never written, never kept)."""
-    t = torch.from_numpy(frames)
+    t = _frames_tensor(frames)
     clips = _normalize_t_(_average_bins_t(t, n_clips))
     rows = _normalize_t_(_average_bins_t(t, max_frames)) if len(t) > max_frames else _normalize_t(t)
     return clips.numpy(), rows.numpy()
@@ -123,7 +135,7 @@ def _streams_into(frames: np.ndarray, clip_out: torch.Tensor, frame_out: torch.T
                   n_clips: int, max_frames: int) -> None:
     """Like _streams, written into clip_out (n_clips, D) and frame_out (L, D): the frame
     stream in its first rows, zeros after them (the padding of a batch row)."""
-    t = torch.from_numpy(frames)
+    t = _frames_tensor(frames)
     _normalize_t_(_average_bins_t(t, n_clips, clip_out))
     if len(t) > max_frames:
         rows = _normalize_t_(_average_bins_t(t, max_frames, frame_out[:max_frames]))

@@ -13,8 +13,8 @@ per-frame `BigFile.read_one`.
 * `apply(video_id, fn)` hands `fn` the video's rows in place (a view of the map, no copy,
   when they are contiguous) and drops the pages after `fn` returns: the datasets bin and
   normalise straight from the map, so a video's frames are copied once, into its result.
-  The map is private copy-on-write (np.memmap mode "c"): the view is writable as numpy and
-  torch require, but nothing is ever written to it (a write would stay in this process).
+  The map is read-only (a private writable map would count the whole file against the
+  kernel's overcommit limit, which refuses a map larger than RAM + swap).
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class FeatureStore:
             if self.num_rows == 0:
                 self._mm = np.zeros((0, self.dim), dtype="<f4")  # type: ignore[assignment]
             else:
-                self._mm = np.memmap(self.feature_file, dtype="<f4", mode="c",
+                self._mm = np.memmap(self.feature_file, dtype="<f4", mode="r",
                                      shape=(self.num_rows, self.dim))
             self._pid = pid
         return self._mm  # type: ignore[return-value]
@@ -140,8 +140,8 @@ class FeatureStore:
     def apply(self, video_id: str, fn):
         """fn(frames) with frames the video's (n_frames, D) float32 rows in time order, then
         the map's pages dropped; returns what fn returns. frames is a view of the map when the
-        video's rows are contiguous (else a copy): fn must only read it and must not keep it
-        (nor a view of it)."""
+        video's rows are contiguous (else a copy), read-only: fn must only read it and must
+        not keep it (nor a view of it)."""
         r = self._lookup(video_id)
         mm = self._map()
         if isinstance(r, tuple):
