@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "resumed_after_epoch": result.resumed_from,
             })
             best = out["ckpt_dir"] / "best.pt"
-            if tracker is not None and tracker.active:
+            if tracker is not None and tracker.active and result.epochs_trained_now > 0:
                 tracker.log_artifact(best, "checkpoints")
                 tracker.log_artifact(out["history"], "metrics")
                 tracker.log_metrics({f"best_val_{k}": v for k, v in result.best_val.items()},
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 model, _ = load_model(best, "cpu")
                 tracker.log_model(model)
+            if tracker is not None:
                 tracker.end("FINISHED")
             log.info("wrote %s, %s, %s, %s (best epoch %d, val SumR %.2f; %.1f s)", out["ckpt_dir"],
                      out["summary"], out["run"], out["history"], result.best_epoch, result.best_val["sumr"],

@@ -249,6 +249,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_time_s: float = 0.0
     fingerprint: dict[str, str] = field(default_factory=dict)
+    epochs_trained_now: int = 0   # epochs this call trained (0: the run had already finished)
 
 
 def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]):
@@ -480,7 +481,8 @@ def train(settings: dict[str, Any], ckpt_dir: str | os.PathLike, history_csv: st
     stopped_early = bool(history) and len(history) < epochs
     return TrainResult(best_epoch=best_epoch, best_val=best_val, epochs_run=len(history),
                        stopped_early=stopped_early, resumed_from=resumed_from, run_id=run_id,
-                       history=history, train_time_s=time.perf_counter() - t_start, fingerprint=fp)
+                       history=history, train_time_s=time.perf_counter() - t_start, fingerprint=fp,
+                       epochs_trained_now=epoch - start_epoch)
 
 
 def load_best(ckpt_dir: str | os.PathLike):
