@@ -163,6 +163,16 @@ def query_tokens(tokens: np.ndarray, max_len: int = MAX_QUERY_LEN) -> np.ndarray
 
 # ------------------------------------------------------------------------------ text features
 
+@functools.lru_cache(maxsize=None)
+def _h5():
+    """h5py's low-level modules, imported on first use (once: a function-level import costs
+    ~5 us per call, i.e. per caption)."""
+    import h5py
+    from h5py import h5d, h5s, h5t
+
+    return h5py, h5d, h5s, h5t
+
+
 class TextFeatures:
     """Caption token features in roberta_<collection>_query_feat.hdf5 (one dataset per caption).
 
@@ -194,8 +204,7 @@ class TextFeatures:
     def _file(self):
         pid = os.getpid()
         if self._h5 is None or self._pid != pid:
-            import h5py
-
+            h5py = _h5()[0]
             try:
                 self._h5 = h5py.File(self.path, "r")
             except FileNotFoundError:
@@ -207,10 +216,8 @@ class TextFeatures:
         return self._h5
 
     def _open(self, cap_id: str):
-        from h5py import h5d
-
         try:
-            ds = h5d.open(self._file().id, cap_id.encode("utf-8"))
+            ds = _h5()[1].open(self._file().id, cap_id.encode("utf-8"))
         except (KeyError, ValueError, TypeError):
             raise DataError(f"{self.path}: no features for caption '{cap_id}'") from None
         shape = ds.shape
@@ -220,8 +227,7 @@ class TextFeatures:
         return ds, shape
 
     def _read_h5(self, ds, shape, max_len: int | None) -> np.ndarray:
-        from h5py import h5s
-
+        h5s = _h5()[2]
         out = np.empty(shape, dtype=np.float32)  # HDF5 converts other float types on read
         ds.read(h5s.ALL, h5s.ALL, out)           # low-level read: a third of the high-level cost
         return out if max_len is None else out[:max_len]
@@ -231,11 +237,9 @@ class TextFeatures:
         where = self._where.get(cap_id)
         if where is not None:
             return where
-        from h5py import h5t
-
         ds, shape = self._open(cap_id)
         offset = ds.get_offset() if self._fast and self._fd is not None else None
-        if offset is None or ds.get_type() != h5t.IEEE_F32LE:
+        if offset is None or ds.get_type() != _h5()[3].IEEE_F32LE:
             return self._read_h5(ds, shape, None)
         where = (int(offset), int(shape[0]), int(shape[1]))
         if not self._checked:   # trust the offset only once it reads what HDF5 reads
