@@ -573,9 +573,11 @@ class _BufferPool:
         if fits:
             store = idle.pop(min(fits, key=lambda i: idle[i].numel()))
         else:
-            if idle:                     # drop the largest idle buffer that is too small
+            if idle:                     # outgrown: replace the largest idle buffer
                 idle.pop(max(range(len(idle)), key=lambda i: idle[i].numel()))
-            store = torch.empty(max(need, 1), dtype=torch.float32)
+            # A quarter to spare, as batches vary (captions per video, longest caption): the
+            # spare pages cost nothing until a bigger batch first writes them.
+            store = torch.empty(max(need + need // 4, 1), dtype=torch.float32)
         lease = _Lease(store, shape)
         weakref.finalize(lease, self._give_back, kind, store, self._pid)
         return np.asarray(lease)
