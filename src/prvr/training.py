@@ -346,6 +346,8 @@ def train(settings: dict[str, Any], ckpt_dir: str | os.PathLike, history_csv: st
     resumed_from = None
     state = None
     if ctx.is_main:
+        for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # half-written by a killed run
+            stale.unlink(missing_ok=True)
         state = _load_resume_state(ckpt_dir, fp)
         if state is None:
             for name in (LAST, BEST):
