@@ -172,6 +172,30 @@ def test_eval_is_deterministic_and_train_uses_dropout():
     assert torch.allclose(a.frame_scores, b.frame_scores, atol=1e-6)
 
 
+
+def test_training_forward_encodes_queries_a_second_time_for_qdl_and_oml():
+    """The release feeds its query-diverse and matching losses a second query encoding
+    with its own dropout draw; in eval there is no second encoding."""
+    from prvr.losses import GMMFormerLoss, loss_query
+
+    model = small_model()
+    batch = make_inputs(model.cfg, [7, 13], [3, 6, 2, 4])
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).query_aux is None
+    model.train()
+    torch.manual_seed(3)
+    out = model(batch)
+    assert out.query_aux is not None and out.query_aux.shape == out.query.shape
+    assert not torch.allclose(out.query_aux, out.query)  # an independent dropout draw
+    assert loss_query(out) is out.query_aux
+    # QDL/OML follow the second encoding: their gradient reaches it, not the scoring one
+    loss = GMMFormerLoss(0.1, [0.0, 0.0, 1.0, 1.0], [0.15, 32, 1])
+    terms = loss(out, batch["query_labels"], hard_negatives=False)
+    g_aux, g_q = torch.autograd.grad(terms["qdl"] + terms["oml"], [out.query_aux, out.query],
+                                     allow_unused=True)
+    assert g_aux is not None and g_aux.abs().sum() > 0 and g_q is None
+
 def test_cpu_training_is_deterministic_for_a_seed():
     def run():
         model = small_model(seed=3).train()

@@ -219,6 +219,13 @@ def oml_from_matching(sum_cos: Tensor, count: int | Tensor) -> Tensor:
     return 1.0 - sum_cos / count
 
 
+def loss_query(out: Any) -> Tensor:
+    """The queries QDL and OML use: the release feeds them a second, independently
+    dropped-out encoding (`out.query_aux` in training); otherwise the scoring one."""
+    aux = getattr(out, "query_aux", None)
+    return out.query if aux is None else aux
+
+
 class GMMFormerLoss(nn.Module):
     """The full GMMFormer v2 objective as one module.
 
@@ -226,6 +233,7 @@ class GMMFormerLoss(nn.Module):
     with the ModelOutput attributes ``query (Nq, H)``, ``clips (B, n_clips, H)``,
     ``clip_scores``, ``clip_scores_raw``, ``frame_scores``, ``frame_scores_raw`` (each (Nq, B))
     and returns a dict of 0-dim tensors: the unweighted terms of LOSS_TERMS and ``total``.
+    QDL and OML use ``loss_query(out)`` (the second query encoding when present).
     ``matching``, when given, is a precomputed ``(sum_cos, count)`` for OML (e.g. combined over
     ranks by a distributed caller); otherwise ``optimal_matching`` runs on ``out``.
     Random draws (in order): clip triplet, then frame triplet (see ``triplet_loss``).
@@ -277,10 +285,10 @@ class GMMFormerLoss(nn.Module):
             "frame_nce": nce_loss(out.frame_scores_raw, labels),
             "frame_trip": triplet_loss(out.frame_scores, labels, self.margin, hard,
                                        self.hard_pool_size, generator),
-            "qdl": query_diverse_loss(out.query, labels, self.neg_factor),
+            "qdl": query_diverse_loss(loss_query(out), labels, self.neg_factor),
         }
         if matching is None:
-            matching = optimal_matching(out.query, out.clips, labels)
+            matching = optimal_matching(loss_query(out), out.clips, labels)
         terms["oml"] = oml_from_matching(*matching)
         lf = self.loss_factor
         terms["total"] = (lf[0] * terms["clip_nce"] + terms["clip_trip"]

@@ -23,10 +23,11 @@ how it computes it is our own design, built for speed:
   applies it as one multiply by a {0, 1/(1-p)} tensor, which is also all the backward pass
   needs; relu+dropout share one mask.
 
-Two deliberate differences in TRAIN mode only (eval is the release's function to float
-tolerance): the release encodes the queries twice per step (once for the scores, once more,
-with fresh dropout, for its query-diversity and matching losses) where we encode once and
-use that for everything; and the CPU dropout rate is p rounded to a multiple of 2^-16.
+As in the release, a training forward encodes the queries twice: once for the scores and
+once more, with fresh dropout, for the query-diverse and optimal-matching losses
+(`ModelOutput.query_aux`; in eval mode the two would be equal, so it is skipped). One
+deliberate difference in TRAIN mode (eval is the release's function to float tolerance):
+the CPU dropout rate is p rounded to a multiple of 2^-16.
 
 Parameter layout differs from the release (stacked branches, fused q/k/v); see
 `prvr.release` for the exact mapping of a released state dict onto this one. Every
@@ -105,6 +106,9 @@ class ModelOutput:
     clip_scores_raw: Tensor   # (Nq, B) max dot product over clips
     frame_scores: Tensor      # (Nq, B) max cosine over the 128 frame slots
     frame_scores_raw: Tensor  # (Nq, B) max dot product over the 128 frame slots
+    # (Nq, H) second query encoding (own dropout draw) for the query-diverse and matching
+    # losses, as the release computes them; None outside training (then `query` serves).
+    query_aux: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -511,7 +515,8 @@ class GMMFormer(nn.Module):
         query = self.encode_query(batch["query_feats"], batch["query_mask"])
         clips, frames, frame_mask = self.encode_videos(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
         scores = pair_scores(query, clips, frames, frame_mask, self.cfg.max_frames)
-        return ModelOutput(query, clips, frames, frame_mask, *scores)
+        query_aux = self.encode_query(batch["query_feats"], batch["query_mask"]) if self.training else None
+        return ModelOutput(query, clips, frames, frame_mask, *scores, query_aux=query_aux)
 
     # ------------------------------------------------------------------ optimiser
     def param_groups(self, weight_decay: float) -> list[dict]:
