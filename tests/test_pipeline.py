@@ -98,6 +98,20 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     run_info = _json(repo / "runs/demo/run.json")
     assert run_info["mlflow_run_id"] and run_info["mlflow_run_id"] in report
 
+    # ---- by hand: evaluate a checkpoint, save its scores; the pipeline's outputs stay as they are
+    before = _digest(repo / "metrics/demo/test.json")
+    run(["python", "stages/evaluate.py", "--checkpoint", "runs/demo/checkpoints/best.pt",
+         "--save-scores", str(tmp_path / "scores.h5"), "--out", str(tmp_path / "by_hand.json"),
+         "--no-mlflow"], cwd=repo)
+    by_hand = _json(tmp_path / "by_hand.json")
+    assert by_hand["sumr"] == pytest.approx(test["sumr"]) and by_hand["checkpoint_kind"] == "prvr"
+    from prvr.evaluation import load_scores_h5
+
+    scores, attrs = load_scores_h5(tmp_path / "scores.h5")
+    assert tuple(scores.scores.shape) == (test["n_queries"], test["n_videos"])
+    assert attrs["sumr"] == pytest.approx(test["sumr"])
+    assert _digest(repo / "metrics/demo/test.json") == before
+
     # ---- second repro: nothing to do
     second = run(["dvc", "repro"], cwd=repo)
     assert "Running stage" not in second.stdout, second.stdout
