@@ -170,33 +170,49 @@ def shard(batch, videos):
     }
 
 
-def step(ctx, model, batch, hard):
+class DistinctAux(GMMFormer):
+    """With dropout off the second query encoding equals the first; bend it so that a mix-up
+    of `query` and `query_aux` (scores vs QDL/OML) would show."""
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        if out.query_aux is not None:
+            out.query_aux = torch.tanh(3.0 * out.query_aux)
+        return out
+
+
+def step(ctx, model, batch, hard, mode):
     loss_fn = GMMFormerLoss(0.1, [0.05, 0.04, 8e-5, 0.09], [0.15, 32, 1], hard_pool_size=2)
     gen = torch.Generator().manual_seed(11)        # the run seed: same on every rank
+    model.train(mode == "train")                   # train: with query_aux; eval: without
     for p in model.parameters():
         p.grad = None
     out = model(batch)
+    assert (out.query_aux is not None) == (mode == "train")
     terms = ctx.compute_loss(loss_fn, out, batch["query_labels"], hard, gen)
     terms["total"].backward()
     return ({k: float(v) for k, v in terms.items()},
             {n: p.grad.detach().clone() for n, p in ctx.unwrap(model).named_parameters()})
 
 
+VARIANTS = [(hard, mode) for hard in (False, True) for mode in ("train", "eval")]
+
+
 def run(ctx, dtype):
     torch.set_default_dtype(dtype)
     torch.manual_seed(1000 + ctx.rank)             # rank 1 initialises differently: DDP must broadcast
-    model = ctx.wrap(GMMFormer(CFG))
+    model = ctx.wrap(DistinctAux(CFG))
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in global_batch().items()}
     results = {}
     for name, split in SPLITS.items():
-        for hard in (False, True):
-            results[(name, hard)] = step(ctx, model, shard(batch, split[ctx.rank]), hard)
+        for hard, mode in VARIANTS:
+            results[(name, hard, mode)] = step(ctx, model, shard(batch, split[ctx.rank]), hard, mode)
     ref = None
     if ctx.is_main:
         single = DistContext()                     # world of one, same initial weights
-        ref_model = GMMFormer(CFG)
+        ref_model = DistinctAux(CFG)
         ref_model.load_state_dict(ctx.unwrap(model).state_dict())
-        ref = {hard: step(single, ref_model, batch, hard) for hard in (False, True)}
+        ref = {(hard, mode): step(single, ref_model, batch, hard, mode) for hard, mode in VARIANTS}
     return {"dist": results, "single": ref}
 
 
@@ -230,7 +246,8 @@ main(sys.argv[1])
 
 def test_two_process_step_equals_single_process_step(tmp_path):
     """Loss terms and every parameter gradient of a 2-rank DDP step equal one device's step on
-    the global batch (random and hard negatives; even and uneven shards). Per parameter the
+    the global batch (random and hard negatives; even and uneven shards; train mode, where
+    QDL and OML use the second query encoding, and eval mode). Per parameter the
     tolerance is relative to the largest gradient entry of the model; float32 differs by
     summation order only."""
     script = tmp_path / "grad_step.py"
@@ -243,11 +260,12 @@ def test_two_process_step_equals_single_process_step(tmp_path):
     for dtype, rtol in (("float64", 1e-10), ("float32", 1e-5)):
         data = found[dtype]
         worst = 0.0
-        for (split, hard), (losses, grads) in data["dist"].items():
-            ref_losses, ref_grads = data["single"][hard]
+        assert len(data["dist"]) == 8
+        for (split, hard, mode), (losses, grads) in data["dist"].items():
+            ref_losses, ref_grads = data["single"][(hard, mode)]
             assert losses.keys() == ref_losses.keys()
             for k, v in ref_losses.items():
-                assert losses[k] == pytest.approx(v, rel=rtol, abs=rtol), (dtype, split, hard, k)
+                assert losses[k] == pytest.approx(v, rel=rtol, abs=rtol), (dtype, split, hard, mode, k)
             assert ref_losses["oml"] > 0 and ref_losses["clip_trip"] > 0
             assert grads.keys() == ref_grads.keys()
             scale = max(float(g.abs().max()) for g in ref_grads.values())
@@ -255,7 +273,7 @@ def test_two_process_step_equals_single_process_step(tmp_path):
                 assert float(g.abs().max()) > 0, name  # every parameter receives gradient
                 diff = float((grads[name] - g).abs().max())
                 worst = max(worst, diff / scale)
-                assert diff <= rtol * scale, (dtype, split, hard, name, diff, scale)
+                assert diff <= rtol * scale, (dtype, split, hard, mode, name, diff, scale)
         print(f"{dtype}: max |grad diff| / max |grad| = {worst:.2e}")
 
 

@@ -341,19 +341,23 @@ class DistContext:
         if not self._generator_checked:
             self._check_same_generator(generator)
             self._generator_checked = True
-        query, clips, frames, frame_mask, g_labels = self._gather(out, labels)
+        aux = getattr(out, "query_aux", None)      # the second query encoding for QDL and OML
+        query, query_aux, clips, frames, frame_mask, g_labels = self._gather(out, aux, labels)
         kwargs = {} if self._max_frames is None else {"max_frames": self._max_frames}
         clip, clip_raw, frame, frame_raw = pair_scores(query, clips, frames, frame_mask, **kwargs)
         fields = dict(query=query, clips=clips, frames=frames, frame_mask=frame_mask,
                       clip_scores=clip, clip_scores_raw=clip_raw, frame_scores=frame,
                       frame_scores_raw=frame_raw)
+        if aux is not None:
+            fields["query_aux"] = query_aux
         if dataclasses.is_dataclass(out):
             g_out = dataclasses.replace(out, **fields)
         else:
             g_out = SimpleNamespace(**fields)
         # OML: local Hungarian, global mean. Value = global sum of matched cosines; gradient =
         # world_size x the local one (DDP's average then gives the single-device gradient).
-        local_sum, local_count = optimal_matching(out.query, out.clips, labels)
+        local_sum, local_count = optimal_matching(out.query if aux is None else aux, out.clips,
+                                                  labels)
         stats = torch.stack([local_sum.detach().to(torch.float64),
                              torch.tensor(float(local_count), dtype=torch.float64,
                                           device=local_sum.device)]).to(self.device)
@@ -376,8 +380,9 @@ class DistContext:
             raise DistError("compute_loss: the loss generator differs between ranks; seed it "
                             "with the run seed (not seed_for_rank) on every rank")
 
-    def _gather(self, out: Any, labels: Tensor):
-        """Gather (query, clips, frames, frame_mask, labels) from every rank in rank order.
+    def _gather(self, out: Any, aux: Tensor | None, labels: Tensor):
+        """Gather (query, query_aux, clips, frames, frame_mask, labels) from every rank in rank
+        order; query_aux is None when ``aux`` is None.
 
         One autograd collective for all float embeddings (so the backward issues exactly one
         collective per step, in the same order on every rank) and one plain collective for the
@@ -387,36 +392,49 @@ class DistContext:
         n_q, hidden = query.shape
         n_v, n_clips, _ = clips.shape
         n_f = frames.shape[1]
-        sizes = torch.tensor([n_q, n_v, n_f, n_clips, hidden], dtype=torch.long, device=dev)
+        has_aux = aux is not None
+        if has_aux and tuple(aux.shape) != (n_q, hidden):
+            raise DistError(f"compute_loss: query_aux has shape {tuple(aux.shape)}, expected "
+                            f"{(n_q, hidden)}")
+        sizes = torch.tensor([n_q, n_v, n_f, n_clips, hidden, int(has_aux)], dtype=torch.long,
+                             device=dev)
         all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(all_sizes, sizes)
         table = torch.stack(all_sizes).tolist()
-        if any(row[3:] != [n_clips, hidden] for row in table):
-            raise DistError(f"compute_loss: ranks disagree on clips/hidden sizes: {table}")
+        if any(row[3:] != [n_clips, hidden, int(has_aux)] for row in table):
+            raise DistError("compute_loss: ranks disagree on clips/hidden sizes or on the second "
+                            f"query encoding (train vs eval mode): {table}")
         mq = max(r[0] for r in table)
         mv = max(r[1] for r in table)
         mf = max(r[2] for r in table)
 
-        q_pad = F.pad(query, (0, 0, 0, mq - n_q))
-        c_pad = F.pad(clips, (0, 0, 0, 0, 0, mv - n_v)).reshape(mv * n_clips, hidden)
-        f_pad = F.pad(frames, (0, 0, 0, mf - n_f, 0, mv - n_v)).reshape(mv * mf, hidden)
-        packed = torch.cat([q_pad, c_pad.to(q_pad.dtype), f_pad.to(q_pad.dtype)], dim=0)
-        parts = gather_with_grad(packed)
+        blocks = [F.pad(query, (0, 0, 0, mq - n_q))]
+        if has_aux:
+            blocks.append(F.pad(aux, (0, 0, 0, mq - n_q)).to(query.dtype))
+        blocks.append(F.pad(clips, (0, 0, 0, 0, 0, mv - n_v)).reshape(mv * n_clips, hidden)
+                      .to(query.dtype))
+        blocks.append(F.pad(frames, (0, 0, 0, mf - n_f, 0, mv - n_v)).reshape(mv * mf, hidden)
+                      .to(query.dtype))
+        parts = gather_with_grad(torch.cat(blocks, dim=0))
 
         ints = torch.cat([F.pad(labels.long(), (0, mq - n_q)),
                           F.pad(mask.long(), (0, mf - n_f, 0, mv - n_v)).reshape(-1)])
         int_parts = [torch.empty_like(ints) for _ in range(self.world_size)]
         dist.all_gather(int_parts, ints)
 
-        qs, cs, fs, ms, ls = [], [], [], [], []
+        qs, xs, cs, fs, ms, ls = [], [], [], [], [], []
         offset = 0
-        c_end = mq + mv * n_clips
-        for (rq, rv, _rf, _, _), part, ipart in zip(table, parts, int_parts):
+        c_start = 2 * mq if has_aux else mq
+        c_end = c_start + mv * n_clips
+        for (rq, rv, *_), part, ipart in zip(table, parts, int_parts):
             qs.append(part[:rq])
-            cs.append(part[mq:c_end].reshape(mv, n_clips, hidden)[:rv])
+            if has_aux:
+                xs.append(part[mq:mq + rq])
+            cs.append(part[c_start:c_end].reshape(mv, n_clips, hidden)[:rv])
             fs.append(part[c_end:].reshape(mv, mf, hidden)[:rv])
             ls.append(ipart[:rq] + offset)
             ms.append(ipart[mq:].reshape(mv, mf)[:rv].bool())
             offset += rv
-        return (torch.cat(qs), torch.cat(cs).to(clips.dtype), torch.cat(fs).to(frames.dtype),
-                torch.cat(ms), torch.cat(ls))
+        return (torch.cat(qs), torch.cat(xs).to(aux.dtype) if has_aux else None,
+                torch.cat(cs).to(clips.dtype), torch.cat(fs).to(frames.dtype), torch.cat(ms),
+                torch.cat(ls))
