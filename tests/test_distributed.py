@@ -396,3 +396,22 @@ def test_train_stage_with_two_processes_writes_what_one_process_writes(tmp_path)
     assert "runs/demo/checkpoints/best.pt" in runs[2][0]
     assert runs[2][1] == runs[1][1]                                 # plain state dict, no "module."
     assert runs[2][2]["epochs_run"] == runs[1][2]["epochs_run"] == 2
+
+
+def test_an_ungathered_model_output_field_is_refused_before_any_collective():
+    """A tensor field that compute_loss does not gather would be mixed, local, into the global
+    loss: it is refused on every rank (no process group needed: nothing is communicated)."""
+    import dataclasses
+
+    from prvr.model import ModelOutput
+
+    @dataclasses.dataclass
+    class WithExtra(ModelOutput):
+        extra: torch.Tensor | None = None
+
+    t = torch.zeros(1, 1)
+    out = WithExtra(t, t[None], t[None], t.bool(), t, t, t, t, extra=t)
+    ctx = DistContext(rank=1, world_size=2)
+    with pytest.raises(DistError, match=r"\['extra'\]"):
+        ctx.compute_loss(lambda *a, **k: None, out, torch.zeros(1, dtype=torch.long), False,
+                         torch.Generator())

@@ -69,6 +69,11 @@ warnings.filterwarnings(
     category=FutureWarning)
 
 
+# ModelOutput fields compute_loss rebuilds for the global batch.
+_GATHERED = frozenset({"query", "query_aux", "clips", "frames", "frame_mask", "clip_scores",
+                       "clip_scores_raw", "frame_scores", "frame_scores_raw"})
+
+
 class DistError(RuntimeError):
     """A distributed setting that cannot work (one-line message)."""
 
@@ -337,6 +342,14 @@ class DistContext:
         from .losses import optimal_matching
         from .model import pair_scores
 
+        if dataclasses.is_dataclass(out):
+            # A new per-batch tensor in ModelOutput must be gathered too, or the global loss
+            # would silently mix it (local) with the gathered ones: refuse before any collective.
+            unknown = [f.name for f in dataclasses.fields(out) if f.name not in _GATHERED
+                       and isinstance(getattr(out, f.name), Tensor)]
+            if unknown:
+                raise DistError(f"compute_loss: cannot gather ModelOutput field(s) {unknown}; "
+                                "teach prvr.distributed.DistContext._gather about them")
         labels = labels.to(out.query.device)
         if not self._generator_checked:
             self._check_same_generator(generator)
