@@ -4,7 +4,8 @@ One model is trained by ``world_size`` processes (one per GPU, or several on CPU
 The semantics are those of one device with the *global* batch:
 
 - every rank encodes its share of the batch's videos (and their captions); the query, clip and
-  frame embeddings of all ranks are gathered WITH gradient, rescored with
+  frame embeddings of all ranks (and, in training, the second query encoding that QDL and OML
+  use, ``ModelOutput.query_aux``) are gathered WITH gradient, rescored with
   ``prvr.model.pair_scores`` and the whole objective (NCE, triplet, QDL) is computed on the
   global score matrices by every rank, with the same ``torch.Generator`` state everywhere so
   negative sampling draws identically;
