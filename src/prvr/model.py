@@ -193,6 +193,43 @@ class _Tokens:
             self.positions = self.index % length
             self.rows = torch.div(self.index, length, rounding_mode="floor")  # video of each token
             self.pads = None  # (video, slot) of padded slots, made when first needed
+        self.groups = None  # length buckets for attention, see `bucket`
+
+    def bucket(self, max_groups: int = 3, overhead: float = 0.03) -> None:
+        """Split the videos (rows must be sorted by real length, longest first) into at most
+        three contiguous groups for attention, each run at its own longest length.
+
+        Sets `groups` to [(first token, end token, _Tokens of the group)]. Split points
+        minimise sum(videos * length^2) plus `overhead` of the full cost per extra group.
+        Exact: every group keeps all of its videos' real slots.
+        """
+        if self.mask is None or self.batch < 2:
+            return
+        slots = torch.arange(1, self.length + 1, device=self.mask.device)
+        ends = (self.mask * slots).amax(1).clamp_min(1).cpu()           # real length, descending
+        counts = self.mask.sum(1).cpu()
+        B = self.batch
+        sq = torch.cat([ends.double() ** 2, torch.zeros(1, dtype=torch.float64)])
+        i = torch.arange(1, B + 1)[:, None]                              # groups [0,i) [i,j) [j,B)
+        j = torch.arange(1, B + 1)[None, :]
+        cost = i * sq[0] + (j - i) * sq[i] + (B - j) * sq[j]
+        if max_groups < 3:
+            cost = cost.masked_fill(j < B, math.inf)
+        n_groups = 1 + (j > i).double() + (j < B).double()
+        cost = (cost + overhead * B * sq[0] * (n_groups - 1)).masked_fill(j < i, math.inf)
+        if max_groups < 2:
+            return
+        best = int(cost.argmin())
+        cuts = sorted({0, best // B + 1, best % B + 1, B})
+        if len(cuts) == 2:
+            return
+        starts = torch.cat([torch.zeros(1, dtype=counts.dtype), counts.cumsum(0)]).tolist()
+        self.groups = []
+        for b0, b1 in zip(cuts[:-1], cuts[1:]):
+            Lg = int(ends[b0])
+            sub = self.mask[b0:b1, :Lg]
+            self.groups.append((int(starts[b0]), int(starts[b1]),
+                                _Tokens(sub, b1 - b0, Lg, self.mask.device)))
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, L, ...) -> (N, ...)"""
@@ -355,10 +392,14 @@ class GaussianBranches(nn.Module):
         L = tokens.length
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        q, k, v = tokens.qkv_heads(qkv, K, nh)                             # each (K, B, nh, L, dh)
-        gauss = self.gauss[:, None, None, :L, :L]
-        ctx = _attention(q, k, v, gauss, tokens.key_mask_add(x.dtype), self.p, self.training)
-        ctx = tokens.from_heads(ctx)                                       # (K, N, H)
+        # attention per length bucket (one bucket = the whole batch at its longest length)
+        parts = []
+        for t0, t1, sub in tokens.groups or [(0, tokens.count, tokens)]:
+            q, k, v = sub.qkv_heads(qkv[t0:t1], K, nh)                     # each (K, b, nh, l, dh)
+            gauss = self.gauss[:, None, None, :sub.length, :sub.length]
+            ctx = _attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
+            parts.append(sub.from_heads(ctx))                              # (K, n, H)
+        ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)         # (K, N, H)
         y = _branch_layer_norm(x + dropout(ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
         h = torch.baddbmm(self.ffn_in_bias.unsqueeze(1), y, self.ffn_in_weight.transpose(1, 2))
         h = dropout(h, self.p, self.training, relu=True)
@@ -504,11 +545,19 @@ class GMMFormer(nn.Module):
         used = frame_mask.any(0).nonzero()
         L = int(used.max()) + 1 if used.numel() else 1
         valid = frame_mask[:, :L]
-        frame_tokens = _Tokens(valid, B, L, frame_feats.device)
-        f = self.frame_pos(self.frame_proj(frame_tokens.pack(frame_feats[:, :L])), frame_tokens.positions)
+        # videos sorted by real length (longest first) so attention can run in length buckets;
+        # tokens are gathered straight from the inputs in that order and scattered back.
+        ends = (valid * torch.arange(1, L + 1, device=valid.device)).amax(1)
+        order = torch.argsort(ends, descending=True, stable=True)
+        frame_tokens = _Tokens(valid.index_select(0, order), B, L, frame_feats.device)
+        frame_tokens.bucket()
+        rows = frame_tokens.rows if frame_tokens.index is not None \
+            else torch.arange(B, device=valid.device).repeat_interleave(L)
+        source = order[rows] * Lf + frame_tokens.positions                # slots in (B, Lf)
+        f = frame_feats.reshape(B * Lf, -1).index_select(0, source)
+        f = self.frame_pos(self.frame_proj(f), frame_tokens.positions)
         f = self.frame_consolidation(f, token, frame_tokens)
-        frames = f.new_zeros(B, Lf, f.shape[-1])
-        frames[:, :L] = frame_tokens.unpack(f).view(B, L, -1)
+        frames = f.new_zeros(B * Lf, f.shape[-1]).index_copy(0, source, f).view(B, Lf, -1)
         return clips, frames, frame_mask
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
