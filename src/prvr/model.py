@@ -156,19 +156,70 @@ def dropout(x: Tensor, p: float, training: bool, relu: bool = False) -> Tensor:
         return torch.zeros_like(x)
     if x.device.type != "cpu":
         return F.dropout(F.relu(x) if relu else x, p, True)
-    # 16-bit uniform integers, four per 64-bit random word (the CPU generator is serial, so
-    # this quarters its cost); drop when below the p-quantile. The drop rate is p rounded
-    # to a multiple of 2^-16 (0.2 -> 0.199997) and the scale uses that same rate, so the
-    # expectation is exactly preserved.
+    keep, scale = _keep_mask(x, p)
+    if relu:
+        keep &= x > 0
+    # one multiply by a {0, 1/(1-p)} tensor; autograd keeps only that tensor for backward
+    return x * keep.to(x.dtype).mul_(scale)
+
+
+def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
+    """CPU dropout draw for x: (bool tensor, True = kept, the 1/(1-p) keep scale), 0 < p < 1.
+
+    16-bit uniform integers, four per 64-bit random word (the CPU generator is serial, so
+    this quarters its cost); drop when below the p-quantile. The drop rate is p rounded to
+    a multiple of 2^-16 (0.2 -> 0.199997) and the scale uses that same rate, so the
+    expectation is exactly preserved.
+    """
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
     bits = words.view(torch.int16)[:n].view(x.shape)
     cut = min(max(int(round(p * 65536)), 1), 65535)
-    keep = bits >= cut - 32768
-    if relu:
-        keep &= x > 0
-    scale = keep.to(x.dtype).mul_(65536.0 / (65536 - cut))
-    return x * scale  # autograd keeps only `scale` for the backward pass
+    return bits >= cut - 32768, 65536.0 / (65536 - cut)
+
+
+class _DroppedRelu(torch.autograd.Function):
+    """relu(x) with the dropped entries zeroed, NOT rescaled, IN PLACE on x (x must be a
+    fresh result nobody else needs, e.g. a matmul output). Backward is one fused pass
+    (gradient where the output is positive) from the output the next matmul saves anyway,
+    written over the incoming gradient: a large fresh tensor pays its page faults on this
+    box, so neither pass allocates one."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        torch.where(keep, x, x.new_zeros(()), out=x).relu_()
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        if grad.is_contiguous() and grad.shape == out.shape and not grad.requires_grad:
+            return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=grad), None
+        return torch.ops.aten.threshold_backward(grad, out, 0.0), None
+
+
+def relu_dropout_unscaled(x: Tensor, p: float, training: bool) -> tuple[Tensor, float]:
+    """(h, s) with s * h == dropout(relu(x)): the caller folds the keep scale s into the
+    next linear map's weight (a small tensor) instead of passing over the large h.
+    On CPU in training, x is overwritten: pass a fresh matmul output only."""
+    if not training or p <= 0.0:
+        return F.relu(x), 1.0
+    if p >= 1.0:
+        return torch.zeros_like(x), 1.0
+    if x.device.type != "cpu":
+        return F.dropout(F.relu(x), p, True), 1.0
+    keep, scale = _keep_mask(x, p)
+    return _DroppedRelu.apply(x, keep), scale
+
+
+def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
+    """x + dropout(y) in one fused pass (addcmul) on CPU."""
+    if not training or p <= 0.0 or p >= 1.0 or y.device.type != "cpu":
+        return x + dropout(y, p, training)
+    keep, scale = _keep_mask(y, p)
+    return torch.addcmul(x, y, keep.to(y.dtype), value=scale)
 
 
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -359,9 +410,10 @@ class EncoderLayer(nn.Module):
         q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(self.qkv(x), 1, self.n_heads))
         ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)
-        x = self.norm1(x + dropout(ctx, self.p, self.training))
-        h = dropout(self.ffn_in(x), self.p, self.training, relu=True)
-        return self.norm2(x + dropout(self.ffn_out(h), self.p, self.training))
+        x = self.norm1(add_dropout(x, ctx, self.p, self.training))
+        h, keep_scale = relu_dropout_unscaled(self.ffn_in(x), self.p, self.training)
+        w_out = self.ffn_out.weight if keep_scale == 1.0 else self.ffn_out.weight * keep_scale
+        return self.norm2(add_dropout(x, F.linear(h, w_out, self.ffn_out.bias), self.p, self.training))
 
 
 class GaussianBranches(nn.Module):
@@ -393,18 +445,23 @@ class GaussianBranches(nn.Module):
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
         # attention per length bucket (one bucket = the whole batch at its longest length)
+        groups = tokens.groups or [(0, tokens.count, tokens)]
+        # split, not slices: its backward is one concatenation, not a zero-filled full-size
+        # gradient per slice
+        chunks = qkv.split([t1 - t0 for t0, t1, _ in groups]) if len(groups) > 1 else (qkv,)
         parts = []
-        for t0, t1, sub in tokens.groups or [(0, tokens.count, tokens)]:
-            q, k, v = sub.qkv_heads(qkv[t0:t1], K, nh)                     # each (K, b, nh, l, dh)
+        for chunk, (_, _, sub) in zip(chunks, groups):
+            q, k, v = sub.qkv_heads(chunk, K, nh)                          # each (K, b, nh, l, dh)
             gauss = self.gauss[:, None, None, :sub.length, :sub.length]
             ctx = _attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
             parts.append(sub.from_heads(ctx))                              # (K, n, H)
         ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)         # (K, N, H)
-        y = _branch_layer_norm(x + dropout(ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
+        y = _branch_layer_norm(add_dropout(x, ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
         h = torch.baddbmm(self.ffn_in_bias.unsqueeze(1), y, self.ffn_in_weight.transpose(1, 2))
-        h = dropout(h, self.p, self.training, relu=True)
-        f = torch.baddbmm(self.ffn_out_bias.unsqueeze(1), h, self.ffn_out_weight.transpose(1, 2))
-        return _branch_layer_norm(y + dropout(f, self.p, self.training), self.norm2_weight, self.norm2_bias)
+        h, keep_scale = relu_dropout_unscaled(h, self.p, self.training)
+        w_out = self.ffn_out_weight if keep_scale == 1.0 else self.ffn_out_weight * keep_scale
+        f = torch.baddbmm(self.ffn_out_bias.unsqueeze(1), h, w_out.transpose(1, 2))
+        return _branch_layer_norm(add_dropout(y, f, self.p, self.training), self.norm2_weight, self.norm2_bias)
 
 
 class WeightTokenAttention(nn.Module):
@@ -441,9 +498,9 @@ class WeightTokenAttention(nn.Module):
         pooled = torch.bmm(probs.view(K * B, L, nh).transpose(1, 2), seq)     # (KB, nh, H)
         # values: W_v applied after pooling; the bias is weighted by the kept probability mass.
         ctx = torch.einsum("nhc,hdc->nhd", pooled, w_v) + probs.sum(2).view(K * B, nh, 1) * b_v
-        t = self.norm1(token + dropout(ctx.reshape(K, B, H), self.p, self.training))
+        t = self.norm1(add_dropout(token, ctx.reshape(K, B, H), self.p, self.training))
         f = self.ffn_out(dropout(self.ffn_in(t), self.p, self.training, relu=True))
-        return self.norm2(t + dropout(f, self.p, self.training))
+        return self.norm2(add_dropout(t, f, self.p, self.training))
 
 
 class TemporalConsolidation(nn.Module):
