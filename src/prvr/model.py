@@ -306,6 +306,17 @@ class _Tokens:
             self.pads = (~self.mask).nonzero().unbind(1)
         return _ScatterHeads.apply(x, self.rows, self.positions, self.pads[0], self.pads[1], B, L)
 
+    def scatter_spec(self) -> tuple:
+        """(rows, positions, pad rows, pad positions, B, L) of the valid and padded slots."""
+        if self.index is None:
+            dev = self.positions.device
+            rows = torch.arange(self.batch, device=dev).repeat_interleave(self.length)
+            empty = rows[:0]
+            return rows, self.positions, empty, empty, self.batch, self.length
+        if self.pads is None:
+            self.pads = (~self.mask).nonzero().unbind(1)
+        return self.rows, self.positions, self.pads[0], self.pads[1], self.batch, self.length
+
     def from_heads(self, x: Tensor) -> Tensor:
         """padded (..., B, n_heads, L, dh) -> packed (..., N, n_heads * dh)."""
         lead = x.shape[:-4]
@@ -347,6 +358,38 @@ class _ScatterHeads(torch.autograd.Function):
             if g is not None:
                 grad[:, :, j] = g.permute(1, 3, 0, 2, 4)[rows, positions]
         return grad, None, None, None, None, None, None
+
+
+class _ScatterBuckets(torch.autograd.Function):
+    """(N, K, 3, nh, dh) packed projections whose tokens are the contiguous runs [t0, t1) of
+    length buckets -> q, k, v of every bucket, each (K, b, nh, l, dh), pads 0 (a flat tuple,
+    three per bucket). The backward pass gathers each bucket's gradients straight into one
+    (N, ...) gradient, without a per-bucket gradient and a concatenation."""
+
+    @staticmethod
+    def forward(ctx, x, specs):
+        N, K, _, nh, dh = x.shape
+        outs = []
+        for t0, t1, rows, positions, pad_rows, pad_positions, B, L in specs:
+            out = x.new_empty(3, K, B, nh, L, dh)
+            view = out.permute(2, 4, 1, 0, 3, 5)                          # (B, L, K, 3, nh, dh)
+            view[rows, positions] = x[t0:t1]
+            if pad_rows.numel():
+                view[pad_rows, pad_positions] = 0.0
+            outs.extend(out.unbind(0))
+        ctx.specs = [(t0, t1, rows, positions) for t0, t1, rows, positions, *_ in specs]
+        ctx.shape = x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = grads[0].new_zeros(ctx.shape) if any(g is None for g in grads) else grads[0].new_empty(ctx.shape)
+        for i, (t0, t1, rows, positions) in enumerate(ctx.specs):
+            for j in range(3):
+                g = grads[3 * i + j]
+                if g is not None:
+                    grad[t0:t1, :, j] = g.permute(1, 3, 0, 2, 4)[rows, positions]
+        return grad, None
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
@@ -446,12 +489,12 @@ class GaussianBranches(nn.Module):
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
         # attention per length bucket (one bucket = the whole batch at its longest length)
         groups = tokens.groups or [(0, tokens.count, tokens)]
-        # split, not slices: its backward is one concatenation, not a zero-filled full-size
-        # gradient per slice
-        chunks = qkv.split([t1 - t0 for t0, t1, _ in groups]) if len(groups) > 1 else (qkv,)
+        # every bucket's q, k, v in one autograd node whose backward writes one gradient
+        heads = _ScatterBuckets.apply(qkv.view(-1, K, 3, nh, H // nh),
+                                      [(t0, t1, *sub.scatter_spec()) for t0, t1, sub in groups])
+        heads = [heads[i:i + 3] for i in range(0, len(heads), 3)]
         parts = []
-        for chunk, (_, _, sub) in zip(chunks, groups):
-            q, k, v = sub.qkv_heads(chunk, K, nh)                          # each (K, b, nh, l, dh)
+        for (q, k, v), (_, _, sub) in zip(heads, groups):                 # each (K, b, nh, l, dh)
             gauss = self.gauss[:, None, None, :sub.length, :sub.length]
             ctx = _attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
             parts.append(sub.from_heads(ctx))                              # (K, n, H)
