@@ -219,7 +219,28 @@ def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
     if not training or p <= 0.0 or p >= 1.0 or y.device.type != "cpu":
         return x + dropout(y, p, training)
     keep, scale = _keep_mask(y, p)
-    return torch.addcmul(x, y, keep.to(y.dtype), value=scale)
+    return _AddDropped.apply(x, y, keep.to(y.dtype), scale)
+
+
+class _AddDropped(torch.autograd.Function):
+    """x + y * keep * scale (keep a {0, 1} float tensor); backward: y's gradient is
+    grad * keep * scale, the second multiply in place."""
+
+    @staticmethod
+    def forward(ctx, x, y, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return torch.addcmul(x, y, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = grad if grad.shape == ctx.x_shape else grad.sum_to_size(ctx.x_shape)
+        gy = (grad * keep).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        return gx, gy, None, None
 
 
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
