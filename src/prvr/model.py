@@ -12,7 +12,9 @@ how it computes it is our own design, built for speed:
   longest length, not at 128. This is exact: padded keys are masked after the Gaussian
   multiply (so they carry zero weight) and padded query rows are discarded. Frame videos
   therefore use the top-left n x n corner of the 128 x 128 Gaussian matrices, as in the
-  release.
+  release. Frame videos are packed in order of real length (longest first) and the
+  Gaussian-branch attention runs in up to three length buckets, each at its own longest
+  length (`_Tokens.bucket`); outputs are scattered back to the input order.
 * The shared weight token's cross-attention over the eight branch outputs is one batched
   pass. Its query is the same for every branch and video, so it is folded into the key
   projection (scores = O @ (W_k^T q) + b_k.q) and the value projection is applied after
@@ -21,7 +23,10 @@ how it computes it is our own design, built for speed:
 * Dropout never touches padding, and on CPU draws its keep-mask from 16-bit chunks of
   64-bit random words (a quarter of the serial generator's work; rate p to 2^-16) and
   applies it as one multiply by a {0, 1/(1-p)} tensor, which is also all the backward pass
-  needs; relu+dropout share one mask.
+  needs; relu+dropout share one mask. In the FFNs, relu+dropout runs in place on the first
+  matmul's output without the 1/(1-p) scale, which is folded into the second weight; a
+  residual + dropout is one addcmul. (Large fresh tensors are costly on CPU: each pays its
+  page faults.)
 
 As in the release, a training forward encodes the queries twice: once for the scores and
 once more, with fresh dropout, for the query-diverse and optimal-matching losses
