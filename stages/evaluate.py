@@ -13,13 +13,13 @@ current dataset, prints the metrics, and writes only what --out / --save-scores 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from prvr.cli import setup_logging, stage_parser
 from prvr.config import ConfigError, load_settings
 
 log = logging.getLogger("prvr.stages.evaluate")
@@ -35,9 +35,7 @@ def paths(dataset: str) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--dataset", default=None, help="dataset section (default: params 'dataset')")
+    parser = stage_parser(__doc__, mlflow=True)
     parser.add_argument("--checkpoint", default=None,
                         help="evaluate this checkpoint (ours or the release's) instead of the pipeline's")
     parser.add_argument("--split", default=None, help="split to evaluate (default: evaluate.split)")
@@ -45,11 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the (queries x videos) score matrix to this HDF5 file")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="write the metrics here")
     parser.add_argument("--device", default=None, help="override evaluate.device (auto|cpu|cuda[:N])")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     t0 = time.time()
 
     from prvr.checkpoint import CheckpointError, load_model

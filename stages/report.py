@@ -8,13 +8,13 @@ recall_at_k.png} and logs the report folder to the training's MLflow run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from prvr.cli import setup_logging, stage_parser
 from prvr.config import ConfigError, load_params
 
 log = logging.getLogger("prvr.stages.report")
@@ -30,13 +30,9 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--dataset", default=None, help="dataset (default: params 'dataset')")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser = stage_parser(__doc__, mlflow=True, progress=False)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     t0 = time.time()
     from prvr.report import build_report, read_history
 

@@ -15,13 +15,12 @@ training code are unchanged, and starts fresh (saying why) otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
+from prvr.cli import setup_logging, stage_parser
 from prvr.config import ConfigError, load_settings
 
 log = logging.getLogger("prvr.stages.train")
@@ -35,14 +34,9 @@ def paths(dataset: str) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--dataset", default=None, help="dataset section (default: params 'dataset')")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser = stage_parser(__doc__, mlflow=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     t0 = time.time()
     try:
         settings = load_settings(args.params, args.dataset)

@@ -7,11 +7,11 @@ printed, one line each, with the total) so the pipeline stops; warnings stay in 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 
+from prvr.cli import setup_logging, stage_parser
 from prvr.config import ConfigError, load_settings
 from prvr.data.layout import DataError
 from prvr.data.validate import validate
@@ -22,14 +22,9 @@ SHOW = 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
-    parser.add_argument("--dataset", default=None, help="dataset section (default: params 'dataset')")
-    parser.add_argument("--data-dir", default="data", help="where data/<dataset>/ lives (default: data)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser = stage_parser(__doc__, data_dir=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     t0 = time.time()
     try:
         settings = load_settings(args.params, args.dataset)

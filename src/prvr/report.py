@@ -144,7 +144,7 @@ def render_markdown(dataset: str, test: dict[str, Any], train: dict[str, Any],
     if paper:
         lines.append(f"| paper (GMMFormer v2, {paper['name']}) | "
                      + " | ".join(_fmt(paper[k]) for k in KEYS) + " |")
-        lines.append(f"| difference | " + " | ".join(f"{test[k] - paper[k]:+.1f}" for k in KEYS) + " |")
+        lines.append("| difference | " + " | ".join(f"{test[k] - paper[k]:+.1f}" for k in KEYS) + " |")
         ref_note = "Paper numbers: the public release's test results (arXiv 2405.13824)."
     else:
         chance = chance_metrics(int(test["n_videos"]))

@@ -23,7 +23,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import tempfile
@@ -287,7 +286,7 @@ def train(settings: dict[str, Any], ckpt_dir: str | os.PathLike, history_csv: st
           ctx=None, tracker=None, source: dict[str, Any] | None = None, progress: bool = True
           ) -> TrainResult:
     """Train (or resume) the model of `settings`; writes last.pt/best.pt under ckpt_dir."""
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import save_checkpoint
     from .evaluation import evaluate
     from .losses import GMMFormerLoss
     from .model import GMMFormer, GMMFormerConfig
