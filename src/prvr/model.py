@@ -350,7 +350,7 @@ class _Tokens:
         if self.index is None:
             return x.reshape(*lead, self.batch * self.length, -1)
         sl = (slice(None),) * len(lead)
-        return x[sl + (self.rows, self.positions)].reshape(*lead, self.count, -1)
+        return x[sl + (self.rows, self.positions)].reshape(*lead, self.count, x.shape[-2] * x.shape[-1])
 
     def key_mask_add(self, dtype: torch.dtype) -> Tensor | None:
         """(B, 1, 1, L) additive key mask (0 valid, -10000 pad), or None."""
