@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from prvr.data.datasets import Corpus
     from prvr.data.layout import DataError
     from prvr.evaluation import evaluate, save_scores_h5
-    from prvr.training import eval_loaders, write_json_atomic
+    from prvr.atomic import write_json_atomic
+    from prvr.training import eval_loaders
 
     try:
         settings = load_settings(args.params, args.dataset)

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from prvr.checkpoint import CheckpointError
     from prvr.data.layout import DataError, read_source, source_file
     from prvr.tracking import Tracker
-    from prvr.training import TrainingError, train, write_json_atomic
+    from prvr.atomic import write_json_atomic
+    from prvr.training import TrainingError, train
 
     ds = settings["dataset"]
     out = paths(ds)

@@ -21,7 +21,6 @@ import dataclasses
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import atomic_path
 
 FORMAT = "prvr-gmmformer-v2"
 VERSION = 1
@@ -89,16 +90,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
         "settings_hash": settings_hash(_plain(settings)) if settings is not None else None,
         "extra": _plain(dict(extra or {})),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 from tqdm import tqdm
 
 from prvr.metrics import DEFAULT_KS, retrieval_metrics
+
+from .atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -245,23 +246,15 @@ def save_scores_h5(path: str | os.PathLike, result: ScoreResult,
         raise ValueError(f"{path}: scores shape {scores.shape} does not match "
                          f"{len(result.query_ids)} queries x {len(result.video_ids)} videos")
     str_dt = h5py.string_dtype(encoding="utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as h5:
-            h5.create_dataset("scores", data=scores)
-            h5.create_dataset("query_ids", data=np.array(result.query_ids, dtype=object), dtype=str_dt)
-            h5.create_dataset("video_ids", data=np.array(result.video_ids, dtype=object), dtype=str_dt)
-            if result.query_video_ids:
-                h5.create_dataset("query_video_ids", data=np.array(result.query_video_ids, dtype=object),
-                                  dtype=str_dt)
-            for key, value in (metrics or {}).items():
-                h5.attrs[key] = float(value)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("scores", data=scores)
+        h5.create_dataset("query_ids", data=np.array(result.query_ids, dtype=object), dtype=str_dt)
+        h5.create_dataset("video_ids", data=np.array(result.video_ids, dtype=object), dtype=str_dt)
+        if result.query_video_ids:
+            h5.create_dataset("query_video_ids", data=np.array(result.query_video_ids, dtype=object),
+                              dtype=str_dt)
+        for key, value in (metrics or {}).items():
+            h5.attrs[key] = float(value)
     log.info("wrote %s (%d x %d scores)", path, *scores.shape)
     return path
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_path, write_text_atomic
 
 KS = (1, 5, 10, 100)
 KEYS = ("r1", "r5", "r10", "r100", "sumr")
@@ -52,16 +53,8 @@ def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def plot_training_curves(history: list[dict[str, float]], path: str | os.PathLike, title: str) -> None:
@@ -193,20 +186,6 @@ def render_markdown(dataset: str, test: dict[str, Any], train: dict[str, Any],
         lines.append("No MLflow run was recorded (tracking was off or unreachable).")
     lines += [f"Settings hash `{train.get('settings_hash')}`, device `{train.get('device')}`.", ""]
     return "\n".join(lines)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def build_report(dataset: str, test: dict[str, Any], train: dict[str, Any],

@@ -21,11 +21,9 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import json
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from .atomic import atomic_path
 from .config import settings_hash
 
 log = logging.getLogger(__name__)
@@ -197,40 +196,16 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # outputs
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 HISTORY_FIELDS = (["epoch", "hard_negatives", "lr", "epoch_time_s"]
                   + [f"loss_{t}" for t in LOSS_TERMS] + [f"val_{k}" for k in VAL_KEYS])
 
 
 def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            for row in history:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 # ---------------------------------------------------------------------------------------------

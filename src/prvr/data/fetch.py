@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from ..atomic import write_json_atomic
 from .layout import MSSL_DATA_PAGE, CollectionPaths, DataError, DEMO_CORPUS_SUBDIR, source_file
 
 log = logging.getLogger(__name__)
@@ -50,21 +50,6 @@ _DOWNLOAD_DIR = ".prvr-downloads"
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sha256_file(path: str | os.PathLike, progress: bool = True) -> str:

@@ -302,7 +302,7 @@ def validate(settings: dict[str, Any], data_dir: str | os.PathLike = "data", pro
     The report is written (atomically) whether or not it holds errors. A corpus that cannot be
     located at all raises DataError.
     """
-    from .fetch import write_json_atomic
+    from ..atomic import write_json_atomic
     from .layout import locate
 
     paths = locate(settings, data_dir, must_exist=False)
