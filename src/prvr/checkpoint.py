@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path
+from .model import unwrap_model
 
 FORMAT = "prvr-gmmformer-v2"
 VERSION = 1
@@ -63,10 +64,6 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
-
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = -1,
@@ -76,7 +73,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     from prvr.config import settings_hash
 
     path = Path(path)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     cfg = getattr(model, "cfg", None)
     ckpt = {
         "format": FORMAT,

@@ -46,6 +46,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .model import unwrap_model
+
 __all__ = [
     "DistContext",
     "DistError",
@@ -259,9 +261,7 @@ class DistContext:
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return model.module if isinstance(model, DDP) else model
+        return unwrap_model(model)
 
     def local_batch_size(self, batch_size: int) -> int:
         """Videos per rank per step so that the global batch is ``batch_size``."""

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from prvr.metrics import DEFAULT_KS, retrieval_metrics
 
 from .atomic import atomic_path
+from .model import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,6 @@ class ScoreResult:
                                  query_ids=self.query_ids)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, torch.nn.Module) else model
-
 
 def _model_config(model: torch.nn.Module):
     for name in ("cfg", "config"):
@@ -134,7 +131,7 @@ def encode_videos(model: torch.nn.Module, loader: Iterable[dict], device: torch.
                   storage_device: torch.device | str | None = None, progress: bool = True) -> VideoBank:
     """Encode every video batch of `loader` once ("clip_feats", "frame_feats", "frame_mask",
     "video_ids"); keep the encodings packed on `storage_device` (default: `device`)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     device = torch.device(device)
     storage = torch.device(storage_device) if storage_device is not None else device
     t0 = time.perf_counter()
@@ -168,7 +165,7 @@ def encode_videos(model: torch.nn.Module, loader: Iterable[dict], device: torch.
 def encode_queries(model: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
                    progress: bool = True):
     """(query embeddings (Q, H) on device, query_ids, query_video_ids)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     device = torch.device(device)
     embs, qids, qvids = [], [], []
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -210,7 +207,7 @@ def score_queries(model: torch.nn.Module, bank: VideoBank, query_loader: Iterabl
                   device: torch.device | str, score_fn: ScoreFn | None = None,
                   query_chunk: int = 512, video_chunk: int = 128, progress: bool = True) -> ScoreResult:
     """Encode every query of `query_loader` and score it against every video of `bank`."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     t0 = time.perf_counter()
     query, qids, qvids = encode_queries(model, query_loader, device, progress=progress)
     fn = score_fn if score_fn is not None else default_score_fn(model)

@@ -58,6 +58,7 @@ __all__ = [
     "pair_scores",
     "retrieval_scores",
     "release_chunks",
+    "unwrap_model",
 ]
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
@@ -510,7 +511,6 @@ class GaussianBranches(nn.Module):
 
     def forward(self, x: Tensor, tokens: _Tokens) -> Tensor:
         K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
-        L = tokens.length
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
         # attention per length bucket (one bucket = the whole batch at its longest length)
@@ -706,6 +706,12 @@ class GMMFormer(nn.Module):
             (no_decay if name.endswith("bias") or embed_norm else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper (else `model`)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 # ----------------------------------------------------------------------------- scores

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from .model import unwrap_model
+
 __all__ = ["BertAdam", "warmup_linear", "build_optimizer", "current_lr"]
 
 
@@ -158,9 +160,7 @@ def build_optimizer(model: torch.nn.Module, optim_settings: dict[str, Any], t_to
         raise ValueError(f"optim settings: missing key(s) {', '.join(missing)}")
     if int(t_total) <= 0:
         raise ValueError(f"build_optimizer: t_total must be a positive number of steps, got {t_total}")
-    target = model
-    if not hasattr(target, "param_groups") and hasattr(target, "module"):
-        target = target.module  # DDP / DataParallel wrapper
+    target = unwrap_model(model)
     if not hasattr(target, "param_groups"):
         raise TypeError(f"build_optimizer: {type(model).__name__} has no param_groups(weight_decay)")
     wd = float(optim_settings["weight_decay"])
