@@ -1,0 +1,169 @@
+"""The method contract: what training, evaluation, DDP, checkpoints and the report may ask of a
+PRVR method. Nothing outside `prvr.methods` imports a method by name; it asks the registry
+(`prvr.methods.get_method(name)`) for a `Method` and talks to it, and to the network it builds,
+only through the names below.
+
+A method is one module or package under `src/prvr/methods/` that registers one `Method` object.
+It owns its config dataclass, network, loss, optimiser parameter groups, the mapping of its
+public release's checkpoints and its paper's numbers. Its recipe (per-dataset settings of its
+release) lives in params.yaml under `methods.<name>`.
+
+Data flow of one evaluation (prvr.evaluation):
+
+    videos = model.encode_videos(batch)            # VideoEncoding of B videos
+    ... kept for the whole split in a VideoBank (fixed tensors stacked, sequences packed)
+    query = model.encode_queries(batch)            # (Nq, D)
+    scores = model.score(query, bank block)        # {"score": (Nq, b), <component>: (Nq, b)}
+
+Data flow of one training step (prvr.training, prvr.distributed):
+
+    out = model(batch)                             # TrainOutput (queries, videos, scores)
+    terms = loss(out, labels, hard_negatives, generator)   # {term: 0-dim, ..., "total": 0-dim}
+
+Under DDP every tensor of `out.queries` and `out.videos` is gathered from all ranks with
+gradient; `model.train_scores(queries, videos)` then rebuilds the global batch's scores, and
+the loss runs on the global output. Terms that must stay per rank (a Hungarian matching over a
+rank's own videos) are the loss's `local_sums`: each returns (sum, count), which the caller
+all-reduces and hands back as `local=`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+# Batch keys the data loaders provide (prvr.data.datasets):
+#   video batch: clip_feats (B, n_clips, Dv), frame_feats (B, Lf, Dv), frame_mask (B, Lf), video_ids
+#   query batch: query_feats (Nq, Lq, Dt), query_mask (Nq, Lq), query_ids, query_video_ids
+#   train batch: both, plus query_labels (Nq,) = index of each query's video in the batch
+Batch = Mapping[str, Any]
+
+
+@dataclass
+class VideoEncoding:
+    """What a method keeps of B encoded videos.
+
+    fixed: per-video tensors of a fixed shape, each (B, ...) (e.g. 32 clip embeddings).
+    seq: an optional per-video sequence, (B, L, H) and zero at padded slots, with
+    seq_mask (B, L) bool (e.g. the frame embeddings). The bank stores only its real rows.
+    """
+
+    fixed: dict[str, Tensor]
+    seq: Tensor | None = None
+    seq_mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        for t in self.fixed.values():
+            return int(t.shape[0])
+        return 0 if self.seq is None else int(self.seq.shape[0])
+
+
+@dataclass
+class TrainOutput:
+    """A training forward of one batch.
+
+    queries: per-query tensors, each (Nq, ...): "query" (the scoring encoding) and any other the
+    loss needs (e.g. a second, independently dropped-out encoding).
+    videos: the batch's VideoEncoding.
+    scores: the training score matrices, each (Nq, B), as `model.train_scores(queries, videos)`
+    computes them.
+    """
+
+    queries: dict[str, Tensor]
+    videos: VideoEncoding
+    scores: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class MethodModel(Protocol):
+    """The network a Method builds (an nn.Module). `cfg` is its config dataclass."""
+
+    cfg: Any
+
+    def encode_videos(self, batch: Batch) -> VideoEncoding:
+        """Encode a video batch (clip_feats, frame_feats, frame_mask)."""
+
+    def encode_queries(self, batch: Batch) -> Tensor:
+        """Encode a query batch (query_feats, query_mask) -> (Nq, D)."""
+
+    def score(self, query: Tensor, videos: VideoEncoding) -> dict[str, Tensor]:
+        """Retrieval scores of queries (Nq, D) against a block of videos: {"score": (Nq, b),
+        and each named component (e.g. "clip", "frame"), (Nq, b)}. Must not depend on how much
+        padding the block's sequences carry."""
+
+    def train_scores(self, queries: Mapping[str, Tensor], videos: VideoEncoding) -> dict[str, Tensor]:
+        """The score matrices the loss reads, from (possibly gathered) encodings."""
+
+    def forward(self, batch: Batch) -> TrainOutput:
+        """A training forward: encode queries and videos and compute `train_scores`."""
+
+
+@runtime_checkable
+class MethodLoss(Protocol):
+    """A method's objective (an nn.Module)."""
+
+    terms: Sequence[str]           # names of the unweighted terms, in logging order
+
+    def forward(self, out: TrainOutput, labels: Tensor, hard_negatives: bool,
+                generator: torch.Generator | None = None,
+                local: Mapping[str, tuple[Tensor, int]] | None = None) -> dict[str, Tensor]:
+        """{term: 0-dim tensor for every name in `terms`, "total": their weighted sum}.
+        `local`, when given, holds the all-reduced `local_sums` (distributed caller)."""
+
+    def local_sums(self, out: TrainOutput, labels: Tensor) -> dict[str, tuple[Tensor, int]]:
+        """Terms that are a sum over a rank's own videos: {name: (sum with gradient, count)}.
+        Empty for most methods."""
+
+
+class Method:
+    """One PRVR method: subclass it in the method's module and `register` an instance.
+
+    name: registry key (`model.name` in params.yaml); title: for reports; paper: the paper's
+    test numbers {dataset: {"r1", "r5", "r10", "r100", "sumr"}} as its authors report them
+    (MS-SL features); release: where its public code is.
+    """
+
+    name: str = ""
+    title: str = ""
+    release: str = ""
+    paper: Mapping[str, Mapping[str, float]] = {}
+    # Extra classes a release checkpoint pickles, for the weights_only unpickler's allow-list:
+    # (plain replacement type, "module.Name" as stored). Never a class whose code would run.
+    release_globals: Sequence[tuple[type, str]] = ()
+
+    def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> Any:
+        """The config dataclass from the method's recipe keys (params.yaml `methods.<name>`,
+        minus the loop keys of prvr.config.LOOP_KEYS) and the data facts (visual_dim,
+        text_dim). Unknown keys are an error (ValueError naming them). The config must have
+        the fields n_clips, max_frames and max_query_len (the data streams)."""
+        raise NotImplementedError
+
+    def config_from_dict(self, d: Mapping[str, Any]) -> Any:
+        """Rebuild the config dataclass from its asdict() form (as a checkpoint stores it)."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def build_loss(self, cfg: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Optimiser parameter groups (the release's decay rule)."""
+        raise NotImplementedError
+
+    def grad_clip_chunks(self, param: Tensor) -> int:
+        """How many release tensors a parameter fuses (for per-tensor gradient clipping)."""
+        return int(getattr(param, "release_chunks", 1))
+
+    def is_release_checkpoint(self, ckpt: Mapping[str, Any]) -> bool:
+        """True when `ckpt` (a weights_only-loaded dict) is in this method's release format."""
+        return False
+
+    def load_release(self, ckpt: Mapping[str, Any], base: Any) -> tuple[Any, dict[str, Tensor], dict]:
+        """(config, our state dict, info {epoch, metrics, extra}) from a release checkpoint;
+        `base` supplies what the release does not store. Raises KeyError/ValueError naming the
+        first missing or mis-shaped tensor."""
+        raise ValueError(f"{self.name}: no release checkpoint format is known")
