@@ -1,36 +1,47 @@
-"""Settings: read params.yaml and resolve the slice one dataset runs with.
+"""Settings: read params.yaml and resolve the slice one run uses.
 
-params.yaml holds shared sections (`train`, `model`, `evaluate`) and one section per
-dataset (`demo`, `tvr`, `act`, `cha`). A dataset section carries that dataset's values
-(the release's per-dataset table) and may override shared keys under its own `train:` and
-`model:` keys. `resolve()` merges them into one plain dict that every stage reads:
+params.yaml has one home for every key (see its header):
+
+    dataset, data_root                 which data, where
+    model.name                         which method (a module of prvr.methods)
+    train                              the training loop, the same for every method
+    evaluate                           the evaluate stage
+    datasets.<ds>                      facts about the data (folders, dimensions, fetching)
+    methods.<name>.all                 a method's recipe on every dataset
+    methods.<name>.<recipe>            its per-dataset recipe (<recipe> = datasets.<ds>.recipe
+                                       when set, else <ds>)
+
+A run's recipe is the union of `train`, `methods.<name>.all` and `methods.<name>.<recipe>`; a
+key in two of them is a ConfigError naming both places, so the value `dvc exp show` lists is the
+value the run uses. `resolve()` returns one plain dict that every stage reads:
 
     {
-      "dataset", "data_root", "collection", "feature", "visual_dim", "text_dim",
-      "archive", "sha256", "generator",
-      "model":    fields of prvr.model.GMMFormerConfig,
-      "loss":     margin, loss_factor, neg_factor, hard_pool_size,
+      "dataset", "method", "data_root", <every key of datasets.<ds>>,
+      "model":    the method's config dataclass as a dict (asdict),
       "optim":    lr, weight_decay, warmup_proportion, grad_clip_norm,
-      "train":    seed, device, epochs, batch_size, num_workers, patience,
-                  hard_negative_start_epoch, nproc,
-      "evaluate": video_batch_size, query_batch_size, split,
+      "train":    seed, epochs, batch_size, patience, hard_negative_start_epoch and the
+                  keys of `train` (device, num_workers, nproc, val_split, ...),
+      "evaluate": the keys of `evaluate`,
     }
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
-DATASETS = ("demo", "tvr", "act", "cha")
-
-# Keys of a dataset section that become model settings.
-_MODEL_KEYS_FROM_DATASET = ("sft_factor", "input_drop", "drop", "visual_dim", "text_dim")
+# Recipe keys the training loop reads (everything else in a recipe is the method's own).
+LOOP_KEYS = ("seed", "epochs", "batch_size", "patience", "hard_negative_start_epoch")
+OPTIM_KEYS = {"lr": "lr", "weight_decay": "weight_decay",
+              "lr_warmup_proportion": "warmup_proportion", "grad_clip_norm": "grad_clip_norm"}
+DATA_FACTS = ("collection", "feature", "visual_dim", "text_dim")
+DEFAULT_METHOD = "gmmformer_v2"
 
 
 class ConfigError(ValueError):
@@ -51,58 +62,97 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     return params
 
 
-def _need(section: dict, key: str, where: str) -> Any:
-    if key not in section:
-        raise ConfigError(f"params.yaml: missing key '{where}.{key}'")
-    return section[key]
+def _section(params: Mapping[str, Any], dotted: str, required: bool = True) -> dict[str, Any]:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if required:
+                raise ConfigError(f"params.yaml: missing section '{dotted}'")
+            return {}
+        node = node[part]
+    if node is None and not required:
+        return {}
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"params.yaml: '{dotted}' must be a mapping, not {type(node).__name__}")
+    return copy.deepcopy(dict(node))
 
 
-def resolve(params: dict[str, Any], dataset: str | None = None) -> dict[str, Any]:
-    """Merge shared and per-dataset settings for `dataset` (default: params['dataset'])."""
-    dataset = dataset or params.get("dataset")
-    if dataset not in params or not isinstance(params.get(dataset), dict):
-        known = [k for k in DATASETS if k in params]
-        raise ConfigError(f"params.yaml: dataset '{dataset}' has no section (known: {', '.join(known)})")
-    ds = params[dataset]
-    train = {**copy.deepcopy(params.get("train", {})), **copy.deepcopy(ds.get("train", {}))}
-    model = {**copy.deepcopy(params.get("model", {})), **copy.deepcopy(ds.get("model", {}))}
-    for key in _MODEL_KEYS_FROM_DATASET:
-        model[key] = _need(ds, key, dataset)
-    loss_factor = list(_need(ds, "loss_factor", dataset))
-    neg_factor = list(_need(ds, "neg_factor", dataset))
-    if len(loss_factor) != 4 or len(neg_factor) != 3:
-        raise ConfigError(f"params.yaml: '{dataset}.loss_factor' needs 4 values and "
-                          f"'{dataset}.neg_factor' 3")
+def merge_once(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Union of named layers; a key set in two layers is a ConfigError naming both."""
+    merged: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for name, layer in layers:
+        for key, value in layer.items():
+            if key in merged:
+                raise ConfigError(f"params.yaml: '{key}' is set in both '{where[key]}.{key}' and "
+                                  f"'{name}.{key}'; set it in one place")
+            merged[key], where[key] = value, name
+    return merged
+
+
+def _dataset(params: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    known = sorted(params.get("datasets") or {})
+    if dataset not in known:
+        raise ConfigError(f"params.yaml: dataset '{dataset}' has no section under 'datasets' "
+                          f"(known: {', '.join(known)})")
+    facts = _section(params, f"datasets.{dataset}")
+    for key in DATA_FACTS:
+        if key not in facts:
+            raise ConfigError(f"params.yaml: missing key 'datasets.{dataset}.{key}'")
+    return facts
+
+
+def resolve(params: dict[str, Any], dataset: str | None = None, method: str | None = None
+            ) -> dict[str, Any]:
+    """The settings of one run: `dataset` (default params['dataset']) with `method` (default
+    params['model']['name'])."""
+    from .methods import get_method
+
+    dataset = str(dataset or params.get("dataset"))
+    facts = _dataset(params, dataset)
+    method = str(method or _section(params, "model", required=False).get("name") or DEFAULT_METHOD)
+    try:
+        m = get_method(method)
+    except ValueError as exc:
+        raise ConfigError(f"params.yaml: model.name: {exc}") from None
+    recipe_name = str(facts.get("recipe") or dataset)
+    if recipe_name not in (params.get("methods") or {}).get(method, {}) and recipe_name != dataset:
+        raise ConfigError(f"params.yaml: datasets.{dataset}.recipe '{recipe_name}' has no "
+                          f"section 'methods.{method}.{recipe_name}'")
+    recipe = merge_once([("train", _section(params, "train", required=False)),
+                         (f"methods.{method}.all", _section(params, f"methods.{method}.all")),
+                         (f"methods.{method}.{recipe_name}",
+                          _section(params, f"methods.{method}.{recipe_name}", required=False))])
+    missing = [k for k in (*LOOP_KEYS, *OPTIM_KEYS) if k not in recipe]
+    if missing:
+        raise ConfigError(f"params.yaml: methods.{method} (with train, for dataset {dataset}) "
+                          f"lacks {', '.join(missing)}")
+    optim = {OPTIM_KEYS[k]: float(recipe.pop(k)) for k in OPTIM_KEYS}
+    loop = {k: recipe.pop(k) for k in LOOP_KEYS}
+    train_keys = set(_section(params, "train", required=False))
+    loop.update({k: recipe.pop(k) for k in list(recipe) if k in train_keys})
+    data = {"visual_dim": int(facts["visual_dim"]), "text_dim": int(facts["text_dim"])}
+    try:
+        cfg = m.config(recipe, data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"params.yaml: methods.{method}: {exc}") from None
     return {
         "dataset": dataset,
+        "method": method,
         "data_root": str(Path(os.path.expanduser(str(params.get("data_root", "~/VisualSearch"))))),
-        "collection": _need(ds, "collection", dataset),
-        "feature": _need(ds, "feature", dataset),
-        "visual_dim": int(ds["visual_dim"]),
-        "text_dim": int(ds["text_dim"]),
-        "archive": ds.get("archive"),
-        "sha256": ds.get("sha256"),
-        "generator": copy.deepcopy(ds.get("generator")),
-        "model": model,
-        "loss": {
-            "margin": float(_need(ds, "margin", dataset)),
-            "loss_factor": [float(x) for x in loss_factor],
-            "neg_factor": [float(x) for x in neg_factor],
-            "hard_pool_size": int(train.pop("hard_pool_size", 20)),
-        },
-        "optim": {
-            "lr": float(_need(ds, "lr", dataset)),
-            "weight_decay": float(train.pop("weight_decay", 0.01)),
-            "warmup_proportion": float(train.pop("lr_warmup_proportion", 0.01)),
-            "grad_clip_norm": float(train.pop("grad_clip_norm", 1.0)),
-        },
-        "train": train,
-        "evaluate": copy.deepcopy(params.get("evaluate", {})),
+        "archive": None, "sha256": None, "generator": None,
+        **facts,
+        "visual_dim": data["visual_dim"], "text_dim": data["text_dim"],
+        "model": dataclasses.asdict(cfg),
+        "optim": optim,
+        "train": loop,
+        "evaluate": _section(params, "evaluate", required=False),
     }
 
 
-def load_settings(path: str | os.PathLike = "params.yaml", dataset: str | None = None) -> dict[str, Any]:
-    return resolve(load_params(path), dataset)
+def load_settings(path: str | os.PathLike = "params.yaml", dataset: str | None = None,
+                  method: str | None = None) -> dict[str, Any]:
+    return resolve(load_params(path), dataset, method)
 
 
 def settings_hash(settings: Any) -> str:

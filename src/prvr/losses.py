@@ -1,14 +1,9 @@
-"""GMMFormer v2 training objective, vectorised.
+"""Loss building blocks shared by the PRVR methods (MS-SL, GMMFormer v1/v2 share this family),
+vectorised.
 
 One training step sees B videos with all of their captions (Nq queries); ``labels[q]`` is the
-index of query q's video in the batch. The objective (see shared/spec/gmmformer_v2.md) is
-
-    total = lf[0] * clip_nce + clip_trip + lf[1] * frame_nce + frame_trip
-            + lf[2] * qdl + lf[3] * oml
-
-with ``lf = loss_factor``. NCE runs on the unnormalised (dot-product) scores, the triplet
-terms on the cosine scores, QDL and OML on the query embeddings (OML also on the clip
-embeddings).
+index of query q's video in the batch. A method's objective (its own loss module under
+prvr.methods) combines these terms with its named weights.
 
 Everything except the Hungarian solve of OML is batched tensor code: per-video quantities are
 computed with label masks, masked ``logsumexp`` and gathers. Negative sampling follows the
@@ -29,8 +24,6 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 __all__ = [
-    "GMMFormerLoss",
-    "LOSS_TERMS",
     "nce_loss",
     "triplet_loss",
     "query_diverse_loss",
@@ -38,8 +31,6 @@ __all__ = [
     "oml_from_matching",
     "uniform_ranks",
 ]
-
-LOSS_TERMS = ("clip_nce", "clip_trip", "frame_nce", "frame_trip", "qdl", "oml")
 
 
 def _check_labels(labels: Tensor, n_queries: int, n_videos: int) -> Tensor:
@@ -217,81 +208,3 @@ def oml_from_matching(sum_cos: Tensor, count: int | Tensor) -> Tensor:
     if int(count) == 0:
         return sum_cos * 0.0
     return 1.0 - sum_cos / count
-
-
-def loss_query(out: Any) -> Tensor:
-    """The queries QDL and OML use: the release feeds them a second, independently
-    dropped-out encoding (`out.query_aux` in training); otherwise the scoring one."""
-    aux = getattr(out, "query_aux", None)
-    return out.query if aux is None else aux
-
-
-class GMMFormerLoss(nn.Module):
-    """The full GMMFormer v2 objective as one module.
-
-    ``forward(out, labels, hard_negatives, generator=None, matching=None)`` takes any object
-    with the ModelOutput attributes ``query (Nq, H)``, ``clips (B, n_clips, H)``,
-    ``clip_scores``, ``clip_scores_raw``, ``frame_scores``, ``frame_scores_raw`` (each (Nq, B))
-    and returns a dict of 0-dim tensors: the unweighted terms of LOSS_TERMS and ``total``.
-    QDL and OML use ``loss_query(out)`` (the second query encoding when present).
-    ``matching``, when given, is a precomputed ``(sum_cos, count)`` for OML (e.g. combined over
-    ranks by a distributed caller); otherwise ``optimal_matching`` runs on ``out``.
-    Random draws (in order): clip triplet, then frame triplet (see ``triplet_loss``).
-    """
-
-    def __init__(self, margin: float, loss_factor: Sequence[float], neg_factor: Sequence[float],
-                 hard_pool_size: int = 20):
-        super().__init__()
-        loss_factor = [float(x) for x in loss_factor]
-        neg_factor = [float(x) for x in neg_factor]
-        if len(loss_factor) != 4:
-            raise ValueError(f"loss_factor: expected 4 values, got {len(loss_factor)}")
-        if len(neg_factor) != 3:
-            raise ValueError(f"neg_factor: expected 3 values (delta, alpha, lambda), got {len(neg_factor)}")
-        if int(hard_pool_size) < 1:
-            raise ValueError(f"hard_pool_size: expected >= 1, got {hard_pool_size}")
-        self.margin = float(margin)
-        self.loss_factor = loss_factor
-        self.neg_factor = neg_factor
-        self.hard_pool_size = int(hard_pool_size)
-
-    @classmethod
-    def from_settings(cls, loss_settings: dict[str, Any]) -> "GMMFormerLoss":
-        """Build from the resolved settings' ``loss`` section."""
-        return cls(loss_settings["margin"], loss_settings["loss_factor"], loss_settings["neg_factor"],
-                   loss_settings.get("hard_pool_size", 20))
-
-    def extra_repr(self) -> str:
-        return (f"margin={self.margin}, loss_factor={self.loss_factor}, neg_factor={self.neg_factor}, "
-                f"hard_pool_size={self.hard_pool_size}")
-
-    def forward(self, out: Any, labels: Tensor, hard_negatives: bool,
-                generator: torch.Generator | None = None,
-                matching: tuple[Tensor, int] | None = None) -> dict[str, Tensor]:
-        labels = labels.to(out.clip_scores.device)
-        n_q, n_v = out.clip_scores.shape
-        for name in ("clip_scores_raw", "frame_scores", "frame_scores_raw"):
-            shape = tuple(getattr(out, name).shape)
-            if shape != (n_q, n_v):
-                raise ValueError(f"{name}: expected shape {(n_q, n_v)}, got {shape}")
-        if out.query.shape[0] != n_q or out.clips.shape[0] != n_v:
-            raise ValueError(f"query/clips: expected {n_q} queries and {n_v} videos, got "
-                             f"{out.query.shape[0]} and {out.clips.shape[0]}")
-        hard = bool(hard_negatives)
-        terms = {
-            "clip_nce": nce_loss(out.clip_scores_raw, labels),
-            "clip_trip": triplet_loss(out.clip_scores, labels, self.margin, hard,
-                                      self.hard_pool_size, generator),
-            "frame_nce": nce_loss(out.frame_scores_raw, labels),
-            "frame_trip": triplet_loss(out.frame_scores, labels, self.margin, hard,
-                                       self.hard_pool_size, generator),
-            "qdl": query_diverse_loss(loss_query(out), labels, self.neg_factor),
-        }
-        if matching is None:
-            matching = optimal_matching(loss_query(out), out.clips, labels)
-        terms["oml"] = oml_from_matching(*matching)
-        lf = self.loss_factor
-        terms["total"] = (lf[0] * terms["clip_nce"] + terms["clip_trip"]
-                          + lf[1] * terms["frame_nce"] + terms["frame_trip"]
-                          + lf[2] * terms["qdl"] + lf[3] * terms["oml"])
-        return terms

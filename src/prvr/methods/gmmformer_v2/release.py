@@ -2,7 +2,7 @@
 
 The release keeps one module per Gaussian branch (`clip_encoder.attn0` .. `attn7`) with
 separate query/key/value Linears; we stack the branches and fuse q/k/v (see
-`prvr.model`). Every one of our tensors is the concatenation, in a fixed order, of one
+`prvr.methods.gmmformer_v2.model`). Every one of our tensors is the concatenation, in a fixed order, of one
 or more release tensors flattened: e.g. `frame_consolidation.branches.qkv_weight`
 (8, 3H, H) is [attn0.query, attn0.key, attn0.value, attn1.query, ...] row blocks. That one
 rule (`_groups`) drives both directions, so they cannot drift apart.
@@ -205,3 +205,34 @@ def config_from_release(release_config: Mapping[str, Any] | Any, base: GMMFormer
         except (TypeError, ValueError):
             raise ValueError(f"release config: '{key}' = {value!r} is not a {kind.__name__}") from None
     return dataclasses.replace(base, **changes)
+
+
+def is_release_state_dict(sd: Any) -> bool:
+    """A GMMFormer v2 release state dict: a weight token and Gaussian branches `clip_encoder.attnK`."""
+    if not isinstance(sd, Mapping):
+        return False
+    names = [k[len("module."):] if k.startswith("module.") else k for k in sd]
+    return "weight_token" in names and any(n.startswith("clip_encoder.attn") for n in names)
+
+
+def release_metrics(model_val: Any) -> dict[str, float]:
+    """The release's model_val [r1, r5, r10, r100, sumr] as a dict (NaNs dropped)."""
+    import math
+
+    try:
+        vals = [float(v) for v in model_val]
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in zip(("r1", "r5", "r10", "r100", "sumr"), vals) if not math.isnan(v)}
+
+
+def load_release(ckpt: Mapping[str, Any], base: GMMFormerConfig
+                 ) -> tuple[GMMFormerConfig, dict[str, Tensor], dict[str, Any]]:
+    """(config, our state dict, info) from a release checkpoint {"config", "state_dict", ...}."""
+    if not isinstance(ckpt["state_dict"], Mapping) or not isinstance(ckpt["config"], Mapping):
+        raise ValueError("release checkpoint with a non-dict 'config' or 'state_dict'")
+    cfg = config_from_release(ckpt["config"], base)
+    state = convert_release_state_dict(ckpt["state_dict"], cfg)
+    info = {"epoch": ckpt.get("epoch"), "metrics": release_metrics(ckpt.get("model_val", ())),
+            "extra": {"release_config": dict(ckpt["config"])}}
+    return cfg, state, info

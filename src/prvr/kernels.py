@@ -1,0 +1,332 @@
+"""Speed kernels of the networks, apart from what the networks mean.
+
+Everything here computes exactly what plain PyTorch would (dropout: the same keep rate and
+scaling), only with less work or fewer fresh tensors on CPU, where each large fresh tensor
+pays its page faults:
+
+* `Tokens`: packed <-> padded bookkeeping, so token-wise work runs on real tokens only, and
+  length buckets for attention (`Tokens.bucket`); `_ScatterHeads` / `_ScatterBuckets` write
+  packed q/k/v straight into the attention layout and gather gradients straight back.
+* dropout on CPU: one keep-mask multiply (also the whole backward); relu+dropout in place on a
+  fresh matmul output with the keep scale folded into the next weight (`relu_dropout_unscaled`);
+  residual + dropout as one addcmul (`add_dropout`).
+
+Switches (module state, `SWITCHES`, or the `switches(...)` context manager):
+* `portable`: take the path every other device takes (F.dropout, plain ops) also on CPU, so the
+  tests run the CUDA code path on CPU.
+* `fast_dropout` (off by default): draw CPU dropout masks from 16-bit chunks of random words
+  (rate p rounded to a multiple of 2^-16). benchmarks/README.md gives what it saves.
+Each kernel stays only while benchmarks/README.md shows it paying.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_MASK_ADD = -10000.0  # additive key mask of the release's attention
+
+
+@dataclass
+class Switches:
+    portable: bool = False
+    fast_dropout: bool = False
+
+
+SWITCHES = Switches()
+
+
+@contextlib.contextmanager
+def switches(**kw):
+    """Set kernel switches for a block: `with switches(portable=True): ...`."""
+    old = {k: getattr(SWITCHES, k) for k in kw}
+    for k, v in kw.items():
+        if not hasattr(SWITCHES, k):
+            raise AttributeError(f"unknown kernel switch '{k}'")
+        setattr(SWITCHES, k, bool(v))
+    try:
+        yield SWITCHES
+    finally:
+        for k, v in old.items():
+            setattr(SWITCHES, k, v)
+
+
+def cpu_kernels(x: Tensor) -> bool:
+    """True when x takes the CPU kernels (on CPU and not forced portable)."""
+    return x.device.type == "cpu" and not SWITCHES.portable
+
+
+def as_bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
+def dropout(x: Tensor, p: float, training: bool, relu: bool = False) -> Tensor:
+    """Inverted dropout (keep with prob 1-p, scale by 1/(1-p)), cheap on CPU.
+
+    relu=True computes dropout(relu(x)) with one mask (keep and x > 0), which is also the
+    whole backward pass of the pair.
+    """
+    if not training or p <= 0.0:
+        return F.relu(x) if relu else x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    if not cpu_kernels(x):
+        return F.dropout(F.relu(x) if relu else x, p, True)
+    keep, scale = _keep_mask(x, p)
+    if relu:
+        keep &= x > 0
+    # one multiply by a {0, 1/(1-p)} tensor; autograd keeps only that tensor for backward
+    return x * keep.to(x.dtype).mul_(scale)
+
+
+def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
+    """CPU dropout draw for x: (bool tensor, True = kept, the 1/(1-p) keep scale), 0 < p < 1.
+
+    Default: a float uniform per entry, kept when >= p (the rate and scale of F.dropout).
+    With SWITCHES.fast_dropout: 16-bit uniform integers, four per 64-bit random word (the CPU
+    generator is serial, so this quarters its cost); the rate is then p rounded to a multiple
+    of 2^-16 (0.2 -> 0.199997) and the scale uses that same rate.
+    """
+    if not SWITCHES.fast_dropout:
+        return torch.rand(x.shape, dtype=x.dtype) >= p, 1.0 / (1.0 - p)
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
+    bits = words.view(torch.int16)[:n].view(x.shape)
+    cut = min(max(int(round(p * 65536)), 1), 65535)
+    return bits >= cut - 32768, 65536.0 / (65536 - cut)
+
+
+class _DroppedRelu(torch.autograd.Function):
+    """relu(x) with the dropped entries zeroed, NOT rescaled, IN PLACE on x (x must be a
+    fresh result nobody else needs, e.g. a matmul output). Backward is one fused pass
+    (gradient where the output is positive) from the output the next matmul saves anyway,
+    written over the incoming gradient: a large fresh tensor pays its page faults on this
+    box, so neither pass allocates one."""
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        torch.where(keep, x, x.new_zeros(()), out=x).relu_()
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, = ctx.saved_tensors
+        if grad.is_contiguous() and grad.shape == out.shape and not grad.requires_grad:
+            return torch.ops.aten.threshold_backward.grad_input(grad, out, 0.0, grad_input=grad), None
+        return torch.ops.aten.threshold_backward(grad, out, 0.0), None
+
+
+def relu_dropout_unscaled(x: Tensor, p: float, training: bool) -> tuple[Tensor, float]:
+    """(h, s) with s * h == dropout(relu(x)): the caller folds the keep scale s into the
+    next linear map's weight (a small tensor) instead of passing over the large h.
+    On CPU in training, x is overwritten: pass a fresh matmul output only."""
+    if not training or p <= 0.0:
+        return F.relu(x), 1.0
+    if p >= 1.0:
+        return torch.zeros_like(x), 1.0
+    if not cpu_kernels(x):
+        return F.dropout(F.relu(x), p, True), 1.0
+    keep, scale = _keep_mask(x, p)
+    return _DroppedRelu.apply(x, keep), scale
+
+
+def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
+    """x + dropout(y) in one fused pass (addcmul) on CPU."""
+    if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):
+        return x + dropout(y, p, training)
+    keep, scale = _keep_mask(y, p)
+    return _AddDropped.apply(x, y, keep.to(y.dtype), scale)
+
+
+class _AddDropped(torch.autograd.Function):
+    """x + y * keep * scale (keep a {0, 1} float tensor); backward: y's gradient is
+    grad * keep * scale, the second multiply in place."""
+
+    @staticmethod
+    def forward(ctx, x, y, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return torch.addcmul(x, y, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = grad if grad.shape == ctx.x_shape else grad.sum_to_size(ctx.x_shape)
+        gy = (grad * keep).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+        return gx, gy, None, None
+
+
+class Tokens:
+    """Where the valid tokens of a (B, L) mask sit: packed <-> padded bookkeeping."""
+
+    def __init__(self, mask: Tensor | None, batch: int, length: int, device: torch.device):
+        self.batch, self.length = batch, length
+        if mask is None or bool(mask.all()):
+            self.index = None  # every slot is valid: packing is a reshape
+            self.count = batch * length
+            self.mask = None
+            self.positions = torch.arange(length, device=device).repeat(batch)
+        else:
+            self.mask = mask
+            self.index = mask.reshape(-1).nonzero().squeeze(1)
+            self.count = int(self.index.numel())
+            self.positions = self.index % length
+            self.rows = torch.div(self.index, length, rounding_mode="floor")  # video of each token
+            self.pads = None  # (video, slot) of padded slots, made when first needed
+        self.groups = None  # length buckets for attention, see `bucket`
+
+    def bucket(self, max_groups: int = 3, overhead: float = 0.03) -> None:
+        """Split the videos (rows must be sorted by real length, longest first) into at most
+        three contiguous groups for attention, each run at its own longest length.
+
+        Sets `groups` to [(first token, end token, Tokens of the group)]. Split points
+        minimise sum(videos * length^2) plus `overhead` of the full cost per extra group.
+        Exact: every group keeps all of its videos' real slots.
+        """
+        if self.mask is None or self.batch < 2:
+            return
+        slots = torch.arange(1, self.length + 1, device=self.mask.device)
+        ends = (self.mask * slots).amax(1).clamp_min(1).cpu()           # real length, descending
+        counts = self.mask.sum(1).cpu()
+        B = self.batch
+        sq = torch.cat([ends.double() ** 2, torch.zeros(1, dtype=torch.float64)])
+        i = torch.arange(1, B + 1)[:, None]                              # groups [0,i) [i,j) [j,B)
+        j = torch.arange(1, B + 1)[None, :]
+        cost = i * sq[0] + (j - i) * sq[i] + (B - j) * sq[j]
+        if max_groups < 3:
+            cost = cost.masked_fill(j < B, math.inf)
+        n_groups = 1 + (j > i).double() + (j < B).double()
+        cost = (cost + overhead * B * sq[0] * (n_groups - 1)).masked_fill(j < i, math.inf)
+        if max_groups < 2:
+            return
+        best = int(cost.argmin())
+        cuts = sorted({0, best // B + 1, best % B + 1, B})
+        if len(cuts) == 2:
+            return
+        starts = torch.cat([torch.zeros(1, dtype=counts.dtype), counts.cumsum(0)]).tolist()
+        self.groups = []
+        for b0, b1 in zip(cuts[:-1], cuts[1:]):
+            Lg = int(ends[b0])
+            sub = self.mask[b0:b1, :Lg]
+            self.groups.append((int(starts[b0]), int(starts[b1]),
+                                Tokens(sub, b1 - b0, Lg, self.mask.device)))
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, ...) -> (N, ...)"""
+        flat = x.reshape(self.batch * self.length, *x.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, x: Tensor, dim: int = 0, fill: float = 0.0) -> Tensor:
+        """(..., N, ...) with tokens on `dim` -> same with B*L slots on `dim` (pads = fill)."""
+        if self.index is None:
+            return x
+        shape = list(x.shape)
+        shape[dim] = self.batch * self.length
+        return x.new_full(shape, fill).index_copy_(dim, self.index, x)  # in place: no second copy
+
+    def qkv_heads(self, x: Tensor, branches: int, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        """packed (N, branches * 3 * H) projections -> q, k, v, each (branches, B, n_heads, L, dh),
+        zero at padded slots, each contiguous for the attention matmuls."""
+        B, L = self.batch, self.length
+        x = x.view(-1, branches, 3, n_heads, x.shape[-1] // (3 * n_heads * branches))
+        if self.index is None:  # (B, L, K, 3, nh, dh) -> 3 x (K, B, nh, L, dh)
+            return x.view(B, L, *x.shape[1:]).permute(3, 2, 0, 4, 1, 5).unbind(0)
+        if self.pads is None:
+            self.pads = (~self.mask).nonzero().unbind(1)
+        return _ScatterHeads.apply(x, self.rows, self.positions, self.pads[0], self.pads[1], B, L)
+
+    def scatter_spec(self) -> tuple:
+        """(rows, positions, pad rows, pad positions, B, L) of the valid and padded slots."""
+        if self.index is None:
+            dev = self.positions.device
+            rows = torch.arange(self.batch, device=dev).repeat_interleave(self.length)
+            empty = rows[:0]
+            return rows, self.positions, empty, empty, self.batch, self.length
+        if self.pads is None:
+            self.pads = (~self.mask).nonzero().unbind(1)
+        return self.rows, self.positions, self.pads[0], self.pads[1], self.batch, self.length
+
+    def from_heads(self, x: Tensor) -> Tensor:
+        """padded (..., B, n_heads, L, dh) -> packed (..., N, n_heads * dh)."""
+        lead = x.shape[:-4]
+        x = x.transpose(-3, -2)  # (..., B, L, nh, dh)
+        if self.index is None:
+            return x.reshape(*lead, self.batch * self.length, -1)
+        sl = (slice(None),) * len(lead)
+        return x[sl + (self.rows, self.positions)].reshape(*lead, self.count, x.shape[-2] * x.shape[-1])
+
+    def key_mask_add(self, dtype: torch.dtype) -> Tensor | None:
+        """(B, 1, 1, L) additive key mask (0 valid, -10000 pad), or None."""
+        if self.mask is None:
+            return None
+        return ((~self.mask).to(dtype) * _MASK_ADD)[:, None, None, :]
+
+
+class _ScatterHeads(torch.autograd.Function):
+    """(N, K, 3, nh, dh) packed projections -> q, k, v each (K, B, nh, L, dh), pads 0.
+
+    Written straight into the attention layout, and the backward pass gathers each
+    gradient straight back (autograd's generic path would stack, clone and re-gather)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, positions, pad_rows, pad_positions, B, L):
+        N, K, _, nh, dh = x.shape
+        out = x.new_empty(3, K, B, nh, L, dh)
+        view = out.permute(2, 4, 1, 0, 3, 5)              # (B, L, K, 3, nh, dh)
+        view[rows, positions] = x
+        view[pad_rows, pad_positions] = 0.0
+        ctx.save_for_backward(rows, positions)
+        ctx.shape = x.shape
+        return tuple(out.unbind(0))
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        rows, positions = ctx.saved_tensors
+        grad = gq.new_zeros(ctx.shape) if any(g is None for g in (gq, gk, gv)) else gq.new_empty(ctx.shape)
+        for j, g in enumerate((gq, gk, gv)):
+            if g is not None:
+                grad[:, :, j] = g.permute(1, 3, 0, 2, 4)[rows, positions]
+        return grad, None, None, None, None, None, None
+
+
+class _ScatterBuckets(torch.autograd.Function):
+    """(N, K, 3, nh, dh) packed projections whose tokens are the contiguous runs [t0, t1) of
+    length buckets -> q, k, v of every bucket, each (K, b, nh, l, dh), pads 0 (a flat tuple,
+    three per bucket). The backward pass gathers each bucket's gradients straight into one
+    (N, ...) gradient, without a per-bucket gradient and a concatenation."""
+
+    @staticmethod
+    def forward(ctx, x, specs):
+        N, K, _, nh, dh = x.shape
+        outs = []
+        for t0, t1, rows, positions, pad_rows, pad_positions, B, L in specs:
+            out = x.new_empty(3, K, B, nh, L, dh)
+            view = out.permute(2, 4, 1, 0, 3, 5)                          # (B, L, K, 3, nh, dh)
+            view[rows, positions] = x[t0:t1]
+            if pad_rows.numel():
+                view[pad_rows, pad_positions] = 0.0
+            outs.extend(out.unbind(0))
+        ctx.specs = [(t0, t1, rows, positions) for t0, t1, rows, positions, *_ in specs]
+        ctx.shape = x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = grads[0].new_zeros(ctx.shape) if any(g is None for g in grads) else grads[0].new_empty(ctx.shape)
+        for i, (t0, t1, rows, positions) in enumerate(ctx.specs):
+            for j in range(3):
+                g = grads[3 * i + j]
+                if g is not None:
+                    grad[t0:t1, :, j] = g.permute(1, 3, 0, 2, 4)[rows, positions]
+        return grad, None
+
+
