@@ -1,15 +1,15 @@
 """DVC stage `evaluate`: R@1/5/10/100 and SumR of the best checkpoint on the test split.
 
-    python stages/evaluate.py [--params params.yaml] [--dataset NAME] [--no-progress] [--no-mlflow]
-    python stages/evaluate.py --checkpoint FILE [--split test] [--save-scores FILE.h5] [--out FILE.json]
+    python stages/evaluate.py [--params params.yaml] [--dataset NAME] [--method NAME]
+    python stages/evaluate.py --checkpoint FILE [--method NAME] [--split test]
+                              [--save-scores FILE.h5] [--out FILE.json]
 
-Pipeline mode (no --checkpoint): evaluates runs/<dataset>/checkpoints/best.pt on
-`evaluate.split`, writes metrics/<dataset>/test.json (DVC metric) and
-metrics/<dataset>/recall_at_k.json (DVC plot), and logs the test metrics to the training's
-MLflow run (its id is in runs/<dataset>/run.json).
-By hand (--checkpoint): evaluates any checkpoint, ours or one of the public release, on the
-current dataset, prints the metrics, and writes only what --out / --save-scores ask for
-(the pipeline's outputs are left alone).
+Pipeline mode (no --checkpoint): evaluates runs/<ds>/<method>/checkpoints/best.pt on
+`evaluate.split`, writes metrics/<ds>/<method>/test.json (DVC metric) and recall_at_k.json (DVC
+plot), and logs the test metrics to the training's MLflow run (its id is in run.json).
+By hand (--checkpoint): evaluates any checkpoint on the current dataset: ours (it records its
+method) or a public release's (its method from --method, else recognised by its layout); prints
+the metrics, and writes only what --out / --save-scores ask for.
 """
 from __future__ import annotations
 
@@ -24,14 +24,29 @@ from prvr.config import ConfigError, load_settings
 
 log = logging.getLogger("prvr.stages.evaluate")
 
-KS = (1, 5, 10, 100)
+
+def outputs(dataset: str, method: str) -> dict[str, Path]:
+    from prvr import paths
+
+    return {"best": paths.ckpt_dir(dataset, method) / "best.pt", "run": paths.run_json(dataset, method),
+            "metrics": paths.test_json(dataset, method), "recall": paths.recall_json(dataset, method)}
 
 
-def paths(dataset: str) -> dict[str, Path]:
-    return {"best": Path("runs") / dataset / "checkpoints" / "best.pt",
-            "run": Path("runs") / dataset / "run.json",
-            "metrics": Path("metrics") / dataset / "test.json",
-            "recall": Path("metrics") / dataset / "recall_at_k.json"}
+def _load(args, settings, device):
+    """(model, info) of --checkpoint or the pipeline's best checkpoint."""
+    from prvr.checkpoint import load_model
+    from prvr.config import load_settings
+
+    if args.checkpoint is None:
+        return load_model(outputs(settings["dataset"], settings["method"])["best"], device,
+                          method=settings["method"])
+    base_method = args.method or settings["method"]
+    try:
+        base = load_settings(args.params, args.dataset, base_method)["model"]
+    except ConfigError:
+        base = None
+    return load_model(Path(args.checkpoint), device, method=args.method,
+                      base_config=base if args.method else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,59 +62,66 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     t0 = time.time()
 
-    from prvr.checkpoint import CheckpointError, load_model
+    from prvr.checkpoint import CheckpointError
     from prvr.config import resolve_device
     from prvr.data.datasets import Corpus
     from prvr.data.layout import DataError
     from prvr.evaluation import evaluate, save_scores_h5
     from prvr.atomic import write_json_atomic
+    from prvr.metrics import KS, METRIC_KEYS
     from prvr.training import eval_loaders
 
     try:
-        settings = load_settings(args.params, args.dataset)
-        ds = settings["dataset"]
-        ev = settings["evaluate"]
-        out = paths(ds)
+        settings = load_settings(args.params, args.dataset, args.method)
+        ds, ev = settings["dataset"], settings["evaluate"]
         by_hand = args.checkpoint is not None
-        ckpt = Path(args.checkpoint) if by_hand else out["best"]
         split = args.split or str(ev.get("split", "test"))
         device = resolve_device(args.device or ev.get("device", "auto"))
-        log.info("read %s: dataset %s, split %s, checkpoint %s, device %s", args.params, ds, split,
-                 ckpt, device)
-        model, info = load_model(ckpt, device, base_config=settings["model"] if by_hand else None)
-        log.info("loaded %s checkpoint %s (epoch %s)", info["kind"], ckpt, info.get("epoch"))
+        model, info = _load(args, settings, device)
+        method = info["method"]
+        out = outputs(ds, method)
+        log.info("read %s: dataset %s, split %s, %s checkpoint %s of %s (epoch %s), device %s",
+                 args.params, ds, split, info["kind"], info["path"], method, info.get("epoch"), device)
         corpus = Corpus.from_settings(settings)
-        cfg = model.cfg
-        stream = {"model": {"n_clips": cfg.n_clips, "max_frames": cfg.max_frames,
-                            "max_query_len": cfg.max_query_len}}
         vloader, qloader = eval_loaders(corpus, split, int(ev["video_batch_size"]),
-                                        int(ev["query_batch_size"]), 0, stream)
+                                        int(ev["query_batch_size"]), 0, info["model_config"])
         metrics, result = evaluate(model, vloader, qloader, device, ks=KS, progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointError, ValueError, KeyError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1
 
-    record = {  # numbers only: a DVC metric
-        **{k: float(metrics[k]) for k in ("r1", "r5", "r10", "r100", "sumr")},
-        "n_queries": len(result.query_ids),
-        "n_videos": len(result.video_ids),
-        "checkpoint_epoch": info.get("epoch"),
-    }
-    for extra in ("medr", "meanr"):
-        if extra in metrics:
-            record[extra] = float(metrics[extra])
-    print(" ".join(f"{k.upper() if k != 'sumr' else 'SumR'}={record[k]:.2f}"
-                   for k in ("r1", "r5", "r10", "r100", "sumr")))
+    record = _record(metrics, result, info)
     if args.save_scores:
-        save_scores_h5(args.save_scores, result, {k: record[k] for k in ("r1", "r5", "r10", "r100", "sumr")})
+        save_scores_h5(args.save_scores, result, {k: record[k] for k in METRIC_KEYS})
         log.info("wrote %s", args.save_scores)
     if by_hand:
-        record.update(dataset=ds, split=split, checkpoint=str(ckpt), checkpoint_kind=info["kind"])
+        record.update(dataset=ds, method=method, split=split, checkpoint=info["path"],
+                      checkpoint_kind=info["kind"])
         if args.out:
             write_json_atomic(args.out, record)
             log.info("wrote %s", args.out)
         log.info("done in %.1f s", time.time() - t0)
         return 0
+    _write_pipeline(out, record, args, ds, split, info)
+    log.info("wrote %s and %s (%.1f s)", args.out or out["metrics"], out["recall"], time.time() - t0)
+    return 0
+
+
+def _record(metrics: dict, result, info: dict) -> dict:
+    """The test record (numbers only: a DVC metric), printed as one line."""
+    from prvr.metrics import METRIC_KEYS
+
+    record = {**{k: float(metrics[k]) for k in METRIC_KEYS}, "n_queries": len(result.query_ids),
+              "n_videos": len(result.video_ids), "checkpoint_epoch": info.get("epoch")}
+    record.update({k: float(metrics[k]) for k in ("medr", "meanr") if k in metrics})
+    print(" ".join(f"{k.upper() if k != 'sumr' else 'SumR'}={record[k]:.2f}" for k in METRIC_KEYS))
+    return record
+
+
+def _write_pipeline(out: dict, record: dict, args, ds: str, split: str, info: dict) -> None:
+    """test.json, recall_at_k.json, and the test metrics on the training's MLflow run."""
+    from prvr.atomic import write_json_atomic
+    from prvr.metrics import KS, METRIC_KEYS
 
     write_json_atomic(args.out or out["metrics"], record)
     write_json_atomic(out["recall"], {"recall_at_k": [
@@ -112,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
         tracker = Tracker(ds)
         if tracker.attach(run_id):
-            tracker.log_metrics({f"test_{k}": record[k] for k in ("r1", "r5", "r10", "r100", "sumr")},
+            tracker.log_metrics({f"test_{k}": record[k] for k in METRIC_KEYS},
                                 step=int(info.get("epoch") or 0))
             tracker.set_tags({"test_split": split})
-    log.info("wrote %s and %s (%.1f s)", args.out or out["metrics"], out["recall"], time.time() - t0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""DVC stage `report`: Markdown report with figures for the current dataset.
+"""DVC stage `report`: one Markdown report with figures for the current dataset, over every
+method trained on it.
 
     python stages/report.py [--params params.yaml] [--dataset NAME] [--no-mlflow]
 
-Reads metrics/<dataset>/{test.json, train.json, train_history.csv}, runs/<dataset>/run.json
-and data/<dataset>/validation.json; writes reports/<dataset>/{report.md, training_curves.png,
-recall_at_k.png} and logs the report folder to the training's MLflow run.
+Reads, for every method with metrics/<dataset>/<method>/test.json, that folder's train.json and
+train_history.csv and runs/<dataset>/<method>/run.json, plus data/<dataset>/validation.json;
+writes reports/<dataset>/{report.md, training_curves.png, recall_at_k.png} and logs the report
+folder to each method's MLflow run.
 """
 from __future__ import annotations
 
@@ -29,41 +31,53 @@ def _read_json(path: Path, what: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
+def method_result(ds: str, name: str, split: str):
+    """A report.MethodResult from the method's pipeline outputs on `ds`."""
+    from prvr import paths
+    from prvr.methods import get_method
+    from prvr.report import MethodResult, read_history
+
+    test = {**_read_json(paths.test_json(ds, name), "evaluate"), "split": split}
+    train = _read_json(paths.train_json(ds, name), "train")
+    run_path = paths.run_json(ds, name)
+    run = _read_json(run_path, "train") if run_path.is_file() else {}
+    hist = paths.history_csv(ds, name)
+    m = get_method(name)
+    return MethodResult(name, m.title, test, {**train, **run}, read_history(hist) if hist.is_file() else [],
+                        dict(m.paper[ds]) if ds in m.paper else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, mlflow=True, progress=False)
     args = parser.parse_args(argv)
     setup_logging()
     t0 = time.time()
-    from prvr.report import build_report, read_history
+    from prvr import paths
+    from prvr.report import build_report
 
     try:
-        ds = args.dataset or load_params(args.params).get("dataset")
+        params = load_params(args.params)
+        ds = args.dataset or params.get("dataset")
         if not ds:
             raise ConfigError(f"{args.params}: missing key 'dataset'")
-        mdir = Path("metrics") / ds
-        test = _read_json(mdir / "test.json", "evaluate")
-        train = _read_json(mdir / "train.json", "train")
-        rpath = Path("runs") / ds / "run.json"
-        run = _read_json(rpath, "train") if rpath.is_file() else {}
+        split = params.get("evaluate", {}).get("split", "test")
+        methods = paths.trained_methods(ds)
+        results = [method_result(ds, name, split) for name in methods]
         vpath = Path("data") / ds / "validation.json"
         validation = _read_json(vpath, "validate") if vpath.is_file() else None
-        hpath = mdir / "train_history.csv"
-        history = read_history(hpath) if hpath.is_file() else []
-        split = load_params(args.params).get("evaluate", {}).get("split", "test")
-        test["split"] = split
-        files = build_report(ds, test, {**train, **run}, validation, history, Path("reports") / ds)
+        files = build_report(ds, results, validation, paths.report_dir(ds))
     except (ConfigError, ValueError, KeyError, OSError) as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1
-    run_id = run.get("mlflow_run_id")
-    if run_id and not args.no_mlflow:
+    if not args.no_mlflow:
         from prvr.tracking import Tracker
 
-        tracker = Tracker(ds)
-        if tracker.attach(run_id):
-            for path in files.values():
-                tracker.log_artifact(path, "report")
-    log.info("read %s, %s, %s; wrote %s (%.1f s)", mdir / "test.json", mdir / "train.json", vpath,
+        for r in results:
+            tracker = Tracker(ds)
+            if r.train.get("mlflow_run_id") and tracker.attach(r.train["mlflow_run_id"]):
+                for path in files.values():
+                    tracker.log_artifact(path, "report")
+    log.info("read the results of %s on %s and %s; wrote %s (%.1f s)", ", ".join(methods), ds, vpath,
              ", ".join(str(p) for p in files.values()), time.time() - t0)
     return 0
 

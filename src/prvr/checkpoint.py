@@ -1,24 +1,23 @@
-"""Checkpoints: save ours atomically, load ours or the public release's, always weights_only.
+"""Checkpoints: save ours atomically, load ours or a method's public release's, always weights_only.
 
 Our format (a plain dict, loadable with torch.load(weights_only=True)):
-    {"format": "prvr-gmmformer-v2", "version": 1, "model_config": asdict(GMMFormerConfig),
-     "state_dict": ..., "optimizer": optimizer.state_dict() | None, "epoch": int,
-     "metrics": {str: float}, "settings": resolved settings dict | None,
+    {"format": "prvr-checkpoint", "version": 2, "method": "<model.name>",
+     "model_config": asdict(the method's config), "state_dict": ..., "optimizer": ... | None,
+     "epoch": int, "metrics": {str: float}, "settings": resolved settings | None,
      "settings_hash": str | None, "extra": dict}
-Only tensors, dicts, lists, tuples, strings, numbers, bools and None are stored.
+Only tensors, dicts, lists, tuples, strings, numbers, bools and None are stored. Checkpoints of
+the first version ("prvr-gmmformer-v2") load as method gmmformer_v2.
 
-The release's format: {"config": dict, "epoch": int, "model_val": [r1, r5, r10, r100, sumr],
-"state_dict": release parameter names, "optimizer": ...}. Its state dict is mapped with
-prvr.release.convert_release_state_dict and its config with prvr.release.config_from_release.
-A config pickled as an EasyDict (a plain dict subclass) is read as a plain dict: for the
-weights_only unpickler the name "easydict.EasyDict" is mapped onto collections.OrderedDict (already
-on torch's own allow-list; its items are restored and its attribute copies land in the instance
-__dict__, so no code runs), then converted to dict. Nothing from easydict is imported or run.
+A release checkpoint is recognised by the method whose `is_release_checkpoint` accepts it (or
+the one named by the caller) and converted by its `load_release`. Objects a release pickles are
+read through an explicit allow-list: each method's `release_globals` maps a stored class name
+onto a plain type that torch's weights_only unpickler already accepts (an EasyDict, a dict
+subclass, becomes a collections.OrderedDict: its items are restored and its attribute copies
+land in the instance __dict__, so no code runs). Nothing is ever fully unpickled.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pickle
 import zipfile
@@ -30,19 +29,25 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path
-from .model import unwrap_model
+from .methods import available, get_method, unwrap_model
 
-FORMAT = "prvr-gmmformer-v2"
-VERSION = 1
-RELEASE_KEYS = ("config", "state_dict")
+FORMAT = "prvr-checkpoint"
+FORMAT_V1 = "prvr-gmmformer-v2"
+VERSION = 2
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the one-line message names the file and the problem."""
 
 
-# (replacement, name as stored in the pickle)
+# (replacement, name as stored in the pickle); methods add their release's classes.
 _ALLOWED_GLOBALS = [(OrderedDict, "easydict.EasyDict")]
+
+
+def allowed_globals() -> list[tuple[type, str]]:
+    """The weights_only allow-list: ours plus every method's `release_globals`."""
+    extra = [g for name in available() for g in get_method(name).release_globals]
+    return _ALLOWED_GLOBALS + [g for g in extra if g not in _ALLOWED_GLOBALS]
 
 
 def _plain(obj: Any) -> Any:
@@ -65,7 +70,7 @@ def _plain(obj: Any) -> Any:
 
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, method: str,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = -1,
                     metrics: Mapping[str, float] | None = None, settings: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> Path:
@@ -78,6 +83,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     ckpt = {
         "format": FORMAT,
         "version": VERSION,
+        "method": str(method),
         "model_config": _plain(cfg) if cfg is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": _cpu_state(optimizer.state_dict()) if optimizer is not None else None,
@@ -126,7 +132,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(allowed_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: not loadable as a safe (weights-only) checkpoint: "
@@ -148,23 +154,14 @@ def _strip_module_prefix(state: Mapping[str, Any]) -> dict:
 
 
 def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
-    """'prvr', 'release' or 'state_dict' (a bare parameter dict)."""
-    if ckpt.get("format") == FORMAT:
+    """'prvr', 'release' (a dict with a state_dict that is not ours) or 'state_dict' (bare)."""
+    if ckpt.get("format") in (FORMAT, FORMAT_V1):
         return "prvr"
-    if all(k in ckpt for k in RELEASE_KEYS):
+    if isinstance(ckpt.get("state_dict"), Mapping) or isinstance(ckpt.get("model"), Mapping):
         return "release"
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return "state_dict"
     return "unknown"
-
-
-def _release_metrics(model_val: Any) -> dict[str, float]:
-    names = ("r1", "r5", "r10", "r100", "sumr")
-    try:
-        vals = [float(v) for v in model_val]
-    except (TypeError, ValueError):
-        return {}
-    return {k: v for k, v in zip(names, vals) if not math.isnan(v)}
 
 
 def _check_state(path: Path, model: torch.nn.Module, state: Mapping[str, Any]) -> None:
@@ -185,61 +182,86 @@ def _check_state(path: Path, model: torch.nn.Module, state: Mapping[str, Any]) -
                                   f"the model expects {tuple(ref.shape)}")
 
 
-def load_model(path: str | os.PathLike, device: Any = "cpu", base_config: Any = None):
-    """Build a GMMFormer from our checkpoint, a release checkpoint, or a bare state dict.
+def _ours(path: Path, ckpt: Mapping[str, Any], method: str | None):
+    name = str(ckpt.get("method") or "gmmformer_v2")  # the first format was GMMFormer v2 only
+    if method is not None and method != name:
+        raise CheckpointError(f"{path}: a {name} checkpoint; it cannot be loaded as {method}")
+    for key in ("model_config", "state_dict"):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"{path}: missing key '{key}'")
+    m = _method(path, name)
+    try:
+        cfg = m.config_from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad model_config ({_first_line(exc)})") from None
+    info = {"epoch": ckpt.get("epoch"), "metrics": dict(ckpt.get("metrics") or {}),
+            "settings": ckpt.get("settings"), "settings_hash": ckpt.get("settings_hash"),
+            "optimizer": ckpt.get("optimizer"), "extra": dict(ckpt.get("extra") or {})}
+    return m, cfg, ckpt["state_dict"], info
 
-    base_config (GMMFormerConfig or a settings["model"] dict) supplies what a release
-    checkpoint does not store (e.g. feature sizes); a bare state dict needs it.
-    Returns (model in eval mode on device, info dict: kind, path, epoch, metrics, model_config,
-    settings, settings_hash, optimizer (state dict or None), extra).
+
+def _release(path: Path, ckpt: Mapping[str, Any], method: str | None, base_config: Any):
+    if method is None:
+        found = [n for n in available() if get_method(n).is_release_checkpoint(ckpt)]
+        if not found:
+            raise CheckpointError(f"{path}: not a release checkpoint of any known method "
+                                  f"({', '.join(available())}); name one with --method")
+        method = found[0]
+    m = _method(path, method)
+    if not m.is_release_checkpoint(ckpt):
+        raise CheckpointError(f"{path}: not a {method} release checkpoint "
+                              f"(keys: {', '.join(sorted(map(str, ckpt))[:8])})")
+    try:
+        cfg, state, info = m.load_release(ckpt, base_config)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot convert the {method} release checkpoint "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+    return m, cfg, state, {"settings": None, "settings_hash": None, "optimizer": ckpt.get("optimizer"),
+                           "epoch": None, "metrics": {}, "extra": {}, **info}
+
+
+def _method(path: Path, name: str):
+    try:
+        return get_method(name)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_model(path: str | os.PathLike, device: Any = "cpu", method: str | None = None,
+               base_config: Any = None):
+    """Build a method's network from our checkpoint, a release checkpoint, or a bare state dict.
+
+    method: the expected method (our checkpoints record theirs: a mismatch is an error; for a
+    release checkpoint it picks the format, else every method is asked). base_config (the
+    method's config, or its dict) supplies what a release checkpoint does not store (e.g.
+    feature sizes); a bare state dict needs it and `method`.
+    Returns (model in eval mode on device, info dict: kind, method, path, epoch, metrics,
+    model_config, settings, settings_hash, optimizer (state dict or None), extra).
     """
-    from prvr.model import GMMFormer, GMMFormerConfig
-
     path = Path(path)
     ckpt = load_checkpoint(path, map_location="cpu")
     kind = checkpoint_kind(ckpt)
     if isinstance(base_config, Mapping):
-        base_config = GMMFormerConfig.from_dict(base_config)
-    info: dict[str, Any] = {"kind": kind, "path": str(path), "epoch": None, "metrics": {},
-                            "settings": None, "settings_hash": None, "optimizer": None, "extra": {}}
+        if method is None:
+            raise CheckpointError(f"{path}: a base config needs its method")
+        base_config = _method(path, method).config_from_dict(base_config)
     if kind == "prvr":
-        for key in ("model_config", "state_dict"):
-            if not isinstance(ckpt.get(key), dict):
-                raise CheckpointError(f"{path}: missing key '{key}'")
-        try:
-            cfg = GMMFormerConfig.from_dict(ckpt["model_config"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: bad model_config ({_first_line(exc)})") from None
-        state = ckpt["state_dict"]
-        info.update(epoch=ckpt.get("epoch"), metrics=dict(ckpt.get("metrics") or {}),
-                    settings=ckpt.get("settings"), settings_hash=ckpt.get("settings_hash"),
-                    optimizer=ckpt.get("optimizer"), extra=dict(ckpt.get("extra") or {}))
+        m, cfg, state, info = _ours(path, ckpt, method)
     elif kind == "release":
-        from prvr.release import config_from_release, convert_release_state_dict
-
-        if not isinstance(ckpt["state_dict"], dict) or not isinstance(ckpt["config"], dict):
-            raise CheckpointError(f"{path}: release checkpoint with a non-dict 'config' or 'state_dict'")
-        release_state = _strip_module_prefix(ckpt["state_dict"])
-        try:
-            cfg = config_from_release(ckpt["config"], base_config or GMMFormerConfig())
-            state = convert_release_state_dict(release_state, cfg)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path}: cannot convert the release checkpoint "
-                                  f"({type(exc).__name__}: {_first_line(exc)})") from None
-        info.update(epoch=ckpt.get("epoch"), metrics=_release_metrics(ckpt.get("model_val", ())),
-                    optimizer=ckpt.get("optimizer"), extra={"release_config": ckpt["config"]})
+        m, cfg, state, info = _release(path, ckpt, method, base_config)
     elif kind == "state_dict":
-        if base_config is None:
-            raise CheckpointError(f"{path}: a bare state dict; pass base_config for its model settings")
-        cfg = base_config
-        state = ckpt
+        if base_config is None or method is None:
+            raise CheckpointError(f"{path}: a bare state dict; pass its method and base config")
+        m, cfg, state = _method(path, method), base_config, ckpt
+        info = {"epoch": None, "metrics": {}, "settings": None, "settings_hash": None,
+                "optimizer": None, "extra": {}}
     else:
         raise CheckpointError(f"{path}: not a prvr or release checkpoint "
                               f"(keys: {', '.join(sorted(map(str, ckpt))[:8]) or 'none'})")
     state = _strip_module_prefix(state)
-    model = GMMFormer(cfg)
+    model = m.build_model(cfg)
     _check_state(path, model, state)
     model.load_state_dict(state)
     model.to(device).eval()
-    info["model_config"] = dataclasses.asdict(cfg)
+    info.update(kind=kind, method=m.name, path=str(path), model_config=dataclasses.asdict(cfg))
     return model, info

@@ -9,11 +9,12 @@ import sys
 def stage_parser(doc: str, *, data_dir: bool = False, progress: bool = True,
                  mlflow: bool = False) -> argparse.ArgumentParser:
     """An argument parser with the options common to the stages (`--params`, `--dataset`,
-    and on request `--data-dir`, `--no-progress`, `--no-mlflow`); `doc`'s first line is
+    `--method`, and on request `--data-dir`, `--no-progress`, `--no-mlflow`); `doc`'s first line is
     its description."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
     parser.add_argument("--dataset", default=None, help="dataset section (default: params 'dataset')")
+    parser.add_argument("--method", default=None, help="method (default: params 'model.name')")
     if data_dir:
         parser.add_argument("--data-dir", default="data", help="where data/<dataset>/ lives (default: data)")
     if progress:

@@ -3,14 +3,14 @@
 One model is trained by ``world_size`` processes (one per GPU, or several on CPU with gloo).
 The semantics are those of one device with the *global* batch:
 
-- every rank encodes its share of the batch's videos (and their captions); the query, clip and
-  frame embeddings of all ranks (and, in training, the second query encoding that QDL and OML
-  use, ``ModelOutput.query_aux``) are gathered WITH gradient, rescored with
-  ``prvr.model.pair_scores`` and the whole objective (NCE, triplet, QDL) is computed on the
-  global score matrices by every rank, with the same ``torch.Generator`` state everywhere so
-  negative sampling draws identically;
-- the Hungarian matching of OML stays local: each rank matches its own videos and the
-  (sum of matched cosines, count) pairs are combined across ranks;
+- every rank encodes its share of the batch's videos (and their captions); every tensor of the
+  method's TrainOutput (``queries`` and ``videos``: the query encodings, the videos' fixed
+  tensors and their sequence) is gathered from all ranks WITH gradient, the method's
+  ``train_scores`` rebuilds the global score matrices, and the whole objective is computed on
+  them by every rank, with the same ``torch.Generator`` state everywhere so negative sampling
+  draws identically;
+- the loss's ``local_sums`` (GMMFormer v2: the Hungarian matching of OML) stay local: each rank
+  sums over its own videos and the (sum, count) pairs are combined across ranks;
 - gradient scaling: the gather's backward sums the gradient that every rank computes for a
   rank's embeddings, i.e. it multiplies the single-device gradient by ``world_size``, and DDP
   divides by ``world_size`` when it averages parameter gradients. The local OML term is given
@@ -28,7 +28,6 @@ and every collective (barriers included) is bounded by the process-group timeout
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import logging
@@ -37,7 +36,6 @@ import signal
 import subprocess
 import sys
 import warnings
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -46,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import unwrap_model
+from .methods import TrainOutput, VideoEncoding, unwrap_model
 
 __all__ = [
     "DistContext",
@@ -70,11 +68,6 @@ _TIMEOUT_ENV = "PRVR_DIST_TIMEOUT"
 warnings.filterwarnings(
     "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
     category=FutureWarning)
-
-
-# ModelOutput fields compute_loss rebuilds for the global batch.
-_GATHERED = frozenset({"query", "query_aux", "clips", "frames", "frame_mask", "clip_scores",
-                       "clip_scores_raw", "frame_scores", "frame_scores_raw"})
 
 
 class DistError(RuntimeError):
@@ -183,7 +176,6 @@ class DistContext:
         self.device = torch.device(device)
         self.backend = backend
         self.is_main = self.rank == 0
-        self._max_frames: int | None = None
         self._generator_checked = False
 
     def __repr__(self) -> str:
@@ -243,11 +235,7 @@ class DistContext:
 
     # ---- model and data -----------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP around ``model`` (already on ``self.device``) when distributed; else ``model``.
-        Also records the model's ``cfg.max_frames`` for rescoring in ``compute_loss``."""
-        cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-        if cfg is not None and getattr(cfg, "max_frames", None) is not None:
-            self._max_frames = int(cfg.max_frames)
+        """DDP around ``model`` (already on ``self.device``) when distributed; else ``model``."""
         if not self.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -326,60 +314,40 @@ class DistContext:
         self.close()
 
     # ---- the global loss ----------------------------------------------------------------
-    def compute_loss(self, loss_fn: Callable, out: Any, labels: Tensor, hard_negatives: bool,
-                     generator: torch.Generator | None) -> dict[str, Tensor]:
+    def compute_loss(self, loss_fn: Callable, out: TrainOutput, labels: Tensor, hard_negatives: bool,
+                     generator: torch.Generator | None, model: nn.Module) -> dict[str, Tensor]:
         """The objective of the global batch.
 
         One process: ``loss_fn(out, labels, hard_negatives, generator)``. Distributed: gather
-        the embeddings of every rank with gradient (frames padded to a common length, labels
-        offset by each rank's first video), rescore with ``prvr.model.pair_scores``, run
-        ``loss_fn`` on the global output with an OML matching combined from the per-rank
-        Hungarian solutions. Every rank returns the same values; after DDP averages, the
-        gradients equal those of one device on the global batch. ``generator`` must be in the
-        same state on every rank (seed it with the run seed, not ``seed_for_rank``).
+        ``out.queries`` and ``out.videos`` of every rank with gradient (sequences padded to a
+        common length, labels offset by each rank's first video), rebuild the scores with the
+        method's ``train_scores``, and run ``loss_fn`` on the global output with its
+        ``local_sums`` combined over ranks. Every rank returns the same values; after DDP
+        averages, the gradients equal those of one device on the global batch. ``generator``
+        must be in the same state on every rank (the run seed, not ``seed_for_rank``).
         """
         if not self.distributed:
             return loss_fn(out, labels, hard_negatives, generator)
-        from .losses import optimal_matching
-        from .model import pair_scores
-
-        if dataclasses.is_dataclass(out):
-            # A new per-batch tensor in ModelOutput must be gathered too, or the global loss
-            # would silently mix it (local) with the gathered ones: refuse before any collective.
-            unknown = [f.name for f in dataclasses.fields(out) if f.name not in _GATHERED
-                       and isinstance(getattr(out, f.name), Tensor)]
-            if unknown:
-                raise DistError(f"compute_loss: cannot gather ModelOutput field(s) {unknown}; "
-                                "teach prvr.distributed.DistContext._gather about them")
-        labels = labels.to(out.query.device)
+        if not isinstance(out, TrainOutput):
+            raise DistError(f"compute_loss: expected a TrainOutput, got {type(out).__name__}")
+        labels = labels.to(out.queries["query"].device)
         if not self._generator_checked:
             self._check_same_generator(generator)
             self._generator_checked = True
-        aux = getattr(out, "query_aux", None)      # the second query encoding for QDL and OML
-        query, query_aux, clips, frames, frame_mask, g_labels = self._gather(out, aux, labels)
-        kwargs = {} if self._max_frames is None else {"max_frames": self._max_frames}
-        clip, clip_raw, frame, frame_raw = pair_scores(query, clips, frames, frame_mask, **kwargs)
-        fields = dict(query=query, clips=clips, frames=frames, frame_mask=frame_mask,
-                      clip_scores=clip, clip_scores_raw=clip_raw, frame_scores=frame,
-                      frame_scores_raw=frame_raw)
-        if aux is not None:
-            fields["query_aux"] = query_aux
-        if dataclasses.is_dataclass(out):
-            g_out = dataclasses.replace(out, **fields)
-        else:
-            g_out = SimpleNamespace(**fields)
-        # OML: local Hungarian, global mean. Value = global sum of matched cosines; gradient =
-        # world_size x the local one (DDP's average then gives the single-device gradient).
-        local_sum, local_count = optimal_matching(out.query if aux is None else aux, out.clips,
-                                                  labels)
-        stats = torch.stack([local_sum.detach().to(torch.float64),
-                             torch.tensor(float(local_count), dtype=torch.float64,
-                                          device=local_sum.device)]).to(self.device)
-        dist.all_reduce(stats)
-        total_sum = stats[0].to(local_sum.dtype)
-        total_count = int(round(stats[1].item()))
-        sum_cos = total_sum + self.world_size * (local_sum - local_sum.detach())
-        return loss_fn(g_out, g_labels, hard_negatives, generator, matching=(sum_cos, total_count))
+        queries, videos, g_labels = self._gather(out, labels)
+        g_out = TrainOutput(queries, videos, unwrap_model(model).train_scores(queries, videos))
+        local = {}
+        for name, (local_sum, local_count) in loss_fn.local_sums(out, labels).items():
+            # value: global sum; gradient: world_size x the local one (DDP's average then gives
+            # the single-device gradient)
+            stats = torch.stack([local_sum.detach().to(torch.float64),
+                                 torch.tensor(float(local_count), dtype=torch.float64,
+                                              device=local_sum.device)]).to(self.device)
+            dist.all_reduce(stats)
+            total = stats[0].to(local_sum.dtype)
+            local[name] = (total + self.world_size * (local_sum - local_sum.detach()),
+                           int(round(stats[1].item())))
+        return loss_fn(g_out, g_labels, hard_negatives, generator, local=local)
 
     def _check_same_generator(self, generator: torch.Generator | None) -> None:
         if generator is None:
@@ -394,61 +362,72 @@ class DistContext:
             raise DistError("compute_loss: the loss generator differs between ranks; seed it "
                             "with the run seed (not seed_for_rank) on every rank")
 
-    def _gather(self, out: Any, aux: Tensor | None, labels: Tensor):
-        """Gather (query, query_aux, clips, frames, frame_mask, labels) from every rank in rank
-        order; query_aux is None when ``aux`` is None.
-
-        One autograd collective for all float embeddings (so the backward issues exactly one
-        collective per step, in the same order on every rank) and one plain collective for the
-        integer side (labels, frame mask)."""
-        query, clips, frames, mask = out.query, out.clips, out.frames, out.frame_mask
-        dev = query.device
-        n_q, hidden = query.shape
-        n_v, n_clips, _ = clips.shape
-        n_f = frames.shape[1]
-        has_aux = aux is not None
-        if has_aux and tuple(aux.shape) != (n_q, hidden):
-            raise DistError(f"compute_loss: query_aux has shape {tuple(aux.shape)}, expected "
-                            f"{(n_q, hidden)}")
-        sizes = torch.tensor([n_q, n_v, n_f, n_clips, hidden, int(has_aux)], dtype=torch.long,
-                             device=dev)
+    def _all_sizes(self, out: TrainOutput, labels: Tensor) -> list[list[int]]:
+        """Every rank's (Nq, B, L) and a digest of its field names and trailing shapes."""
+        v = out.videos
+        layout = [(k, tuple(t.shape[1:])) for k, t in sorted(out.queries.items())]
+        layout += [(k, tuple(t.shape[1:])) for k, t in sorted(v.fixed.items())]
+        layout += [("<seq>", tuple(v.seq.shape[2:]) if v.seq is not None else None)]
+        digest = int.from_bytes(hashlib.sha256(repr(layout).encode()).digest()[:7], "little")
+        n_f = int(v.seq.shape[1]) if v.seq is not None else 0
+        sizes = torch.tensor([labels.numel(), len(v), n_f, digest], dtype=torch.long,
+                             device=labels.device)
         all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(all_sizes, sizes)
         table = torch.stack(all_sizes).tolist()
-        if any(row[3:] != [n_clips, hidden, int(has_aux)] for row in table):
-            raise DistError("compute_loss: ranks disagree on clips/hidden sizes or on the second "
-                            f"query encoding (train vs eval mode): {table}")
-        mq = max(r[0] for r in table)
-        mv = max(r[1] for r in table)
-        mf = max(r[2] for r in table)
+        if any(row[3] != table[0][3] for row in table):
+            raise DistError("compute_loss: ranks disagree on the TrainOutput fields or their "
+                            f"shapes (train vs eval mode?): {[r[:3] for r in table]}")
+        return table
 
-        blocks = [F.pad(query, (0, 0, 0, mq - n_q))]
-        if has_aux:
-            blocks.append(F.pad(aux, (0, 0, 0, mq - n_q)).to(query.dtype))
-        blocks.append(F.pad(clips, (0, 0, 0, 0, 0, mv - n_v)).reshape(mv * n_clips, hidden)
-                      .to(query.dtype))
-        blocks.append(F.pad(frames, (0, 0, 0, mf - n_f, 0, mv - n_v)).reshape(mv * mf, hidden)
-                      .to(query.dtype))
-        parts = gather_with_grad(torch.cat(blocks, dim=0))
+    def _gather(self, out: TrainOutput, labels: Tensor):
+        """(queries, VideoEncoding, labels) of the global batch, in rank order.
 
-        ints = torch.cat([F.pad(labels.long(), (0, mq - n_q)),
-                          F.pad(mask.long(), (0, mf - n_f, 0, mv - n_v)).reshape(-1)])
+        One autograd collective for all float tensors (so the backward issues exactly one
+        collective per step, in the same order on every rank) and one plain collective for the
+        integer side (labels, sequence mask)."""
+        table = self._all_sizes(out, labels)
+        mq, mv, mf = (max(r[i] for r in table) for i in range(3))
+        v = out.videos
+        dtype = out.queries["query"].dtype
+        pieces = [(k, "q", t) for k, t in sorted(out.queries.items())]
+        pieces += [(k, "v", t) for k, t in sorted(v.fixed.items())]
+        if v.seq is not None:
+            pieces.append(("<seq>", "s", v.seq))
+        blocks = []
+        for _, kind, t in pieces:
+            pad = [0, 0] * (t.dim() - (2 if kind == "s" else 1))
+            pad += [0, mf - t.shape[1], 0, mv - t.shape[0]] if kind == "s" else \
+                [0, (mq if kind == "q" else mv) - t.shape[0]]
+            blocks.append(F.pad(t, pad).reshape(-1).to(dtype))
+        parts = gather_with_grad(torch.cat(blocks))
+        ints = [F.pad(labels.long(), (0, mq - labels.numel()))]
+        if v.seq is not None:
+            ints.append(F.pad(v.seq_mask.long(), (0, mf - v.seq.shape[1], 0, mv - len(v))).reshape(-1))
+        ints = torch.cat(ints)
         int_parts = [torch.empty_like(ints) for _ in range(self.world_size)]
         dist.all_gather(int_parts, ints)
+        return self._unpack(pieces, table, (mq, mv, mf), parts, int_parts, v.seq is not None)
 
-        qs, xs, cs, fs, ms, ls = [], [], [], [], [], []
-        offset = 0
-        c_start = 2 * mq if has_aux else mq
-        c_end = c_start + mv * n_clips
+    def _unpack(self, pieces, table, maxima, parts, int_parts, has_seq):
+        mq, mv, mf = maxima
+        got: dict[str, list[Tensor]] = {k: [] for k, _, _ in pieces}
+        labels, masks, offset = [], [], 0
         for (rq, rv, *_), part, ipart in zip(table, parts, int_parts):
-            qs.append(part[:rq])
-            if has_aux:
-                xs.append(part[mq:mq + rq])
-            cs.append(part[c_start:c_end].reshape(mv, n_clips, hidden)[:rv])
-            fs.append(part[c_end:].reshape(mv, mf, hidden)[:rv])
-            ls.append(ipart[:rq] + offset)
-            ms.append(ipart[mq:].reshape(mv, mf)[:rv].bool())
+            start = 0
+            for key, kind, t in pieces:
+                lead = {"q": (mq,), "v": (mv,), "s": (mv, mf)}[kind]
+                tail = t.shape[len(lead):]
+                n = int(np.prod(lead + tuple(tail)))
+                block = part[start:start + n].view(*lead, *tail).to(t.dtype)
+                got[key].append(block[:rq] if kind == "q" else block[:rv])
+                start += n
+            labels.append(ipart[:rq] + offset)
+            if has_seq:
+                masks.append(ipart[mq:].view(mv, mf)[:rv].bool())
             offset += rv
-        return (torch.cat(qs), torch.cat(xs).to(aux.dtype) if has_aux else None,
-                torch.cat(cs).to(clips.dtype), torch.cat(fs).to(frames.dtype), torch.cat(ms),
-                torch.cat(ls))
+        queries = {k: torch.cat(got[k]) for k, kind, _ in pieces if kind == "q"}
+        fixed = {k: torch.cat(got[k]) for k, kind, _ in pieces if kind == "v"}
+        videos = VideoEncoding(fixed, torch.cat(got["<seq>"]) if has_seq else None,
+                               torch.cat(masks) if has_seq else None)
+        return queries, videos, torch.cat(labels)

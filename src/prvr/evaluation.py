@@ -1,17 +1,15 @@
-"""Encode-and-score evaluation: every video of a split once, every query once, all pairs scored.
+"""Encode-and-score evaluation, the same for every method: every video of a split once, every
+query once, all pairs scored with the method's `score`.
 
 Memory layout (what grows with what):
-- The video bank holds the split's encodings compactly: clip embeddings (V, n_clips, H) and the
-  REAL frame embeddings only, packed as (total_frames, H) with per-video offsets (no padding to
-  the split's longest video). This is the only split-sized state besides the (Q, V) score matrix
-  and the (Q, H) query embeddings, all of which are inherent to the task.
-- Scoring runs over blocks of `video_chunk` videos x `query_chunk` queries. A video block is
-  unpacked to (video_chunk, L_block, H) with L_block the longest video IN THE BLOCK, and the score
-  function's temporaries are (query_chunk, video_chunk, n_clips + L_block): bounded by the chunk
-  sizes, not by the split.
-- The retrieval score is the model's (`prvr.model.retrieval_scores`: 0.7 clip + 0.3 frame). Its
-  frame-scale max counts padded positions as 0 whenever a video has fewer than max_frames real
-  frames, so the padding length of a block does not change a score.
+- The video bank holds the split's encodings compactly: the method's fixed per-video tensors
+  stacked (V, ...), and its per-video sequence (frame embeddings) as REAL rows only, packed as
+  (total_rows, H) with per-video offsets (no padding to the split's longest video). This is the
+  only split-sized state besides the (Q, V) score matrix and the (Q, D) query embeddings.
+- Scoring runs over blocks of `video_chunk` videos x `query_chunk` queries. A block's sequences
+  are unpacked to (video_chunk, L_block, H) with L_block the longest video IN THE BLOCK, so the
+  score's temporaries are bounded by the chunk sizes, not by the split. A method's score never
+  depends on how much padding a block carries (each method's tests check it).
 """
 from __future__ import annotations
 
@@ -26,25 +24,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prvr.metrics import DEFAULT_KS, retrieval_metrics
-
 from .atomic import atomic_path
-from .model import unwrap_model
+from .methods import VideoEncoding, unwrap_model
+from .metrics import KS, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (query (q, D), VideoEncoding of a block) -> (q, b) scores
+ScoreFn = Callable[[torch.Tensor, VideoEncoding], torch.Tensor]
 
 
 @dataclass
 class VideoBank:
-    """Encoded videos of one split. frames holds only real frames, video i at
-    frames[offsets[i]:offsets[i + 1]]."""
+    """Encoded videos of one split: fixed tensors (V, ...) and, when the method has one, its
+    sequence packed: video i's rows at seq[offsets[i]:offsets[i + 1]]."""
 
     video_ids: list[str]
-    clips: torch.Tensor  # (V, n_clips, H)
-    frames: torch.Tensor  # (total_frames, H)
-    offsets: torch.Tensor  # (V + 1,) int64, on the same device as frames
+    fixed: dict[str, torch.Tensor]
+    seq: torch.Tensor | None = None      # (total_rows, H)
+    offsets: torch.Tensor | None = None  # (V + 1,) int64, on the same device as seq
 
     def __len__(self) -> int:
         return len(self.video_ids)
@@ -53,23 +51,26 @@ class VideoBank:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
-    def block(self, start: int, stop: int, device: torch.device | str | None = None):
-        """Videos [start, stop) as (clips, frames (n, L, H) zero padded, frame_mask (n, L)),
-        L = longest video in the block."""
-        lengths = self.lengths[start:stop]
-        n = stop - start
-        longest = max(int(lengths.max()) if n else 0, 1)
-        pos = torch.arange(longest, device=self.frames.device)
-        mask = pos[None, :] < lengths[:, None]
-        if self.frames.shape[0]:
-            idx = (self.offsets[start:stop, None] + pos[None, :]).clamp_(max=self.frames.shape[0] - 1)
-            frames = self.frames[idx] * mask[..., None].to(self.frames.dtype)
-        else:
-            frames = self.frames.new_zeros(n, longest, self.frames.shape[1])
-        clips = self.clips[start:stop]
+    def block(self, start: int, stop: int, device: torch.device | str | None = None) -> VideoEncoding:
+        """Videos [start, stop) as a VideoEncoding; the sequence zero padded to the longest
+        video in the block."""
+        fixed = {k: v[start:stop] for k, v in self.fixed.items()}
+        seq = mask = None
+        if self.seq is not None:
+            lengths = self.lengths[start:stop]
+            n = stop - start
+            longest = max(int(lengths.max()) if n else 0, 1)
+            pos = torch.arange(longest, device=self.seq.device)
+            mask = pos[None, :] < lengths[:, None]
+            if self.seq.shape[0]:
+                idx = (self.offsets[start:stop, None] + pos[None, :]).clamp_(max=self.seq.shape[0] - 1)
+                seq = self.seq[idx] * mask[..., None].to(self.seq.dtype)
+            else:
+                seq = self.seq.new_zeros(n, longest, self.seq.shape[1])
         if device is not None:
-            clips, frames, mask = clips.to(device), frames.to(device), mask.to(device)
-        return clips, frames, mask
+            fixed = {k: v.to(device) for k, v in fixed.items()}
+            seq, mask = (None, None) if seq is None else (seq.to(device), mask.to(device))
+        return VideoEncoding(fixed, seq, mask)
 
 
 @dataclass
@@ -79,28 +80,17 @@ class ScoreResult:
     video_ids: list[str]
     query_video_ids: list[str] = field(default_factory=list)
 
-    def metrics(self, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
+    def metrics(self, ks: Iterable[int] = KS) -> dict[str, float]:
         return retrieval_metrics(self.scores, self.query_video_ids, self.video_ids, ks=ks,
                                  query_ids=self.query_ids)
 
 
-
-def _model_config(model: torch.nn.Module):
-    for name in ("cfg", "config"):
-        cfg = getattr(model, name, None)
-        if cfg is not None:
-            return cfg
-    raise AttributeError(f"{type(model).__name__} has no 'cfg'/'config' attribute for the score weights")
-
-
 def default_score_fn(model: torch.nn.Module) -> ScoreFn:
-    """The model's retrieval score: prvr.model.retrieval_scores with the model's config."""
-    from prvr.model import retrieval_scores
+    """The method's retrieval score: model.score(query, videos)["score"]."""
+    model = unwrap_model(model)
 
-    cfg = _model_config(model)
-
-    def score(query, clips, frames, frame_mask):
-        return retrieval_scores(query, clips, frames, frame_mask, cfg)
+    def score(query, videos):
+        return model.score(query, videos)["score"]
 
     return score
 
@@ -127,38 +117,43 @@ class _EvalMode:
         return False
 
 
+def _batches(loader, desc: str, progress: bool):
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return tqdm(loader, desc=desc, total=total, unit="batch", disable=not progress, dynamic_ncols=True)
+
+
 def encode_videos(model: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
                   storage_device: torch.device | str | None = None, progress: bool = True) -> VideoBank:
-    """Encode every video batch of `loader` once ("clip_feats", "frame_feats", "frame_mask",
-    "video_ids"); keep the encodings packed on `storage_device` (default: `device`)."""
+    """Encode every video batch of `loader` once with `model.encode_videos`; keep the encodings
+    (sequences packed) on `storage_device` (default: `device`)."""
     model = unwrap_model(model)
     device = torch.device(device)
     storage = torch.device(storage_device) if storage_device is not None else device
     t0 = time.perf_counter()
     ids: list[str] = []
-    clips_l, frames_l, lengths_l = [], [], []
-    total = len(loader) if hasattr(loader, "__len__") else None
+    fixed: dict[str, list[torch.Tensor]] = {}
+    seqs, lengths = [], []
     with _EvalMode(model):
-        for batch in tqdm(loader, desc="encode videos", total=total, unit="batch",
-                          disable=not progress, dynamic_ncols=True):
-            clips, frames, mask = model.encode_videos(_to(batch["clip_feats"], device),
-                                                      _to(batch["frame_feats"], device),
-                                                      _to(batch["frame_mask"], device))
-            mask = mask.to(torch.bool)
+        for batch in _batches(loader, "encode videos", progress):
+            enc = model.encode_videos({k: _to(v, device) for k, v in batch.items()})
             ids.extend(batch["video_ids"])
-            clips_l.append(clips.float().to(storage))
-            frames_l.append(frames[mask].float().to(storage))
-            lengths_l.append(mask.sum(dim=1).to(storage))
+            for k, v in enc.fixed.items():
+                fixed.setdefault(k, []).append(v.float().to(storage))
+            if enc.seq is not None:
+                mask = enc.seq_mask.to(torch.bool)
+                seqs.append(enc.seq[mask].float().to(storage))
+                lengths.append(mask.sum(dim=1).to(storage))
     if not ids:
         raise ValueError("the video loader yielded no videos")
     if len(set(ids)) != len(ids):
         raise ValueError("the video loader yielded a video id more than once")
-    lengths = torch.cat(lengths_l).long()
-    offsets = torch.zeros(len(ids) + 1, dtype=torch.long, device=storage)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    bank = VideoBank(ids, torch.cat(clips_l), torch.cat(frames_l), offsets)
-    log.info("encoded %d videos (%d frames) in %.1f s", len(ids), bank.frames.shape[0],
-             time.perf_counter() - t0)
+    bank = VideoBank(ids, {k: torch.cat(v) for k, v in fixed.items()})
+    if seqs:
+        offsets = torch.zeros(len(ids) + 1, dtype=torch.long, device=storage)
+        offsets[1:] = torch.cumsum(torch.cat(lengths).long(), 0)
+        bank.seq, bank.offsets = torch.cat(seqs), offsets
+    log.info("encoded %d videos (%d sequence rows) in %.1f s", len(ids),
+             0 if bank.seq is None else bank.seq.shape[0], time.perf_counter() - t0)
     return bank
 
 
@@ -168,12 +163,9 @@ def encode_queries(model: torch.nn.Module, loader: Iterable[dict], device: torch
     model = unwrap_model(model)
     device = torch.device(device)
     embs, qids, qvids = [], [], []
-    total = len(loader) if hasattr(loader, "__len__") else None
     with _EvalMode(model):
-        for batch in tqdm(loader, desc="encode queries", total=total, unit="batch",
-                          disable=not progress, dynamic_ncols=True):
-            embs.append(model.encode_query(_to(batch["query_feats"], device),
-                                           _to(batch["query_mask"], device)).float())
+        for batch in _batches(loader, "encode queries", progress):
+            embs.append(model.encode_queries({k: _to(v, device) for k, v in batch.items()}).float())
             qids.extend(batch["query_ids"])
             if "query_video_ids" in batch:
                 qvids.extend(batch["query_video_ids"])
@@ -195,10 +187,10 @@ def score_matrix(query: torch.Tensor, bank: VideoBank, score_fn: ScoreFn,
     with torch.no_grad():
         for vs in tqdm(starts, desc="score", unit="block", disable=not progress, dynamic_ncols=True):
             ve = min(vs + video_chunk, n_v)
-            clips, frames, mask = bank.block(vs, ve, device)
+            videos = bank.block(vs, ve, device)
             for qs in range(0, n_q, query_chunk):
                 qe = min(qs + query_chunk, n_q)
-                block = score_fn(query[qs:qe].to(device), clips, frames, mask)
+                block = score_fn(query[qs:qe].to(device), videos)
                 scores[qs:qe, vs:ve] = block.float().cpu()
     return scores
 
@@ -218,7 +210,7 @@ def score_queries(model: torch.nn.Module, bank: VideoBank, query_loader: Iterabl
 
 
 def evaluate(model: torch.nn.Module, video_loader: Iterable[dict], query_loader: Iterable[dict],
-             device: torch.device | str, ks: Iterable[int] = DEFAULT_KS,
+             device: torch.device | str, ks: Iterable[int] = KS,
              score_fn: ScoreFn | None = None, query_chunk: int = 512, video_chunk: int = 128,
              storage_device: torch.device | str | None = None, progress: bool = True):
     """Encode a split, score it, and compute the retrieval metrics: (metrics, ScoreResult)."""

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_KS = (1, 5, 10, 100)
+KS = (1, 5, 10, 100)
+# The headline metrics every stage, report and tracker uses, in table order.
+METRIC_KEYS = tuple(f"r{k}" for k in KS) + ("sumr",)
 
 
 def _as_tensor(scores: Any) -> torch.Tensor:
@@ -123,7 +125,7 @@ def query_ranks(scores: Any, relevant: Any, chunk_size: int = 512) -> torch.Tens
     return _ranks_from_pairs(s, pair_q, pair_v, chunk_size)
 
 
-def recall_at_k(ranks: torch.Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str, float]:
+def recall_at_k(ranks: torch.Tensor, ks: Iterable[int] = KS) -> dict[str, float]:
     """{"r<k>": 100 * share of ranks <= k} for each k."""
     n = ranks.numel()
     if n == 0:
@@ -132,8 +134,8 @@ def recall_at_k(ranks: torch.Tensor, ks: Iterable[int] = DEFAULT_KS) -> dict[str
 
 
 def retrieval_metrics(scores: Any, query_video_ids: Sequence[Any], video_ids: Sequence[str],
-                      ks: Iterable[int] = DEFAULT_KS, query_ids: Sequence[str] | None = None,
-                      chunk_size: int = 512, return_ranks: bool = False):
+                      ks: Iterable[int] = KS, query_ids: Sequence[str] | None = None,
+                      chunk_size: int = 512, return_ranks: bool = False, absent: str = "error"):
     """R@k for each k, their sum "sumr", and "medr"/"meanr" (median / mean rank).
 
     scores: (Q, V), rows in the order of query_video_ids, columns in the order of video_ids.
@@ -141,8 +143,16 @@ def retrieval_metrics(scores: Any, query_video_ids: Sequence[Any], video_ids: Se
     query has several relevant videos. A video id that occurs more than once in video_ids makes
     every such column relevant. Raises ValueError naming the first ground-truth id missing from
     video_ids (and its query id when query_ids is given).
+    A query is a hit at k when ANY of its ground-truth videos ranks within k; ids of its list
+    that are not in video_ids are ignored as long as one of them is. A query NONE of whose
+    videos is in video_ids: absent="error" (default) raises as above; absent="miss" keeps it in
+    the denominator as a miss at every k, even k > n_videos (its rank, for medr/meanr and
+    return_ranks, is n_videos + 1), so a video left out of the list can only lower R@k, never
+    raise it; the metrics then include "n_absent", the number of such queries.
     With return_ranks=True returns (metrics, ranks).
     """
+    if absent not in ("error", "miss"):
+        raise ValueError(f"absent must be 'error' or 'miss', got {absent!r}")
     ks = tuple(int(k) for k in ks)
     s = _as_tensor(scores)
     n_q, n_v = s.shape
@@ -161,9 +171,10 @@ def retrieval_metrics(scores: Any, query_video_ids: Sequence[Any], video_ids: Se
         pair_v = torch.tensor(idx, dtype=torch.long)
         pair_q = torch.arange(n_q)
         missing = pair_v < 0
-        if bool(missing.any()):
+        if bool(missing.any()) and absent == "error":
             first = int(torch.nonzero(missing)[0, 0])
             _raise_missing(query_video_ids[first], first, query_ids)
+        pair_q, pair_v = pair_q[~missing], pair_v[~missing]
     else:
         pq: list[int] = []
         pv: list[int] = []
@@ -175,17 +186,23 @@ def retrieval_metrics(scores: Any, query_video_ids: Sequence[Any], video_ids: Se
                     pq.append(i)
                     pv.append(j)
                     found = True
-            if not found:
+            if not found and absent == "error":
                 _raise_missing(gts[0] if gts else "<none>", i, query_ids)
         pair_q = torch.tensor(pq, dtype=torch.long)
         pair_v = torch.tensor(pv, dtype=torch.long)
     ranks = _ranks_from_pairs(s, pair_q, pair_v, chunk_size)
-    metrics = recall_at_k(ranks, ks)
+    has = torch.zeros(n_q, dtype=torch.bool, device=ranks.device)
+    has[pair_q.to(ranks.device)] = True
+    ranks[~has] = n_v + 1  # absent="miss": ranked after every video (for medr/meanr)
+    # ... and never a hit, not even at a k beyond the number of videos
+    metrics = recall_at_k(ranks.masked_fill(~has, torch.iinfo(torch.int64).max), ks)
     metrics["sumr"] = sum(metrics[f"r{k}"] for k in ks)
     sorted_ranks = torch.sort(ranks.to(torch.float64)).values
     mid = (n_q - 1) // 2
     metrics["medr"] = float((sorted_ranks[mid] + sorted_ranks[n_q - 1 - mid]) / 2)
     metrics["meanr"] = float(sorted_ranks.mean())
+    if absent == "miss":
+        metrics["n_absent"] = int((~has).sum())
     if return_ranks:
         return metrics, ranks
     return metrics

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from .model import unwrap_model
 
 __all__ = ["BertAdam", "warmup_linear", "build_optimizer", "current_lr"]
 
@@ -152,19 +151,16 @@ def current_lr(optimizer: Optimizer) -> float:
 _OPTIM_KEYS = ("lr", "weight_decay", "warmup_proportion", "grad_clip_norm")
 
 
-def build_optimizer(model: torch.nn.Module, optim_settings: dict[str, Any], t_total: int) -> BertAdam:
-    """BertAdam over ``model.param_groups(weight_decay)`` with the settings' ``optim`` section
-    (keys lr, weight_decay, warmup_proportion, grad_clip_norm) and ``t_total`` scheduled steps."""
+def build_optimizer(groups: list[dict], optim_settings: dict[str, Any], t_total: int) -> BertAdam:
+    """BertAdam over a method's parameter groups (`Method.param_groups`) with the settings'
+    ``optim`` section (lr, weight_decay, warmup_proportion, grad_clip_norm) and ``t_total``
+    scheduled steps."""
     missing = [k for k in _OPTIM_KEYS if k not in optim_settings]
     if missing:
         raise ValueError(f"optim settings: missing key(s) {', '.join(missing)}")
     if int(t_total) <= 0:
         raise ValueError(f"build_optimizer: t_total must be a positive number of steps, got {t_total}")
-    target = unwrap_model(model)
-    if not hasattr(target, "param_groups"):
-        raise TypeError(f"build_optimizer: {type(model).__name__} has no param_groups(weight_decay)")
     wd = float(optim_settings["weight_decay"])
-    groups = target.param_groups(wd)
     return BertAdam(groups, lr=float(optim_settings["lr"]),
                     warmup=float(optim_settings["warmup_proportion"]), t_total=int(t_total),
                     max_grad_norm=float(optim_settings["grad_clip_norm"]), weight_decay=wd)

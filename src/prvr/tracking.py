@@ -5,7 +5,10 @@ settings (flattened) as params, tags (git commit, DVC experiment name, dataset, 
 per-epoch metrics, the best checkpoint, the report, the final test metrics and the model.
 
 The default store is ``sqlite:///<repo root>/mlflow.db`` with artifacts under
-``<repo root>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides the store. DVC outputs stay the
+``<repo root>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides the store. The repo root is that
+of the ORIGINAL repository also under ``dvc exp run --queue`` / ``--temp``, which run each
+experiment in a copy under ``.dvc/tmp/exps/`` that DVC deletes afterwards
+(:func:`tracking_root`). DVC outputs stay the
 source of truth: every MLflow call goes through :meth:`Tracker._call`, which on the first
 failure logs ONE warning and switches tracking off for the rest of the process, so a tracking
 server that goes away mid-run costs at most one short timeout. MLflow's HTTP retries are
@@ -41,12 +44,32 @@ def experiment_name(dataset: str) -> str:
     return f"{EXPERIMENT_PREFIX}{dataset}"
 
 
+_EXP_TMP = (".dvc", "tmp", "exps")  # where DVC puts the copies of queued and temp experiments
+
+
+def tracking_root(root: str | os.PathLike = ".") -> Path:
+    """The repository whose mlflow.db and mlartifacts/ a run uses.
+
+    DVC sets DVC_ROOT for every stage it runs: the workspace for `dvc repro` / `dvc exp run`,
+    and the ORIGINAL repository (not the copy under .dvc/tmp/exps/) for `dvc exp run --queue`
+    and `--temp`, so DVC_ROOT wins. Without it, a `root` inside `<repo>/.dvc/tmp/exps/` means
+    `<repo>`; else `root` itself."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).absolute()
+    path = Path(root).absolute()
+    parts = path.parts
+    for i in range(len(parts) - len(_EXP_TMP), 0, -1):
+        if parts[i:i + len(_EXP_TMP)] == _EXP_TMP:
+            return Path(*parts[:i])
+    return path
+
+
 def default_tracking_uri(root: str | os.PathLike = ".") -> str:
     """MLFLOW_TRACKING_URI when set, else an SQLite store in the repository root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{(Path(root).absolute() / DB_FILE).as_posix()}"
+    return f"sqlite:///{(tracking_root(root) / DB_FILE).as_posix()}"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -78,10 +101,10 @@ def git_commit(root: str | os.PathLike = ".") -> str | None:
         return None
 
 
-def run_tags(dataset: str, device: str, root: str | os.PathLike = ".") -> dict[str, str]:
-    """Tags of a training run: dataset, device, git commit and, under `dvc exp run`, the DVC
-    experiment name and baseline revision (DVC sets DVC_EXP_NAME / DVC_EXP_BASELINE_REV)."""
-    tags = {"dataset": dataset, "device": str(device)}
+def run_tags(dataset: str, device: str, method: str, root: str | os.PathLike = ".") -> dict[str, str]:
+    """Tags of a training run: dataset, method, device, git commit and, under `dvc exp run`, the
+    DVC experiment name and baseline revision (DVC sets DVC_EXP_NAME / DVC_EXP_BASELINE_REV)."""
+    tags = {"dataset": dataset, "method": method, "device": str(device)}
     commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
@@ -103,7 +126,7 @@ class Tracker:
     def __init__(self, dataset: str, enabled: bool = True, tracking_uri: str | None = None,
                  root: str | os.PathLike = "."):
         self.dataset = dataset
-        self.root = Path(root).absolute()
+        self.root = tracking_root(root)
         self.enabled = bool(enabled)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.root)
         self.run_id: str | None = None

@@ -1,4 +1,7 @@
-"""The training loop of the release, made resumable and exactly reproducible.
+"""The training loop of the releases, the same for every method, resumable and exactly
+reproducible. `train` reads top-down: `setup` (data, network, loss, optimiser through the
+method contract), `restore` (resume from last.pt), then per epoch `train_epoch` and, on rank 0,
+`end_epoch` (validate, keep the best, checkpoint, log).
 
 * An epoch visits every training VIDEO once, in batches of `train.batch_size` videos with all
   of their captions. The order of epoch e is a function of (seed, e) only, so a resumed run
@@ -11,8 +14,8 @@
 * Every epoch ends with `last.pt` (written atomically): model, optimiser, RNG states (torch,
   CUDA, numpy, python, the loss's negative-sampling generator), best-so-far, early-stop
   counter, history and the MLflow run id. Rerunning after a crash resumes from it, unless the
-  run's fingerprint (settings hash, data source, training code) differs: then it starts fresh
-  and says why.
+  run's fingerprint (settings hash, data source, the source of the whole prvr package) differs:
+  then it starts fresh and says why.
 * Distributed (torchrun): only rank 0 validates, checkpoints and logs; the decision to stop is
   broadcast. All collective calls go through prvr.distributed.DistContext.
 """
@@ -36,19 +39,13 @@ from tqdm import tqdm
 
 from .atomic import atomic_path
 from .config import settings_hash
+from .metrics import METRIC_KEYS
 
 log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
-STATE_VERSION = 1
-LOSS_TERMS = ("clip_nce", "clip_trip", "frame_nce", "frame_trip", "qdl", "oml", "total")
-VAL_KEYS = ("r1", "r5", "r10", "r100", "sumr")
-# Test hook: exit hard (no cleanup, like a crash) right after epoch N's checkpoint is written.
-CRASH_ENV = "PRVR_TEST_CRASH_AFTER_EPOCH"
-# Modules whose code defines what a training run computes (part of the resume fingerprint).
-_CODE_MODULES = ("training.py", "model.py", "losses.py", "optim.py", "distributed.py",
-                 "data/datasets.py", "data/features.py", "data/layout.py")
+STATE_VERSION = 2
 
 
 class TrainingError(RuntimeError):
@@ -70,12 +67,12 @@ def training_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def code_hash() -> str:
+    """sha256 over the source of the whole prvr package (every .py file, by relative path)."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for rel in _CODE_MODULES:
-        p = root / rel
-        h.update(rel.encode())
-        h.update(p.read_bytes() if p.is_file() else b"<missing>")
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
     return h.hexdigest()
 
 
@@ -159,8 +156,9 @@ def build_corpus(settings: dict[str, Any]):
     return Corpus.from_settings(settings)
 
 
-def stream_kw(settings: dict[str, Any]) -> dict[str, int]:
-    m = settings["model"]
+def stream_kw(model_config: dict[str, Any]) -> dict[str, int]:
+    """The data streams a method's config asks for (every config has these three fields)."""
+    m = model_config
     return {"n_clips": int(m["n_clips"]), "max_frames": int(m["max_frames"]),
             "max_query_len": int(m["max_query_len"])}
 
@@ -168,7 +166,7 @@ def stream_kw(settings: dict[str, Any]) -> dict[str, int]:
 def train_dataset(corpus, settings: dict[str, Any]):
     from .data.datasets import TrainVideoDataset
 
-    return TrainVideoDataset(corpus, split="train", **stream_kw(settings))
+    return TrainVideoDataset(corpus, split="train", **stream_kw(settings["model"]))
 
 
 def train_loader(dataset, batch_size: int, num_workers: int, sampler) -> DataLoader:
@@ -180,11 +178,11 @@ def train_loader(dataset, batch_size: int, num_workers: int, sampler) -> DataLoa
 
 
 def eval_loaders(corpus, split: str, video_batch_size: int, query_batch_size: int, num_workers: int,
-                 settings: dict[str, Any]):
+                 model_config: dict[str, Any]):
     from .data.datasets import make_eval_loaders
 
     return make_eval_loaders(corpus, split, video_batch_size, query_batch_size, num_workers,
-                             **stream_kw(settings))
+                             **stream_kw(model_config))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -196,13 +194,15 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # outputs
 
 
-HISTORY_FIELDS = (["epoch", "hard_negatives", "lr", "epoch_time_s"]
-                  + [f"loss_{t}" for t in LOSS_TERMS] + [f"val_{k}" for k in VAL_KEYS])
+def history_fields(terms: tuple[str, ...]) -> list[str]:
+    """Columns of train_history.csv for a loss with these term names."""
+    return (["epoch", "hard_negatives", "lr", "epoch_time_s"] + [f"loss_{t}" for t in (*terms, "total")]
+            + [f"val_{k}" for k in METRIC_KEYS])
 
 
-def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
+def write_history_csv(path: str | os.PathLike, history: list[dict[str, Any]], terms: tuple[str, ...]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=history_fields(terms), extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -224,6 +224,71 @@ class TrainResult:
     train_time_s: float = 0.0
     fingerprint: dict[str, str] = field(default_factory=dict)
     epochs_trained_now: int = 0   # epochs this call trained (0: the run had already finished)
+    terms: tuple[str, ...] = ()   # the method's loss terms
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: what it trains, on what, and where it stands."""
+
+    settings: dict[str, Any]
+    method: Any                   # prvr.methods.base.Method
+    ctx: Any                      # prvr.distributed.DistContext
+    ckpt_dir: Path
+    fp: dict[str, str]
+    loader: DataLoader
+    sampler: Any
+    val_loaders: tuple | None
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # model, or its DDP wrapper
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_gen: torch.Generator     # negative sampling; the same stream on every rank
+    # where it stands
+    start_epoch: int = 0
+    best_epoch: int = -1
+    best_val: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in METRIC_KEYS})
+    es_count: int = 0
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+    resumed_from: int | None = None
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(self.loss_fn.terms)
+
+
+def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: dict[str, Any] | None) -> Run:
+    """Data, network, loss and optimiser of a fresh run (same init on every rank)."""
+    from .distributed import seed_for_rank
+    from .methods import get_method
+    from .optim import build_optimizer
+
+    tr = settings["train"]
+    seed, method = int(tr["seed"]), get_method(settings["method"])
+    corpus = build_corpus(settings)
+    dataset = train_dataset(corpus, settings)
+    sampler = ctx.train_sampler(dataset, seed=seed, shuffle=True) or EpochShuffleSampler(len(dataset), seed)
+    num_workers = int(tr.get("num_workers", 0))
+    loader = train_loader(dataset, ctx.local_batch_size(int(tr["batch_size"])), num_workers, sampler)
+    if len(loader) == 0:
+        raise TrainingError("the training split has no videos")
+    val_loaders = None
+    if ctx.is_main:
+        val_loaders = eval_loaders(corpus, str(tr.get("val_split", "val")),
+                                   int(tr.get("val_video_batch_size", 100)),
+                                   int(tr.get("val_query_batch_size", 50)), num_workers, settings["model"])
+    seed_everything(seed)
+    cfg = method.config_from_dict(settings["model"])
+    model = method.build_model(cfg).to(ctx.device)
+    optimizer = build_optimizer(method.param_groups(model, float(settings["optim"]["weight_decay"])),
+                                settings["optim"], len(loader) * int(tr["epochs"]))
+    loss_gen = torch.Generator()
+    loss_gen.manual_seed(seed)
+    seed_everything(seed_for_rank(seed, ctx.rank))
+    return Run(settings, method, ctx, Path(ckpt_dir), fingerprint(settings, source), loader, sampler,
+               val_loaders, model, ctx.wrap(model), method.build_loss(cfg), optimizer, loss_gen)
 
 
 def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]):
@@ -245,8 +310,7 @@ def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]):
         return None
     diffs = [k for k in ("settings_hash", "data_hash", "code_hash") if old.get(k) != fp[k]]
     if diffs:
-        what = {"settings_hash": "settings", "data_hash": "data source",
-                "code_hash": "training code"}
+        what = {"settings_hash": "settings", "data_hash": "data source", "code_hash": "code"}
         log.warning("%s: found a run with different %s (%s); NOT resuming it, starting fresh",
                     last, " and ".join(what[d] for d in diffs),
                     ", ".join(f"{d} {str(old.get(d))[:12]} != {fp[d][:12]}" for d in diffs))
@@ -257,211 +321,181 @@ def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]):
     return ckpt
 
 
-def train(settings: dict[str, Any], ckpt_dir: str | os.PathLike, history_csv: str | os.PathLike | None = None,
-          ctx=None, tracker=None, source: dict[str, Any] | None = None, progress: bool = True
-          ) -> TrainResult:
-    """Train (or resume) the model of `settings`; writes last.pt/best.pt under ckpt_dir."""
-    from .checkpoint import save_checkpoint
-    from .evaluation import evaluate
-    from .losses import GMMFormerLoss
-    from .model import GMMFormer, GMMFormerConfig
-    from .optim import build_optimizer, current_lr
-
-    if ctx is None:
-        from .distributed import DistContext
-
-        ctx = DistContext.from_env(settings["train"].get("device", "auto"))
-    tr = settings["train"]
-    seed = int(tr["seed"])
-    epochs = int(tr["epochs"])
-    patience = int(tr["patience"])
-    hard_start = int(tr["hard_negative_start_epoch"])
-    num_workers = int(tr.get("num_workers", 0))
-    device = ctx.device
-    ckpt_dir = Path(ckpt_dir)
-    fp = fingerprint(settings, source)
-    t_start = time.perf_counter()
-
-    # ---- data
-    corpus = build_corpus(settings)
-    dataset = train_dataset(corpus, settings)
-    local_bs = ctx.local_batch_size(int(tr["batch_size"]))
-    sampler = ctx.train_sampler(dataset, seed=seed, shuffle=True)
-    if sampler is None:
-        sampler = EpochShuffleSampler(len(dataset), seed)
-    loader = train_loader(dataset, local_bs, num_workers, sampler)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise TrainingError("the training split has no videos")
-    val_loaders = None
-    if ctx.is_main:
-        val_loaders = eval_loaders(corpus, str(tr.get("val_split", "val")),
-                                   int(tr.get("val_video_batch_size", 100)),
-                                   int(tr.get("val_query_batch_size", 50)), num_workers, settings)
-
-    # ---- model, loss, optimiser (same init on every rank: seeded with the run seed)
-    seed_everything(seed)
-    model = GMMFormer(GMMFormerConfig.from_dict(settings["model"])).to(device)
-    loss_fn = GMMFormerLoss.from_settings(settings["loss"])
-    t_total = steps_per_epoch * epochs
-    optimizer = build_optimizer(model, settings["optim"], t_total)
-    loss_gen = torch.Generator()  # negative sampling; same stream on every rank
-    loss_gen.manual_seed(seed)
-    from .distributed import seed_for_rank
-
-    rank_seed = seed_for_rank(seed, ctx.rank)
-    seed_everything(rank_seed)
-
-    # ---- resume
-    start_epoch, best_epoch, es_count, finished = 0, -1, 0, False
-    best_val = {k: 0.0 for k in VAL_KEYS}
-    history: list[dict[str, Any]] = []
-    run_id = None
-    resumed_from = None
+def restore(run: Run) -> None:
+    """Resume `run` from last.pt when its fingerprint matches; else clear stale checkpoints."""
+    ctx, ckpt_dir = run.ctx, run.ckpt_dir
     state = None
     if ctx.is_main:
         for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # half-written by a killed run
             stale.unlink(missing_ok=True)
-        state = _load_resume_state(ckpt_dir, fp)
+        state = _load_resume_state(ckpt_dir, run.fp)
         if state is None:
             for name in (LAST, BEST):
                 (ckpt_dir / name).unlink(missing_ok=True)
     state = ctx.broadcast_object(state) if ctx.distributed else state
-    if state is not None:
-        extra = state["extra"]
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"]) + 1
-        resumed_from = int(state["epoch"])
-        best_epoch = int(extra["best_epoch"])
-        best_val = {k: float(v) for k, v in extra["best_val"].items()}
-        es_count = int(extra["es_count"])
-        finished = bool(extra.get("finished", False))
-        history = list(extra.get("history", []))
-        run_id = extra.get("run_id")
-        if ctx.is_main:
-            set_rng_state(extra["rng"], loss_gen)
-        else:  # other ranks: their streams restart from (rank seed, epoch)
-            seed_everything(epoch_seed(rank_seed, start_epoch))
-            loss_gen.set_state(extra["rng"]["loss_generator"].cpu())
-        if ctx.is_main:
-            if finished or start_epoch >= epochs:
-                log.info("%s: training already finished for these settings (epoch %d, best %d); "
-                         "delete %s to train again", ckpt_dir / LAST, resumed_from, best_epoch, ckpt_dir)
-            else:
-                log.info("resuming after epoch %d from %s (best SumR %.2f at epoch %d, early-stop "
-                         "count %d)", resumed_from, ckpt_dir / LAST, best_val["sumr"], best_epoch, es_count)
-    elif ctx.is_main:
-        log.info("training from scratch: %d epochs x %d steps (%d videos, batch %d, device %s, "
-                 "world size %d)", epochs, steps_per_epoch, len(dataset), int(tr["batch_size"]),
-                 device, ctx.world_size)
+    if state is None:
+        return
+    extra = state["extra"]
+    run.model.load_state_dict(state["state_dict"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.resumed_from = int(state["epoch"])
+    run.start_epoch = run.resumed_from + 1
+    run.best_epoch, run.es_count = int(extra["best_epoch"]), int(extra["es_count"])
+    run.best_val = {k: float(v) for k, v in extra["best_val"].items()}
+    run.finished = bool(extra.get("finished", False))
+    run.history, run.run_id = list(extra.get("history", [])), extra.get("run_id")
+    if ctx.is_main:
+        set_rng_state(extra["rng"], run.loss_gen)
+    else:  # other ranks: their streams restart from (rank seed, epoch)
+        from .distributed import seed_for_rank
 
-    # ---- tracking (rank 0)
-    if ctx.is_main and tracker is not None:
-        from .tracking import flatten, run_tags
+        seed_everything(epoch_seed(seed_for_rank(int(run.settings["train"]["seed"]), ctx.rank),
+                                   run.start_epoch))
+        run.loss_gen.set_state(extra["rng"]["loss_generator"].cpu())
 
-        fresh_run = tracker.start(run_id=run_id, run_name=f"{settings['dataset']}-train",
-                                  tags=run_tags(settings["dataset"], str(device)))
-        if fresh_run and fresh_run != run_id:
-            tracker.log_params(flatten({k: v for k, v in settings.items()}))
-            tracker.log_params({"settings_hash": fp["settings_hash"], "world_size": ctx.world_size,
-                                "steps_per_epoch": steps_per_epoch, "t_total": t_total})
-        tracker.set_tags({"resumed_after_epoch": resumed_from} if resumed_from is not None else {})
-        run_id = tracker.run_id or run_id
 
-    train_model = ctx.wrap(model)
-    crash_after = os.environ.get(CRASH_ENV)
-    crash_after = int(crash_after) if crash_after not in (None, "") else None
+def train_epoch(run: Run, epoch: int, progress: bool = True) -> tuple[dict[str, float], float]:
+    """One pass over the training videos: (mean loss terms over ranks, last learning rate)."""
+    from .optim import current_lr
 
-    epoch = start_epoch
-    while not finished and epoch < epochs:
+    tr, ctx = run.settings["train"], run.ctx
+    if hasattr(run.sampler, "set_epoch"):
+        run.sampler.set_epoch(epoch)
+    hard = epoch >= int(tr["hard_negative_start_epoch"])
+    names = (*run.terms, "total")
+    sums = {t: 0.0 for t in names}
+    n_steps, lr = 0, current_lr(run.optimizer)
+    run.train_model.train()
+    bar = tqdm(run.loader, desc=f"epoch {epoch}/{int(tr['epochs']) - 1}", unit="batch",
+               dynamic_ncols=True, disable=not (progress and ctx.is_main), leave=False)
+    for batch in bar:
+        batch = to_device(batch, ctx.device)
+        out = run.train_model(batch)
+        terms = ctx.compute_loss(run.loss_fn, out, batch["query_labels"], hard, run.loss_gen, run.model)
+        run.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        lr = current_lr(run.optimizer)
+        run.optimizer.step()
+        n_steps += 1
+        for t in names:
+            sums[t] += float(terms[t].detach())
+        bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
+    bar.close()
+    return {t: ctx.all_reduce_mean(sums[t] / max(n_steps, 1)) for t in names}, lr
+
+
+def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: float,
+              history_csv, tracker, progress: bool) -> bool:
+    """Rank 0: validate, keep the best, write last.pt and the history, log. True = stop."""
+    from .checkpoint import save_checkpoint
+    from .evaluation import evaluate
+
+    tr, name = run.settings["train"], run.settings["method"]
+    val, _ = evaluate(run.model, run.val_loaders[0], run.val_loaders[1], run.ctx.device, progress=progress)
+    val = {k: float(val[k]) for k in METRIC_KEYS}
+    improved = val["sumr"] > run.best_val["sumr"]
+    if improved:
+        run.best_val, run.best_epoch, run.es_count = dict(val), epoch, 0
+        save_checkpoint(run.ckpt_dir / BEST, run.model, name, None, epoch, val, run.settings,
+                        {"fingerprint": run.fp, "run_id": run.run_id, "split": tr.get("val_split", "val")})
+    else:
+        run.es_count += 1
+    patience = int(tr["patience"])
+    stop = patience >= 0 and run.es_count > patience
+    row = {"epoch": epoch, "hard_negatives": int(epoch >= int(tr["hard_negative_start_epoch"])),
+           "lr": lr, "epoch_time_s": time.perf_counter() - t0,
+           **{f"loss_{t}": v for t, v in losses.items()}, **{f"val_{k}": val[k] for k in METRIC_KEYS}}
+    run.history.append(row)
+    run.finished = stop or epoch + 1 >= int(tr["epochs"])
+    extra = {"state_version": STATE_VERSION, "fingerprint": run.fp, "rng": rng_state(run.loss_gen),
+             "best_epoch": run.best_epoch, "best_val": run.best_val, "es_count": run.es_count,
+             "finished": run.finished, "stopped_early": stop, "history": run.history, "run_id": run.run_id}
+    save_checkpoint(run.ckpt_dir / LAST, run.model, name, run.optimizer, epoch, val, run.settings, extra)
+    if history_csv is not None:
+        write_history_csv(history_csv, run.history, run.terms)
+    log.info("epoch %d: loss %.4f (%.1f s) | val %s | %s", epoch, losses["total"], row["epoch_time_s"],
+             " ".join(f"{k}={val[k]:.2f}" for k in METRIC_KEYS),
+             "new best" if improved else f"no improvement ({run.es_count}/{patience})")
+    if tracker is not None:
+        tracker.log_metrics({**{f"train_{t}": v for t, v in losses.items()}, "lr": lr,
+                             **{f"val_{k}": val[k] for k in METRIC_KEYS},
+                             "val_best_sumr": run.best_val["sumr"], "epoch_time_s": row["epoch_time_s"],
+                             "hard_negatives": float(row["hard_negatives"])}, step=epoch)
+    if stop:
+        log.info("early stop: best validation SumR %.2f at epoch %d has not improved for %d epochs",
+                 run.best_val["sumr"], run.best_epoch, run.es_count)
+    return stop
+
+
+def _start_tracking(run: Run, tracker) -> None:
+    from .tracking import flatten, run_tags
+
+    s = run.settings
+    fresh = tracker.start(run_id=run.run_id, run_name=f"{s['method']}-{s['dataset']}",
+                          tags=run_tags(s["dataset"], str(run.ctx.device), s["method"]))
+    if fresh and fresh != run.run_id:
+        tracker.log_params(flatten(s))
+        tracker.log_params({"settings_hash": run.fp["settings_hash"], "world_size": run.ctx.world_size,
+                            "steps_per_epoch": len(run.loader),
+                            "n_parameters": sum(p.numel() for p in run.model.parameters())})
+    tracker.set_tags({"resumed_after_epoch": run.resumed_from} if run.resumed_from is not None else {})
+    run.run_id = tracker.run_id or run.run_id
+
+
+def _log_start(run: Run) -> None:
+    s, ctx = run.settings, run.ctx
+    if run.resumed_from is None:
+        log.info("training %s from scratch: %d epochs x %d steps (%d videos, batch %d, device %s, "
+                 "world size %d)", s["method"], int(s["train"]["epochs"]), len(run.loader),
+                 len(run.loader.dataset), int(s["train"]["batch_size"]), ctx.device, ctx.world_size)
+    elif run.finished or run.start_epoch >= int(s["train"]["epochs"]):
+        log.info("%s: training already finished for these settings (epoch %d, best %d); delete %s "
+                 "to train again", run.ckpt_dir / LAST, run.resumed_from, run.best_epoch, run.ckpt_dir)
+    else:
+        log.info("resuming after epoch %d from %s (best SumR %.2f at epoch %d, early-stop count %d)",
+                 run.resumed_from, run.ckpt_dir / LAST, run.best_val["sumr"], run.best_epoch, run.es_count)
+
+
+def train(settings: dict[str, Any], ckpt_dir: str | os.PathLike, history_csv: str | os.PathLike | None = None,
+          ctx=None, tracker=None, source: dict[str, Any] | None = None, progress: bool = True
+          ) -> TrainResult:
+    """Train (or resume) the method of `settings`; writes last.pt/best.pt under ckpt_dir."""
+    if ctx is None:
+        from .distributed import DistContext
+
+        ctx = DistContext.from_env(settings["train"].get("device", "auto"))
+    t_start = time.perf_counter()
+    run = setup(settings, ckpt_dir, ctx, source)
+    restore(run)
+    if ctx.is_main:
+        _log_start(run)
+        if tracker is not None:
+            _start_tracking(run, tracker)
+    epoch, epochs = run.start_epoch, int(settings["train"]["epochs"])
+    while not run.finished and epoch < epochs:
         t0 = time.perf_counter()
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        hard = epoch >= hard_start
-        train_model.train()
-        sums = {t: 0.0 for t in LOSS_TERMS}
-        n_steps = 0
-        lr = current_lr(optimizer)
-        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs - 1}", unit="batch", dynamic_ncols=True,
-                   disable=not (progress and ctx.is_main), leave=False)
-        for batch in bar:
-            batch = to_device(batch, device)
-            out = train_model(batch)
-            terms = ctx.compute_loss(loss_fn, out, batch["query_labels"], hard, loss_gen)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            lr = current_lr(optimizer)
-            optimizer.step()
-            n_steps += 1
-            for t in LOSS_TERMS:
-                sums[t] += float(terms[t].detach())
-            bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
-        bar.close()
-        losses = {t: ctx.all_reduce_mean(sums[t] / max(n_steps, 1)) for t in LOSS_TERMS}
-        train_time = time.perf_counter() - t0
-
-        stop = False
-        if ctx.is_main:
-            val, _ = evaluate(ctx.unwrap(train_model), val_loaders[0], val_loaders[1], device,
-                              progress=progress)
-            val = {k: float(val[k]) for k in VAL_KEYS}
-            improved = val["sumr"] > best_val["sumr"]
-            if improved:
-                best_val, best_epoch, es_count = dict(val), epoch, 0
-                save_checkpoint(ckpt_dir / BEST, model, None, epoch, val, settings,
-                                {"fingerprint": fp, "run_id": run_id, "split": tr.get("val_split", "val")})
-            else:
-                es_count += 1
-            stop = patience >= 0 and es_count > patience
-            row = {"epoch": epoch, "hard_negatives": int(hard), "lr": lr,
-                   "epoch_time_s": time.perf_counter() - t0,
-                   **{f"loss_{t}": losses[t] for t in LOSS_TERMS},
-                   **{f"val_{k}": val[k] for k in VAL_KEYS}}
-            history.append(row)
-            finished = stop or epoch + 1 >= epochs
-            extra = {"state_version": STATE_VERSION, "fingerprint": fp, "rng": rng_state(loss_gen),
-                     "best_epoch": best_epoch, "best_val": best_val, "es_count": es_count,
-                     "finished": finished, "stopped_early": stop, "history": history, "run_id": run_id}
-            save_checkpoint(ckpt_dir / LAST, model, optimizer, epoch, val, settings, extra)
-            if history_csv is not None:
-                write_history_csv(history_csv, history)
-            log.info("epoch %d: loss %.4f (%.1f s train, %.1f s total) | val R@1 %.2f R@5 %.2f "
-                     "R@10 %.2f R@100 %.2f SumR %.2f | %s", epoch, losses["total"], train_time,
-                     row["epoch_time_s"], val["r1"], val["r5"], val["r10"], val["r100"], val["sumr"],
-                     "new best" if improved else f"no improvement ({es_count}/{patience})")
-            if tracker is not None:
-                tracker.log_metrics({**{f"train_{t}": losses[t] for t in LOSS_TERMS}, "lr": lr,
-                                     **{f"val_{k}": val[k] for k in VAL_KEYS},
-                                     "val_best_sumr": best_val["sumr"], "epoch_time_s": row["epoch_time_s"],
-                                     "hard_negatives": float(hard)}, step=epoch)
-            if stop:
-                log.info("early stop: best validation SumR %.2f at epoch %d has not improved for "
-                         "%d epochs", best_val["sumr"], best_epoch, es_count)
-            if crash_after is not None and epoch == crash_after:
-                log.warning("%s=%d: exiting hard after epoch %d (test hook)", CRASH_ENV, crash_after, epoch)
-                os._exit(75)
+        losses, lr = train_epoch(run, epoch, progress)
+        stop = end_epoch(run, epoch, losses, lr, t0, history_csv, tracker, progress) if ctx.is_main else False
         stop = bool(ctx.broadcast_object(stop)) if ctx.distributed else stop
         ctx.barrier()
         epoch += 1
         if stop:
             break
-
-    if ctx.is_main and history_csv is not None:
-        write_history_csv(history_csv, history)
-    if ctx.is_main and best_epoch < 0:
-        raise TrainingError("no epoch was validated; nothing to keep")
-    if ctx.is_main and not (ckpt_dir / BEST).is_file():
-        raise TrainingError(f"{ckpt_dir / BEST}: missing although training finished; delete "
-                            f"{ckpt_dir} and train again")
-    stopped_early = bool(history) and len(history) < epochs
-    return TrainResult(best_epoch=best_epoch, best_val=best_val, epochs_run=len(history),
-                       stopped_early=stopped_early, resumed_from=resumed_from, run_id=run_id,
-                       history=history, train_time_s=time.perf_counter() - t_start, fingerprint=fp,
-                       epochs_trained_now=epoch - start_epoch)
+    return _result(run, history_csv, epoch, time.perf_counter() - t_start)
 
 
-def load_best(ckpt_dir: str | os.PathLike):
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(Path(ckpt_dir) / BEST, map_location="cpu")
+def _result(run: Run, history_csv, epoch: int, seconds: float) -> TrainResult:
+    if run.ctx.is_main:
+        if history_csv is not None:
+            write_history_csv(history_csv, run.history, run.terms)
+        if run.best_epoch < 0:
+            raise TrainingError("no epoch was validated; nothing to keep")
+        if not (run.ckpt_dir / BEST).is_file():
+            raise TrainingError(f"{run.ckpt_dir / BEST}: missing although training finished; delete "
+                                f"{run.ckpt_dir} and train again")
+    epochs = int(run.settings["train"]["epochs"])
+    return TrainResult(best_epoch=run.best_epoch, best_val=run.best_val, epochs_run=len(run.history),
+                       stopped_early=bool(run.history) and len(run.history) < epochs,
+                       resumed_from=run.resumed_from, run_id=run.run_id, history=run.history,
+                       train_time_s=seconds, fingerprint=run.fp,
+                       epochs_trained_now=epoch - run.start_epoch, terms=run.terms)

@@ -14,7 +14,7 @@ from pathlib import Path
 from .base import Method, MethodLoss, MethodModel, TrainOutput, VideoEncoding
 
 __all__ = ["Method", "MethodLoss", "MethodModel", "TrainOutput", "VideoEncoding",
-           "available", "get_method", "create_model", "create_loss"]
+           "available", "get_method", "create_model", "create_loss", "unwrap_model"]
 
 
 def available() -> list[str]:
@@ -41,3 +41,11 @@ def create_model(name: str, cfg):
 def create_loss(name: str, cfg):
     """The objective of method `name` for config `cfg` (the one place a loss is chosen)."""
     return get_method(name).build_loss(cfg)
+
+
+def unwrap_model(model):
+    """The model inside a DistributedDataParallel / DataParallel wrapper (else `model`)."""
+    import torch.nn as nn
+
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model

@@ -231,7 +231,7 @@ def load_release(ckpt: Mapping[str, Any], base: GMMFormerConfig
     """(config, our state dict, info) from a release checkpoint {"config", "state_dict", ...}."""
     if not isinstance(ckpt["state_dict"], Mapping) or not isinstance(ckpt["config"], Mapping):
         raise ValueError("release checkpoint with a non-dict 'config' or 'state_dict'")
-    cfg = config_from_release(ckpt["config"], base)
+    cfg = config_from_release(ckpt["config"], base if base is not None else GMMFormerConfig())
     state = convert_release_state_dict(ckpt["state_dict"], cfg)
     info = {"epoch": ckpt.get("epoch"), "metrics": release_metrics(ckpt.get("model_val", ())),
             "extra": {"release_config": dict(ckpt["config"])}}
