@@ -23,12 +23,19 @@ own generator seeded by (seed, split, index), so the output files are byte-ident
 runs and the real-dataset-shaped presets can be written as a stream, one video at a time.
 Output is built in a temporary folder next to the target and renamed into place.
 
-CLI: python -m prvr.data.demo --out DIR --preset demo --seed 7 [--scale S]
+Two options, off by default (the default corpus stays byte-identical), feed the honest-numbers
+checks: `val_is_test` writes the test captions as the validation split too (MS-SL's TVR), and
+`dense_gt` writes a dense multi-ground-truth split `<collection>denseval` (caption file and
+.gt.jsonl in the collection folder, see prvr.data.splits): a test caption's videos are its own
+and every other test video that shows a moment of the same latent event.
+
+CLI: python -m prvr.data.demo --out DIR --preset demo --seed 7 [--scale S] [--dense-gt] [--val-is-test]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -205,14 +212,19 @@ def _moment_spans(rng: np.random.Generator, n: int, k: int, frac: tuple[float, f
     return spans
 
 
+def _moment_events(preset: Preset, rng: np.random.Generator, n: int, n_caps: int):
+    """(number of moments k, event id of each moment): the first draws of a video's generator."""
+    k = n_caps + int(rng.integers(preset.extra_moments[0], preset.extra_moments[1] + 1))
+    k = min(k, n)
+    return k, rng.integers(0, preset.n_events, k)
+
+
 def _render_video(preset: Preset, world: _World, seed: int, split: str, index: int,
                   n: int, n_caps: int):
     """Frames (n, Dv) float32 and, per caption, (tokens (L, Dt) float32, text)."""
     rng = np.random.default_rng([seed, 1, _SPLIT_CODE[split], index])
     d = preset.latent_dim
-    k = n_caps + int(rng.integers(preset.extra_moments[0], preset.extra_moments[1] + 1))
-    k = min(k, n)
-    event_ids = rng.integers(0, preset.n_events, k)
+    k, event_ids = _moment_events(preset, rng, n, n_caps)
     moments = world.events[event_ids] + preset.instance_scale * rng.standard_normal((k, d)).astype(np.float32)
     scene = world.scenes[rng.integers(0, preset.n_scenes)]
     background = preset.scene_scale * (scene + 0.6 * rng.standard_normal(d).astype(np.float32))
@@ -261,12 +273,52 @@ def video_id(preset: Preset, split: str, index: int) -> str:
 
 # --------------------------------------------------------------------------- writer
 
+def dense_ground_truth(preset: Preset, seed: int, lengths: np.ndarray, caps: np.ndarray,
+                       split: str = "test") -> list[tuple[str, list[str]]]:
+    """[(caption id, its videos)] of a split: a caption fits its own video and every other
+    video of the split with a moment of the same event (own video first, then split order)."""
+    events, cap_events = [], []
+    for i in range(len(lengths)):
+        rng = np.random.default_rng([seed, 1, _SPLIT_CODE[split], i])
+        k, ev = _moment_events(preset, rng, int(lengths[i]), int(caps[i]))
+        events.append(set(ev.tolist()))
+        cap_events.append([int(ev[c % k]) for c in range(int(caps[i]))])
+    by_event: dict[int, list[int]] = {}
+    for i, ev in enumerate(events):
+        for e in sorted(ev):
+            by_event.setdefault(e, []).append(i)
+    out = []
+    for i, evs in enumerate(cap_events):
+        vid = video_id(preset, split, i)
+        for c, e in enumerate(evs):
+            others = [video_id(preset, split, j) for j in by_event[e] if j != i]
+            out.append((f"{vid}#enc#{c}", [vid, *others]))
+    return out
+
+
+def _write_options(p: Preset, tmp: Path, seed: int, plans, dense_gt: bool, val_is_test: bool) -> None:
+    """The optional files: val captions = test captions; the dense split of the test videos."""
+    text_dir = tmp / "TextData"
+    test_caps = text_dir / f"{p.collection}test.caption.txt"
+    if val_is_test:
+        shutil.copyfile(test_caps, text_dir / f"{p.collection}val.caption.txt")
+    if dense_gt:
+        texts = dict(line.split(" ", 1) for line in test_caps.read_text(encoding="utf-8").splitlines())
+        shutil.copyfile(test_caps, tmp / f"{p.collection}denseval.caption.txt")
+        with open(tmp / f"{p.collection}denseval.gt.jsonl", "w", encoding="utf-8", newline="\n") as fh:
+            for cap_id, videos in dense_ground_truth(p, seed, *plans["test"]):
+                fh.write(json.dumps({"query_id": cap_id, "caption": texts[cap_id],
+                                     "gt_video_ids": videos}) + "\n")
+
+
 def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int = 7,
-                    scale: float = 1.0, progress: bool = True) -> Path:
+                    scale: float = 1.0, progress: bool = True, dense_gt: bool = False,
+                    val_is_test: bool = False) -> Path:
     """Write `<out_dir>/<collection>/` in MS-SL layout; returns that folder.
 
-    Deterministic in (preset, seed, scale). Builds in a temporary folder next to the target
-    and renames it into place (an existing corpus there is replaced)."""
+    Deterministic in (preset, seed, scale, options). Builds in a temporary folder next to the
+    target and renames it into place (an existing corpus there is replaced). `dense_gt` and
+    `val_is_test`: see the module docstring."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
@@ -320,6 +372,7 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
             bar.close()
             with open(feat_dir / "shape.txt", "w", encoding="ascii", newline="\n") as fh:
                 fh.write(f"{n_rows} {p.visual_dim}\n")
+            _write_options(p, tmp, seed, plans, dense_gt, val_is_test)
             _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -357,10 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="fraction of the preset's split sizes (e.g. 0.05)")
+    ap.add_argument("--dense-gt", action="store_true",
+                    help="also write the dense ground-truth split <collection>denseval")
+    ap.add_argument("--val-is-test", action="store_true",
+                    help="write the test captions as the validation split too (as MS-SL's TVR)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        path = generate_corpus(args.out, args.preset, args.seed, args.scale)
+        path = generate_corpus(args.out, args.preset, args.seed, args.scale,
+                               dense_gt=args.dense_gt, val_is_test=args.val_is_test)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

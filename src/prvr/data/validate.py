@@ -7,6 +7,9 @@
      "frames": {"rows", "ids"},
      "splits": {split: {"videos", "captions", "frames_per_video": {min, median, max},
                         "tokens_per_caption": {min, median, max}}},
+     "overlap": {"val_captions", "test_captions", "shared_captions", "val_videos",
+                 "test_videos", "shared_videos", "identical"}   (val vs test; also a warning),
+     "dense": {name: {"queries", "videos", "multi_video_queries", "max_videos_per_query"}},
      "problems": {"errors": [{"file", "message"}, ...], "warnings": [...]}}
 
 Each problem is one line naming the file (relative to the collection folder) and what is
@@ -30,6 +33,7 @@ from tqdm import tqdm
 from .layout import (SPLITS, CollectionPaths, DataError, parse_caption_lines,
                      parse_video2frames_text, read_ids, read_shape, split_video_ids, _decode_text,
                      _read_bytes)
+from .splits import dense_problems, dense_split_files, split_overlap
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +99,176 @@ def _scan_feature_bin(path: Path, n: int, d: int, ids: list[str] | None, progres
     return bad_count, first
 
 
+def _check_overlap(paths: CollectionPaths, P: _Problems, split_caps: dict, report: dict) -> None:
+    """Val vs test, by caption ids and video ids: counts in the report, a warning when shared."""
+    if "val" not in split_caps or "test" not in split_caps:
+        return
+    o = report["overlap"] = split_overlap(split_caps["val"], split_caps["test"])
+    if o["shared_captions"] or o["shared_videos"]:
+        what = "is the test split" if o["identical"] else "overlaps the test split"
+        P.warning(paths.caption_file("val"), f"the validation split {what}: {o['shared_captions']} of "
+                  f"{o['test_captions']} test captions and {o['shared_videos']} of {o['test_videos']} "
+                  "test videos; model selection on it sees the test split (train.val_split: holdout "
+                  "avoids this)")
+
+
+def _check_dense(paths: CollectionPaths, P: _Problems, names: Iterable[str],
+                 v2f: dict[str, list[str]] | None, report: dict) -> None:
+    """Dense ground-truth splits: every one in the folder, and each name asked for must exist."""
+    try:
+        files = dense_split_files(paths)
+    except DataError as exc:
+        P.error(paths.collection_dir, str(exc))
+        return
+    for name in names:
+        if name not in files:
+            P.error(paths.text_dir / f"{paths.collection}{name}.gt.jsonl", f"dense split '{name}' "
+                    f"(evaluate.extra_splits) not found here nor in the collection folder")
+    has_frames = None if v2f is None else (lambda v: bool(v2f.get(v)))
+    h5 = None
+    if paths.query_feat_file.is_file() and files:
+        import h5py
+
+        try:
+            h5 = h5py.File(paths.query_feat_file, "r")
+        except OSError:
+            h5 = None  # reported by the text-feature checks
+    try:
+        for name, (cap, gt) in files.items():
+            has_text = None if h5 is None else (
+                lambda q: q in h5)
+            problems, split = dense_problems(name, cap, gt, has_frames, has_text)
+            for where, what in problems:
+                P.errors.append({"file": P._rel(where), "message": f"{P._rel(where)}: {what}"})
+            if split is not None:
+                report.setdefault("dense", {})[name] = {
+                    "queries": len(split.query_ids), "videos": len(split.video_ids),
+                    "multi_video_queries": split.multi,
+                    "max_videos_per_query": max((len(g) for g in split.gt_video_ids), default=0)}
+    finally:
+        if h5 is not None:
+            h5.close()
+
+
+def _check_bigfile(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
+                   splits: dict, visual_dim: int | None, progress: bool, report: dict
+                   ) -> tuple[int | None, dict[str, list[str]] | None]:
+    """shape.txt, id.txt, feature.bin and video2frames.txt: (feature dimension, video2frames)."""
+    # -- visual features ------------------------------------------------------------------------
+    n = d = None
+    ids: list[str] | None = None
+    try:
+        n, d = read_shape(paths.shape_file)
+    except DataError as exc:
+        P.error(paths.shape_file, str(exc).split(": ", 1)[-1])
+    if d is not None and visual_dim is not None and d != visual_dim:
+        P.error(paths.shape_file, f"feature dimension {d} differs from visual_dim {visual_dim} "
+                "in params.yaml")
+    try:
+        ids = read_ids(paths.id_file)
+    except DataError as exc:
+        P.error(paths.id_file, str(exc).split(": ", 1)[-1])
+    if ids is not None:
+        if n is not None and len(ids) != n:
+            P.error(paths.id_file, f"{len(ids)} ids but shape.txt says {n} rows")
+        if len(set(ids)) != len(ids):
+            dup = [i for i, c in Counter(ids).items() if c > 1]
+            P.error(paths.id_file, f"{len(dup)} frame ids appear more than once ({_examples(dup)})")
+    if not paths.feature_file.is_file():
+        P.error(paths.feature_file, "not found")
+    elif n is not None and d is not None:
+        size = paths.feature_file.stat().st_size
+        if size != n * d * 4:
+            P.error(paths.feature_file, f"{size} bytes, but shape.txt {n} x {d} float32 needs {n * d * 4}")
+        else:
+            bad_rows, first = _scan_feature_bin(paths.feature_file, n, d, ids, progress)
+            if bad_rows:
+                P.error(paths.feature_file, f"{bad_rows} frame vectors hold NaN or Inf ({_examples(first)})")
+    report["frames"] = {"rows": n, "ids": None if ids is None else len(ids)}
+
+    # -- video2frames ---------------------------------------------------------------------------
+    v2f: dict[str, list[str]] | None = None
+    v2f_file = paths.video2frames_file
+    try:
+        text = _decode_text(_read_bytes(v2f_file))
+        v2f, dup_keys = parse_video2frames_text(text, source=P._rel(v2f_file))
+        if dup_keys:
+            P.error(v2f_file, f"{len(dup_keys)} video ids appear more than once ({_examples(dup_keys)})")
+    except DataError as exc:
+        msg = str(exc)
+        P.errors.append({"file": P._rel(v2f_file),
+                         "message": msg if msg.startswith(P._rel(v2f_file)) else f"{P._rel(v2f_file)}: "
+                         + msg.split(": ", 1)[-1]})
+    if v2f is not None:
+        for split, videos in split_videos.items():
+            absent = [v for v in videos if v not in v2f]
+            if absent:
+                P.error(v2f_file, f"{len(absent)} videos of split '{split}' have no entry ({_examples(absent)})")
+            empty = [v for v in videos if v in v2f and not v2f[v]]
+            if empty:
+                P.error(v2f_file, f"{len(empty)} videos of split '{split}' have 0 frames ({_examples(empty)})")
+            splits[split]["frames_per_video"] = _stats([len(v2f[v]) for v in videos if v in v2f])
+        if ids is not None:
+            known = set(ids)
+            referenced: set[str] = set()
+            for frames in v2f.values():
+                referenced.update(frames)
+            unknown = referenced - known
+            if unknown:
+                used = set().union(*(v2f[v] for vs in split_videos.values() for v in vs if v in v2f)) \
+                    if split_videos else set()
+                used_unknown = sorted(unknown & used)
+                if used_unknown:
+                    P.error(v2f_file, f"{len(used_unknown)} frame ids are not in id.txt "
+                            f"({_examples(used_unknown)})")
+                other = sorted(unknown - used)
+                if other:
+                    P.warning(v2f_file, f"{len(other)} frame ids of videos in no split are not in "
+                              f"id.txt ({_examples(other)})")
+        repeated = [v for v, frames in v2f.items() if len(set(frames)) != len(frames)]
+        if repeated:
+            P.warning(v2f_file, f"{len(repeated)} videos list a frame id more than once "
+                      f"({_examples(repeated)})")
+    return d, v2f
+
+
+def _check_h5_videos(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
+                     splits: dict, visual_dim: int | None, progress: bool, report: dict
+                     ) -> tuple[int | None, dict[str, range] | None]:
+    """The per-video HDF5 file (feature_format hdf5): every video of a split present, a 2-d
+    float dataset with frames, of width visual_dim, finite. (width, {video: range(frames)})."""
+    from .h5features import scan_videos
+
+    f = paths.video_feat_file
+    scan = scan_videos(f, split_videos, progress)
+    report["frames"] = {"videos": sum(len(v) for v in scan["frames"].values())}
+    if scan["error"]:
+        P.error(f, scan["error"])
+        return None, None
+    for split, videos in split_videos.items():
+        for kind, what in (("absent", "have no features"), ("bad", "cannot be used"),
+                           ("non_finite", "hold NaN or Inf")):
+            found = scan[kind][split]
+            if found:
+                vid, why = found[0]
+                P.error(f, f"{len(found)} videos of split '{split}' {what}: video '{vid}' {why}"
+                        + (f" (also {_examples(v for v, _ in found[1:])})" if len(found) > 1 else ""))
+        splits[split]["frames_per_video"] = _stats(scan["frames"][split])
+    dims = scan["dims"]
+    wrong = {k: v for k, v in dims.items() if visual_dim is not None and k != visual_dim}
+    if wrong or len(dims) > 1:
+        widths = ", ".join(f"{k} ({v} videos)" for k, v in sorted(dims.items()))
+        P.error(f, f"video feature widths {widths}; params.yaml visual_dim is {visual_dim}")
+    return (next(iter(dims)) if len(dims) == 1 else None), {v: range(n) for v, n in scan["counts"].items()}
+
+
 def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
-                        text_dim: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every check on one collection; never raises for bad data (it is all in the report)."""
+                        text_dim: int | None = None, progress: bool = True,
+                        dense_splits: Iterable[str] = ()) -> dict[str, Any]:
+    """Run every check on one collection; never raises for bad data (it is all in the report).
+
+    Dense ground-truth splits found in the folder are always checked; `dense_splits` names those
+    that must exist (evaluate.extra_splits)."""
     t0 = time.time()
     root = paths.collection_dir
     P = _Problems(root)
@@ -137,6 +308,7 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
             if shared:
                 P.warning(paths.caption_file(s), f"{len(shared)} videos of split '{s}' are also in "
                           f"train ({_examples(shared)})")
+    _check_overlap(paths, P, split_caps, report)
 
     # -- visual features ------------------------------------------------------------------------
     n = d = None
@@ -281,6 +453,7 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
             P.error(hfile, f"not a readable HDF5 file ({str(exc).splitlines()[0]})")
     if len(text_dims) > 1:
         P.error(hfile, f"caption features have different dimensions: {sorted(text_dims)}")
+    _check_dense(paths, P, dense_splits, v2f, report)
 
     report["dims"] = {"visual": d, "text": sorted(text_dims)[0] if len(text_dims) == 1 else sorted(text_dims) or None,
                       "expected_visual": visual_dim, "expected_text": text_dim}
@@ -309,7 +482,8 @@ def validate(settings: dict[str, Any], data_dir: str | os.PathLike = "data", pro
     if not paths.collection_dir.is_dir():
         raise DataError(f"{paths.collection_dir}: no MS-SL collection folder here "
                         f"(dataset '{settings['dataset']}'); run the fetch stage")
-    report = validate_collection(paths, settings.get("visual_dim"), settings.get("text_dim"), progress)
+    report = validate_collection(paths, settings.get("visual_dim"), settings.get("text_dim"), progress,
+                                 (settings.get("evaluate") or {}).get("extra_splits") or ())
     report = {"dataset": settings["dataset"], **report}
     out = report_path(settings, data_dir)
     write_json_atomic(out, report)
