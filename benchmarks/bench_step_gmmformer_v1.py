@@ -1,0 +1,182 @@
+"""Time one full GMMFormer v1 training step: forward, all losses, backward, optimiser step.
+
+    python benchmarks/bench_step_gmmformer_v1.py                          # ours only
+    python benchmarks/bench_step_gmmformer_v1.py --release /tmp/GMMFormer # + the release
+
+TVR configuration (visual 3072, text 768, hidden 384, 4 heads, dropout 0.2): B videos, each
+with 5 captions (TVR's count) of 8-30 tokens and 20-128 frames (uniform, fixed seed); frames
+and tokens padded to the batch's longest, as the release's collate does. `--release` points at
+a copy of the public release (the folder holding `src/Models/gmmformer`); its model, loss and
+BertAdam are imported from there as they are, with `ipdb`/`easydict` shimmed when missing and
+`.cuda()` a no-op without CUDA. Both start from the same weights (ours mapped to the release
+layout) and alternate step by step on the same batch, so both see the same machine load.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from prvr.methods import get_method
+from prvr.methods.gmmformer_v1.release import to_release_state_dict
+from prvr.optim import build_optimizer
+
+TVR = dict(lr=3e-4, weight_decay=0.01, warmup_proportion=0.01, grad_clip_norm=1.0)
+METHOD = get_method("gmmformer_v1")
+
+
+def make_batch(n_videos: int, cfg, seed: int, captions: int = 5) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n_frames = torch.randint(20, cfg.max_frames + 1, (n_videos,), generator=g)
+    labels = torch.arange(n_videos).repeat_interleave(captions)
+    n_tok = torch.randint(8, cfg.max_query_len + 1, (len(labels),), generator=g)
+    Lf, Lq = int(n_frames.max()), int(n_tok.max())
+
+    def unit(x):
+        return x / (x.norm(dim=-1, keepdim=True) + 1e-5)
+
+    frame_mask = torch.arange(Lf)[None] < n_frames[:, None]
+    query_mask = torch.arange(Lq)[None] < n_tok[:, None]
+    return {"clip_feats": unit(torch.rand(n_videos, cfg.n_clips, cfg.visual_dim, generator=g)),
+            "frame_feats": unit(torch.rand(n_videos, Lf, cfg.visual_dim, generator=g)) * frame_mask[..., None],
+            "frame_mask": frame_mask,
+            "query_feats": unit(torch.randn(len(labels), Lq, cfg.text_dim, generator=g)) * query_mask[..., None],
+            "query_mask": query_mask, "query_labels": labels}
+
+
+def import_release(root: Path):
+    """(GMMFormer_Net, loss, BertAdam, EasyDict) of the release under root/src."""
+    src = Path(root) / "src"
+    if not (src / "Models" / "gmmformer" / "model.py").is_file():
+        raise SystemExit(f"--release {root}: no src/Models/gmmformer/model.py there")
+    for mod in ("ipdb", "easydict"):
+        try:
+            __import__(mod)
+        except ImportError:
+            shim = types.ModuleType(mod)
+
+            class EasyDict(dict):
+                def __getattr__(self, k):
+                    try:
+                        return self[k]
+                    except KeyError:
+                        raise AttributeError(k) from None
+
+                def __setattr__(self, k, v):
+                    self[k] = v
+            shim.EasyDict = EasyDict
+            sys.modules[mod] = shim
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self  # the release hard-codes .cuda()
+    sys.path.insert(0, str(src))
+    from easydict import EasyDict
+    from Losses.loss import loss as ReleaseLoss
+    from Models.gmmformer.model import GMMFormer_Net
+    from Opts.optimization import BertAdam
+    return GMMFormer_Net, ReleaseLoss, BertAdam, EasyDict
+
+
+def release_model(root: Path, cfg):
+    Net, _, _, EasyDict = import_release(root)
+    mc = EasyDict(visual_input_size=cfg.visual_dim, query_input_size=cfg.text_dim, hidden_size=cfg.hidden_size,
+                  max_ctx_l=cfg.max_frames, max_desc_l=cfg.max_query_len, map_size=cfg.n_clips,
+                  input_drop=cfg.input_drop, drop=cfg.drop, n_heads=cfg.n_heads,
+                  initializer_range=cfg.init_std, margin=cfg.margin, use_hard_negative=False,
+                  hard_pool_size=cfg.hard_pool_size)
+    return Net(mc)
+
+
+def release_loss_cfg(cfg, hard: bool) -> dict:
+    return dict(margin=cfg.margin, hard_pool_size=cfg.hard_pool_size, use_hard_negative=hard,
+                loss_factor=[cfg.clip_nce, cfg.frame_nce, cfg.qdl], neg_factor=[cfg.qdl_margin, cfg.qdl_alpha])
+
+
+def release_batch(batch: dict) -> dict:
+    return {"clip_video_features": batch["clip_feats"], "frame_video_features": batch["frame_feats"],
+            "videos_mask": batch["frame_mask"].float(), "text_feat": batch["query_feats"],
+            "text_mask": batch["query_mask"].float(), "text_labels": batch["query_labels"].tolist()}
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, cfg):
+        self.model = METHOD.build_model(cfg).train()
+        self.loss = METHOD.build_loss(cfg)
+        self.opt = build_optimizer(METHOD.param_groups(self.model, TVR["weight_decay"]), TVR, t_total=10_000)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def step(self, batch) -> float:
+        t0 = time.perf_counter()
+        loss = self.loss(self.model(batch), batch["query_labels"], False, self.gen)["total"]
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+
+class Release:
+    name = "release"
+
+    def __init__(self, root: Path, cfg, weights: dict):
+        _, Loss, BertAdam, _ = import_release(root)
+        self.model = release_model(root, cfg).train()
+        self.model.load_state_dict(weights)
+        self.loss = Loss(release_loss_cfg(cfg, hard=False))
+        no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
+        named = list(self.model.named_parameters())
+        groups = [{"params": [p for n, p in named if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
+                  {"params": [p for n, p in named if any(nd in n for nd in no_decay)], "weight_decay": 0.0}]
+        self.opt = BertAdam(groups, lr=TVR["lr"], weight_decay=0.01, warmup=0.01, t_total=10_000,
+                            schedule="warmup_linear")
+
+    def step(self, batch) -> float:
+        t0 = time.perf_counter()
+        self.opt.zero_grad()
+        self.loss(self.model(batch), batch).backward()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--videos", type=int, default=128, help="videos per batch")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per implementation")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    ap.add_argument("--release", type=Path, help="a copy of the public GMMFormer (v1) release")
+    ap.add_argument("--seed", type=int, default=9527)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = METHOD.config({}, {"visual_dim": 3072, "text_dim": 768})  # the TVR defaults
+    batch = make_batch(args.videos, cfg, args.seed)
+    runners = [(Ours(cfg), batch)]
+    if args.release is not None:
+        weights = to_release_state_dict(runners[0][0].model.state_dict(), cfg)
+        runners.append((Release(args.release, cfg, weights), release_batch(batch)))
+    times = {r.name: [] for r, _ in runners}
+    for i in range(args.warmup + args.reps):
+        for runner, b in runners:
+            t = runner.step(b)
+            if i >= args.warmup:
+                times[runner.name].append(t)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.videos} videos, "
+          f"{len(batch['query_labels'])} queries, {int(batch['frame_mask'].sum())} real frames "
+          f"of {batch['frame_mask'].numel()} slots; {args.reps} timed steps each")
+    for name, ts in times.items():
+        print(f"{name:>8}: min {min(ts):.3f} s, median {statistics.median(ts):.3f} s per step")
+    if "release" in times:
+        print(f"release / ours: x{min(times['release']) / min(times['ours']):.2f} (min), "
+              f"x{statistics.median(times['release']) / statistics.median(times['ours']):.2f} (median)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
