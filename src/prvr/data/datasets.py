@@ -49,8 +49,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .features import FeatureStore
-from .layout import (SPLITS, CollectionPaths, DataError, locate, read_captions,
-                     split_video_ids)
+from .h5features import H5FeatureStore
+from .layout import (SPLITS, CollectionPaths, DataError, caption_key_alias, locate,
+                     read_captions, split_video_ids)
 
 N_CLIPS = 32
 MAX_FRAMES = 128
@@ -174,7 +175,10 @@ def _h5():
 
 
 class TextFeatures:
-    """Caption token features in roberta_<collection>_query_feat.hdf5 (one dataset per caption).
+    """Caption features in a query HDF5 file (one dataset per caption): token rows (tokens, D)
+    as in roberta_<collection>_query_feat.hdf5, or one vector per caption, (D,) or (1, D), as
+    in the CLIP files (read as one token). A caption id absent from the file is looked up under
+    `caption_key_alias` too.
 
     The HDF5 file is opened lazily in each process (never pickled), so it works in workers.
 
@@ -216,20 +220,31 @@ class TextFeatures:
         return self._h5
 
     def _open(self, cap_id: str):
-        try:
-            ds = _h5()[1].open(self._file().id, cap_id.encode("utf-8"))
-        except (KeyError, ValueError, TypeError):
-            raise DataError(f"{self.path}: no features for caption '{cap_id}'") from None
+        ds = None
+        for key in filter(None, (cap_id, caption_key_alias(cap_id))):
+            try:
+                ds = _h5()[1].open(self._file().id, key.encode("utf-8"))
+                break
+            except (KeyError, ValueError, TypeError):
+                continue
+        if ds is None:
+            raise DataError(f"{self.path}: no features for caption '{cap_id}'")
         shape = ds.shape
-        if len(shape) != 2 or shape[0] == 0:
-            raise DataError(f"{self.path}: features of caption '{cap_id}' have shape {shape}, "
-                            "expected (tokens >= 1, D)")
+        if len(shape) == 1:                      # one vector per caption: one token
+            shape = (1, shape[0])
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise DataError(f"{self.path}: features of caption '{cap_id}' have shape {ds.shape}, "
+                            "expected (tokens >= 1, D) or (D,)")
+        if ds.dtype.kind != "f":
+            raise DataError(f"{self.path}: features of caption '{cap_id}' are {ds.dtype}, "
+                            "expected floats")
         return ds, shape
 
     def _read_h5(self, ds, shape, max_len: int | None) -> np.ndarray:
         h5s = _h5()[2]
-        out = np.empty(shape, dtype=np.float32)  # HDF5 converts other float types on read
+        out = np.empty(ds.shape, dtype=np.float32)  # HDF5 converts other float types on read
         ds.read(h5s.ALL, h5s.ALL, out)           # low-level read: a third of the high-level cost
+        out = out.reshape(shape)
         return out if max_len is None else out[:max_len]
 
     def _locate(self, cap_id: str) -> tuple[int, int, int] | np.ndarray:
@@ -328,21 +343,26 @@ class Corpus:
     """One MS-SL collection folder with one visual feature.
 
     `Corpus(collection_dir, feature)`; the collection name defaults to the folder's name.
+    With feature_format='hdf5', `feature` is a per-video HDF5 file of FeatureData/ (read by
+    H5FeatureStore) and the queries default to the CLIP file (see layout.CollectionPaths).
     `Corpus.from_settings(settings)` finds it via `prvr.data.layout.locate` (source.json of
     the fetch stage, else the default place)."""
 
     def __init__(self, collection_dir: str | os.PathLike, feature: str,
-                 collection: str | None = None):
+                 collection: str | None = None, feature_format: str = "bigfile",
+                 query_feature: str | None = None):
         collection_dir = Path(collection_dir)
-        self.paths = CollectionPaths(collection_dir, collection or collection_dir.name, feature)
+        self.paths = CollectionPaths(collection_dir, collection or collection_dir.name, feature,
+                                     feature_format, query_feature)
         self.text = TextFeatures(self.paths.query_feat_file)
-        self._features: FeatureStore | None = None
+        self._features: FeatureStore | H5FeatureStore | None = None
         self._splits: dict[str, SplitData] = {}
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], data_dir: str | os.PathLike = "data") -> "Corpus":
         paths = locate(settings, data_dir=data_dir)
-        return cls(paths.collection_dir, paths.feature, paths.collection)
+        return cls(paths.collection_dir, paths.feature, paths.collection, paths.feature_format,
+                   paths.query_feature)
 
     def __repr__(self) -> str:
         return f"Corpus({str(self.paths.collection_dir)!r}, {self.paths.feature!r})"
@@ -360,9 +380,10 @@ class Corpus:
         return self.paths.feature
 
     @property
-    def features(self) -> FeatureStore:
+    def features(self) -> FeatureStore | H5FeatureStore:
         if self._features is None:
-            self._features = FeatureStore(self.paths.feature_dir)
+            self._features = (H5FeatureStore(self.paths.video_feat_file) if self.paths.is_hdf5
+                              else FeatureStore(self.paths.feature_dir))
         return self._features
 
     @property
@@ -393,12 +414,19 @@ class Corpus:
         return self._splits[name]
 
     def check_videos(self, split: str) -> None:
-        """Every video of the split has frames in the feature folder, else DataError."""
+        """Every video of the split has usable frames in the feature store, else DataError."""
         data = self.split(split)
-        missing = [v for v in data.video_ids if v not in self.features]
+        store = self.features
+        missing = [v for v in data.video_ids if v not in store]
         if missing:
             raise DataError(f"{data.caption_file}: {len(missing)} videos have no frames in "
-                            f"{self.features.video2frames_file} (first: '{missing[0]}')")
+                            f"{store.index_file} (first: '{missing[0]}')")
+        problem = getattr(store, "problem", None)
+        bad = [v for v in data.video_ids if problem(v)] if problem else []
+        if bad:
+            raise DataError(f"{store.index_file}: video '{bad[0]}' {problem(bad[0])}"
+                            + (f" (and {len(bad) - 1} more videos of split '{split}')"
+                               if len(bad) > 1 else ""))
 
 
 # ------------------------------------------------------------------------------ datasets

@@ -122,6 +122,14 @@ PRESETS: dict[str, Preset] = {
         n_scenes=60, streaming=True,
     ),
 }
+# CLIP-layout presets (DL-DKD's per-video / per-caption HDF5 files, 512-d video and queries):
+# the real-dataset-shaped content at CLIP's widths; TVR / ActivityNet query files keyed
+# <video>#<n> as DL-DKD's are (read through layout.caption_key_alias).
+for _name, _alias in (("tvr", True), ("act", True), ("cha", False)):
+    _base = PRESETS[f"{_name}-shaped"]
+    PRESETS[f"{_name}-clip"] = Preset(**{
+        **_base.__dict__, "name": f"{_name}-clip", "visual_dim": 512, "text_dim": 512,
+        "extra": {"layout": "hdf5", "alias_keys": _alias}})
 
 _VERBS = ("opens", "closes", "holds", "throws", "picks up", "puts down", "looks at", "walks to",
           "sits on", "stands by", "pours", "cuts", "washes", "reads", "talks to", "hugs",
@@ -313,8 +321,13 @@ def _write_options(p: Preset, tmp: Path, seed: int, plans, dense_gt: bool, val_i
 
 def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int = 7,
                     scale: float = 1.0, progress: bool = True, dense_gt: bool = False,
-                    val_is_test: bool = False) -> Path:
+                    val_is_test: bool = False, layout: str | None = None,
+                    video_file: str | None = None, query_file: str | None = None) -> Path:
     """Write `<out_dir>/<collection>/` in MS-SL layout; returns that folder.
+
+    `layout` (default: the preset's, else 'bigfile'): 'bigfile' (FeatureData/<feature>/),
+    'hdf5' (the CLIP layout instead: FeatureData/<video_file>, TextData/<query_file>, see
+    write_h5_layout) or 'both'.
 
     Deterministic in (preset, seed, scale, options). Builds in a temporary folder next to the
     target and renames it into place (an existing corpus there is replaced). `dense_gt` and
@@ -322,6 +335,9 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
+    layout = layout or p.extra.get("layout", "bigfile")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
     sizes = _scaled(p, scale)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,6 +389,9 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
             with open(feat_dir / "shape.txt", "w", encoding="ascii", newline="\n") as fh:
                 fh.write(f"{n_rows} {p.visual_dim}\n")
             _write_options(p, tmp, seed, plans, dense_gt, val_is_test)
+            if layout != "bigfile":
+                write_h5_layout(tmp, p, keep_bigfile=layout == "both", video_file=video_file,
+                                query_file=query_file, progress=progress)
             _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -381,6 +400,41 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
              preset, seed, scale, total_videos, n_caps_total, n_rows, p.visual_dim, target,
              time.time() - t0)
     return target
+
+
+LAYOUTS = ("bigfile", "hdf5", "both")
+
+
+def write_h5_layout(collection_dir: Path, p: Preset, keep_bigfile: bool = False,
+                    video_file: str | None = None, query_file: str | None = None,
+                    progress: bool = True) -> None:
+    """Rewrite a generated BigFile corpus in the CLIP layout, same content: each video's frames
+    (video2frames order) as one contiguous float32 (frames, Dv) dataset of
+    FeatureData/<video_file>, each caption's tokens as a dataset of TextData/<query_file>
+    (under layout.caption_key_alias's key for presets with extra['alias_keys']). Without
+    keep_bigfile the BigFile folder and the RoBERTa file are removed."""
+    from .features import FeatureStore
+    from .layout import caption_key_alias, default_h5_feature, default_query_feature
+
+    feat_dir = collection_dir / "FeatureData" / p.feature
+    roberta = collection_dir / "TextData" / default_query_feature(p.collection)
+    video_path = collection_dir / "FeatureData" / (video_file or default_h5_feature(p.collection))
+    query_path = collection_dir / "TextData" / (query_file or default_query_feature(p.collection, "hdf5"))
+    video_tmp, query_tmp = (f.with_name(f.name + ".tmp") for f in (video_path, query_path))
+    store = FeatureStore(feat_dir)
+    with h5py.File(video_tmp, "w") as h5:
+        for vid in tqdm(store.video_ids, desc="write video hdf5", unit="video",
+                        disable=not progress or len(store) < 2000):
+            h5.create_dataset(vid, data=store.get(vid), track_times=False)
+    with h5py.File(roberta, "r") as src, h5py.File(query_tmp, "w") as h5:
+        for cap_id in src:
+            key = (caption_key_alias(cap_id) or cap_id) if p.extra.get("alias_keys") else cap_id
+            h5.create_dataset(key, data=src[cap_id][()], track_times=False)
+    if not keep_bigfile:
+        shutil.rmtree(feat_dir)
+        roberta.unlink()
+    os.replace(video_tmp, video_path)
+    os.replace(query_tmp, query_path)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -414,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the dense ground-truth split <collection>denseval")
     ap.add_argument("--val-is-test", action="store_true",
                     help="write the test captions as the validation split too (as MS-SL's TVR)")
+    ap.add_argument("--layout", default=None, choices=LAYOUTS,
+                    help="feature layout (default: the preset's; bigfile but for the *-clip presets)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         path = generate_corpus(args.out, args.preset, args.seed, args.scale,
-                               dense_gt=args.dense_gt, val_is_test=args.val_is_test)
+                               dense_gt=args.dense_gt, val_is_test=args.val_is_test,
+                               layout=args.layout)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ class FeatureStore:
         self.feature_dir = Path(feature_dir)
         self.feature_file = self.feature_dir / "feature.bin"
         self.video2frames_file = self.feature_dir / "video2frames.txt"
+        self.index_file = self.video2frames_file      # where a video's frames are listed
         self.release_pages = release_pages and _DONTNEED is not None
         n, d = read_shape(self.feature_dir / "shape.txt")
         self.num_rows, self.dim = n, d

@@ -37,7 +37,8 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from ..atomic import write_json_atomic
-from .layout import MSSL_DATA_PAGE, CollectionPaths, DataError, DEMO_CORPUS_SUBDIR, source_file
+from .layout import (MSSL_DATA_PAGE, CollectionPaths, DataError, DEMO_CORPUS_SUBDIR, format_of,
+                     source_file)
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,8 @@ def _extract_all(archive: Path, kind: str, dest: Path, progress: bool) -> None:
 
 
 def extract_collection(archive: str | os.PathLike, data_root: str | os.PathLike, collection: str,
-                       feature: str, progress: bool = True) -> Path:
+                       feature: str, progress: bool = True, feature_format: str = "bigfile",
+                       query_feature: str | None = None) -> Path:
     """Extract `archive` so that `<data_root>/<collection>/` appears, atomically.
 
     The archive may hold `<collection>/...` or the collection's contents at its top level.
@@ -299,7 +301,7 @@ def extract_collection(archive: str | os.PathLike, data_root: str | os.PathLike,
         else:
             raise DataError(f"{archive}: no '{collection}/' folder (nor TextData/, FeatureData/) "
                             "at the top of the archive")
-        missing = CollectionPaths(found, collection, feature).missing()
+        missing = CollectionPaths(found, collection, feature, feature_format, query_feature).missing()
         if missing:
             rel = ", ".join(str(p.relative_to(found)) for p in missing[:4])
             raise DataError(f"{archive}: the archive's collection '{collection}' lacks {rel}")
@@ -381,7 +383,13 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
     collection = _single_component(str(settings["collection"]), f"{ds}.collection")
     feature = _single_component(str(settings["feature"]), f"{ds}.feature")
     data_dir = Path(data_dir)
+    fmt = format_of(settings)
+    if fmt["query_feature"]:
+        fmt["query_feature"] = _single_component(str(fmt["query_feature"]), f"{ds}.query_feature")
+    CollectionPaths(data_dir, collection, feature, **fmt)   # an unknown feature_format fails here
     record: dict[str, Any] = {"dataset": ds, "collection": collection, "feature": feature}
+    if fmt["feature_format"] != "bigfile":
+        record.update(feature_format=fmt["feature_format"], query_feature=fmt["query_feature"])
 
     generator = settings.get("generator")
     if generator:
@@ -391,6 +399,8 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
         preset = str(generator.get("preset", ds))
         seed = int(generator.get("seed", 0))
         kwargs = {"scale": float(generator["scale"])} if "scale" in generator else {}
+        if fmt["feature_format"] == "hdf5":   # the CLIP layout, under the dataset's file names
+            kwargs.update(layout="hdf5", video_file=feature, query_file=fmt["query_feature"])
         log.info("generating the %s corpus (preset %s, seed %d) under %s", ds, preset, seed, out_dir)
         try:
             collection_dir = Path(generate(out_dir, preset=preset, seed=seed, progress=progress, **kwargs))
@@ -404,7 +414,7 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
     else:
         data_root = Path(settings["data_root"]).expanduser().absolute()
         folder = data_root / collection
-        paths = CollectionPaths(folder, collection, feature)
+        paths = CollectionPaths(folder, collection, feature, **fmt)
         if folder.is_dir():
             missing = paths.missing()
             if missing:
@@ -415,7 +425,7 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
         elif settings.get("archive"):
             archive, downloaded = _archive_from_settings(settings, data_root, progress)
             log.info("extracting %s into %s", archive, data_root)
-            extract_collection(archive, data_root, collection, feature, progress=progress)
+            extract_collection(archive, data_root, collection, feature, progress=progress, **fmt)
             if downloaded:
                 archive.unlink(missing_ok=True)
             record.update(origin="archive", collection_dir=str(folder), data_root=str(data_root),

@@ -6,6 +6,12 @@ A collection folder (see shared spec msssl_layout.md)::
     <collection_dir>/TextData/roberta_<collection>_query_feat.hdf5
     <collection_dir>/FeatureData/<feature>/{shape.txt,id.txt,feature.bin,video2frames.txt}
 
+or, with ``feature_format: hdf5`` (the CLIP ViT-B/32 files of DL-DKD), one HDF5 file of
+per-video (frames, D) datasets and one of per-caption query features::
+
+    <collection_dir>/FeatureData/<feature>          e.g. new_clip_vit_32_tvr_vid_features.hdf5
+    <collection_dir>/TextData/<query_feature>       e.g. clip_ViT_B_32_tvr_query_feat.hdf5
+
 Every reader here treats file contents as data. `video2frames.txt` is a Python dict literal
 in the public release; it is parsed by a strict scanner that accepts only
 ``{str: [str, ...], ...}`` and never evaluates anything. Nothing read from a data file is
@@ -28,6 +34,21 @@ MSSL_DATA_PAGE = "https://github.com/HuiGuanLab/ms-sl"
 # Where the demo corpus is generated (relative to the data folder of the pipeline).
 DEMO_CORPUS_SUBDIR = "corpus"
 
+# Visual feature formats: an MS-SL BigFile folder, or one HDF5 file of per-video datasets.
+FEATURE_FORMATS = ("bigfile", "hdf5")
+
+
+def default_query_feature(collection: str, feature_format: str = "bigfile") -> str:
+    """The query feature file of a collection in TextData/ (RoBERTa for BigFile, CLIP for HDF5)."""
+    if feature_format == "hdf5":
+        return f"clip_ViT_B_32_{collection}_query_feat.hdf5"
+    return f"roberta_{collection}_query_feat.hdf5"
+
+
+def default_h5_feature(collection: str) -> str:
+    """The CLIP ViT-B/32 video feature file of a collection in FeatureData/ (DL-DKD's name)."""
+    return f"new_clip_vit_32_{collection}_vid_features.hdf5"
+
 
 class DataError(ValueError):
     """A data file that cannot be used; the message is one line naming the file and the problem."""
@@ -39,14 +60,22 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class CollectionPaths:
-    """Paths of one MS-SL collection folder for one visual feature."""
+    """Paths of one MS-SL collection folder for one visual feature.
+
+    `feature` is a folder of FeatureData/ (feature_format 'bigfile') or an HDF5 file in it
+    ('hdf5'); `query_feature` a file of TextData/ (default: see default_query_feature)."""
 
     collection_dir: Path
     collection: str
     feature: str
+    feature_format: str = "bigfile"
+    query_feature: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "collection_dir", Path(self.collection_dir))
+        if self.feature_format not in FEATURE_FORMATS:
+            raise DataError(f"params.yaml: feature_format '{self.feature_format}' is not one of "
+                            f"{', '.join(FEATURE_FORMATS)}")
 
     @property
     def text_dir(self) -> Path:
@@ -61,7 +90,17 @@ class CollectionPaths:
 
     @property
     def query_feat_file(self) -> Path:
-        return self.text_dir / f"roberta_{self.collection}_query_feat.hdf5"
+        return self.text_dir / (self.query_feature
+                                or default_query_feature(self.collection, self.feature_format))
+
+    @property
+    def is_hdf5(self) -> bool:
+        return self.feature_format == "hdf5"
+
+    @property
+    def video_feat_file(self) -> Path:
+        """The per-video HDF5 file (feature_format 'hdf5')."""
+        return self.collection_dir / "FeatureData" / self.feature
 
     @property
     def feature_dir(self) -> Path:
@@ -84,6 +123,8 @@ class CollectionPaths:
         return self.feature_dir / "video2frames.txt"
 
     def required_files(self) -> list[Path]:
+        if self.is_hdf5:
+            return [*self.caption_files.values(), self.query_feat_file, self.video_feat_file]
         return [*self.caption_files.values(), self.query_feat_file, self.shape_file,
                 self.id_file, self.feature_file, self.video2frames_file]
 
@@ -115,6 +156,12 @@ def _decode_text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return raw.decode("iso-8859-1")
+
+
+def caption_key_alias(cap_id: str) -> str | None:
+    """The other key a caption's query features may be stored under: DL-DKD's CLIP query files
+    key TVR / ActivityNet captions ``<video>#enc#<n>`` as ``<video>#<n>``."""
+    return "#".join(cap_id.split("#enc#")) if "#enc#" in cap_id else None
 
 
 def video_id_of(cap_id: str) -> str:
@@ -340,6 +387,12 @@ def read_source(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+def format_of(settings: dict[str, Any]) -> dict[str, Any]:
+    """The feature format keys of a dataset's settings (defaults: BigFile, RoBERTa queries)."""
+    return {"feature_format": str(settings.get("feature_format") or "bigfile"),
+            "query_feature": settings.get("query_feature") or None}
+
+
 def locate(settings: dict[str, Any], data_dir: str | os.PathLike = "data",
            must_exist: bool = True) -> CollectionPaths:
     """The collection of the resolved settings.
@@ -371,7 +424,7 @@ def locate(settings: dict[str, Any], data_dir: str | os.PathLike = "data",
             collection_dir = (src.parent / DEMO_CORPUS_SUBDIR / collection).absolute()
     else:
         collection_dir = default_collection_dir(settings, data_dir)
-    paths = CollectionPaths(collection_dir, collection, feature)
+    paths = CollectionPaths(collection_dir, collection, feature, **format_of(settings))
     if must_exist:
         if not collection_dir.is_dir():
             raise DataError(f"{collection_dir}: no MS-SL collection folder here "

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from .layout import (SPLITS, CollectionPaths, DataError, parse_caption_lines,
+from .layout import (SPLITS, CollectionPaths, DataError, caption_key_alias, parse_caption_lines,
                      parse_video2frames_text, read_ids, read_shape, split_video_ids, _decode_text,
                      _read_bytes)
 from .splits import dense_problems, dense_split_files, split_overlap
@@ -136,7 +136,7 @@ def _check_dense(paths: CollectionPaths, P: _Problems, names: Iterable[str],
     try:
         for name, (cap, gt) in files.items():
             has_text = None if h5 is None else (
-                lambda q: q in h5)
+                lambda q: q in h5 or (caption_key_alias(q) or q) in h5)
             problems, split = dense_problems(name, cap, gt, has_frames, has_text)
             for where, what in problems:
                 P.errors.append({"file": P._rel(where), "message": f"{P._rel(where)}: {what}"})
@@ -150,54 +150,10 @@ def _check_dense(paths: CollectionPaths, P: _Problems, names: Iterable[str],
             h5.close()
 
 
-def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
-                        text_dim: int | None = None, progress: bool = True,
-                        dense_splits: Iterable[str] = ()) -> dict[str, Any]:
-    """Run every check on one collection; never raises for bad data (it is all in the report).
-
-    Dense ground-truth splits found in the folder are always checked; `dense_splits` names those
-    that must exist (evaluate.extra_splits)."""
-    t0 = time.time()
-    root = paths.collection_dir
-    P = _Problems(root)
-    report: dict[str, Any] = {
-        "collection_dir": str(root), "collection": paths.collection, "feature": paths.feature,
-    }
-    splits: dict[str, dict[str, Any]] = {}
-    split_caps: dict[str, list[tuple[str, str, str]]] = {}
-
-    # -- captions -------------------------------------------------------------------------------
-    for split, cap_file in paths.caption_files.items():
-        if not cap_file.is_file():
-            P.error(cap_file, f"caption file of split '{split}' not found")
-            continue
-        try:
-            caps, bad = parse_caption_lines(cap_file)
-        except DataError as exc:
-            P.error(cap_file, str(exc).split(": ", 1)[-1])
-            continue
-        if bad:
-            no, what = bad[0]
-            more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
-            P.error(f"{P._rel(cap_file)}:{no}", f"{what}{more}")
-        if not caps:
-            P.error(cap_file, f"split '{split}' has no captions")
-        dup = [cid for cid, c in Counter(cid for cid, _, _ in caps).items() if c > 1]
-        if dup:
-            P.error(cap_file, f"{len(dup)} caption ids appear more than once ({_examples(dup)})")
-        split_caps[split] = caps
-        splits[split] = {"videos": len(split_video_ids(caps)), "captions": len(caps)}
-
-    split_videos = {s: split_video_ids(c) for s, c in split_caps.items()}
-    if "train" in split_videos:
-        train_v = set(split_videos["train"])
-        for s in ("val", "test"):
-            shared = [v for v in split_videos.get(s, []) if v in train_v]
-            if shared:
-                P.warning(paths.caption_file(s), f"{len(shared)} videos of split '{s}' are also in "
-                          f"train ({_examples(shared)})")
-    _check_overlap(paths, P, split_caps, report)
-
+def _check_bigfile(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
+                   splits: dict, visual_dim: int | None, progress: bool, report: dict
+                   ) -> tuple[int | None, dict[str, list[str]] | None]:
+    """shape.txt, id.txt, feature.bin and video2frames.txt: (feature dimension, video2frames)."""
     # -- visual features ------------------------------------------------------------------------
     n = d = None
     ids: list[str] | None = None
@@ -273,6 +229,90 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
         if repeated:
             P.warning(v2f_file, f"{len(repeated)} videos list a frame id more than once "
                       f"({_examples(repeated)})")
+    return d, v2f
+
+
+def _check_h5_videos(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
+                     splits: dict, visual_dim: int | None, progress: bool, report: dict
+                     ) -> tuple[int | None, dict[str, range] | None]:
+    """The per-video HDF5 file (feature_format hdf5): every video of a split present, a 2-d
+    float dataset with frames, of width visual_dim, finite. (width, {video: range(frames)})."""
+    from .h5features import scan_videos
+
+    f = paths.video_feat_file
+    scan = scan_videos(f, split_videos, progress)
+    report["frames"] = {"videos": sum(len(v) for v in scan["frames"].values())}
+    if scan["error"]:
+        P.error(f, scan["error"])
+        return None, None
+    for split, videos in split_videos.items():
+        for kind, what in (("absent", "have no features"), ("bad", "cannot be used"),
+                           ("non_finite", "hold NaN or Inf")):
+            found = scan[kind][split]
+            if found:
+                vid, why = found[0]
+                P.error(f, f"{len(found)} videos of split '{split}' {what}: video '{vid}' {why}"
+                        + (f" (also {_examples(v for v, _ in found[1:])})" if len(found) > 1 else ""))
+        splits[split]["frames_per_video"] = _stats(scan["frames"][split])
+    dims = scan["dims"]
+    wrong = {k: v for k, v in dims.items() if visual_dim is not None and k != visual_dim}
+    if wrong or len(dims) > 1:
+        widths = ", ".join(f"{k} ({v} videos)" for k, v in sorted(dims.items()))
+        P.error(f, f"video feature widths {widths}; params.yaml visual_dim is {visual_dim}")
+    return (next(iter(dims)) if len(dims) == 1 else None), {v: range(n) for v, n in scan["counts"].items()}
+
+
+def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
+                        text_dim: int | None = None, progress: bool = True,
+                        dense_splits: Iterable[str] = ()) -> dict[str, Any]:
+    """Run every check on one collection; never raises for bad data (it is all in the report).
+
+    Dense ground-truth splits found in the folder are always checked; `dense_splits` names those
+    that must exist (evaluate.extra_splits)."""
+    t0 = time.time()
+    root = paths.collection_dir
+    P = _Problems(root)
+    report: dict[str, Any] = {
+        "collection_dir": str(root), "collection": paths.collection, "feature": paths.feature,
+    }
+    splits: dict[str, dict[str, Any]] = {}
+    split_caps: dict[str, list[tuple[str, str, str]]] = {}
+
+    # -- captions -------------------------------------------------------------------------------
+    for split, cap_file in paths.caption_files.items():
+        if not cap_file.is_file():
+            P.error(cap_file, f"caption file of split '{split}' not found")
+            continue
+        try:
+            caps, bad = parse_caption_lines(cap_file)
+        except DataError as exc:
+            P.error(cap_file, str(exc).split(": ", 1)[-1])
+            continue
+        if bad:
+            no, what = bad[0]
+            more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+            P.error(f"{P._rel(cap_file)}:{no}", f"{what}{more}")
+        if not caps:
+            P.error(cap_file, f"split '{split}' has no captions")
+        dup = [cid for cid, c in Counter(cid for cid, _, _ in caps).items() if c > 1]
+        if dup:
+            P.error(cap_file, f"{len(dup)} caption ids appear more than once ({_examples(dup)})")
+        split_caps[split] = caps
+        splits[split] = {"videos": len(split_video_ids(caps)), "captions": len(caps)}
+
+    split_videos = {s: split_video_ids(c) for s, c in split_caps.items()}
+    if "train" in split_videos:
+        train_v = set(split_videos["train"])
+        for s in ("val", "test"):
+            shared = [v for v in split_videos.get(s, []) if v in train_v]
+            if shared:
+                P.warning(paths.caption_file(s), f"{len(shared)} videos of split '{s}' are also in "
+                          f"train ({_examples(shared)})")
+    _check_overlap(paths, P, split_caps, report)
+
+    # -- visual features ------------------------------------------------------------------------
+    check = _check_h5_videos if paths.is_hdf5 else _check_bigfile
+    d, v2f = check(paths, P, split_videos, splits, visual_dim, progress, report)
 
     # -- text features --------------------------------------------------------------------------
     text_dims: set[int] = set()
@@ -298,16 +338,17 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
                     for cap_id, _, _ in caps:
                         bar.update(1)
                         # The low-level API is ~3x faster per caption than h5[cap_id][()].
+                        key = cap_id if cap_id in h5 else (caption_key_alias(cap_id) or cap_id)
                         try:
-                            node = h5py.h5d.open(fid, cap_id.encode("utf-8"))
+                            node = h5py.h5d.open(fid, key.encode("utf-8"))
                         except KeyError:  # absent, or a group / other non-dataset object
-                            (bad_shape if cap_id in h5 else absent).append(cap_id)
+                            (bad_shape if key in h5 else absent).append(cap_id)
                             continue
                         shape, dtype = node.shape, node.dtype
-                        if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
+                        if len(shape) not in (1, 2) or not np.issubdtype(dtype, np.floating):
                             bad_shape.append(cap_id)
                             continue
-                        t, dt = shape
+                        t, dt = shape if len(shape) == 2 else (1, shape[0])  # (D,): one vector
                         tokens.append(t)
                         text_dims.add(int(dt))
                         if text_dim is not None and dt != text_dim:
