@@ -204,12 +204,12 @@ class H5FeatureStore:
 
 def scan_videos(path: Path, split_videos: dict[str, list[str]], progress: bool = True) -> dict:
     """Read every video of the splits once, for the validate stage. Returns
-    {"error": str | None (the file cannot be opened), "dims": Counter of widths,
+    {"error": str | None (the file cannot be opened), "widths": {video: D},
      "frames": {split: [frame counts]}, "counts": {video: frames}, "absent" / "bad" / "non_finite": {split: [(video, why)]}}.
     """
     from tqdm import tqdm
 
-    out = {"error": None, "dims": Counter(), "frames": {}, "counts": {}, "absent": {}, "bad": {},
+    out = {"error": None, "widths": {}, "frames": {}, "counts": {}, "absent": {}, "bad": {},
            "non_finite": {}}
     try:
         f = open_h5(path)
@@ -238,7 +238,7 @@ def scan_videos(path: Path, split_videos: dict[str, list[str]], progress: bool =
                     continue
                 frames.append(shape[0])
                 out["counts"][vid] = shape[0]
-                out["dims"][shape[1]] += 1
+                out["widths"][vid] = shape[1]
                 values = np.empty(shape, dtype=np.float32)
                 try:
                     node.read(h5py.h5s.ALL, h5py.h5s.ALL, values)

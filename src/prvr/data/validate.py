@@ -254,11 +254,12 @@ def _check_h5_videos(paths: CollectionPaths, P: _Problems, split_videos: dict[st
                 P.error(f, f"{len(found)} videos of split '{split}' {what}: video '{vid}' {why}"
                         + (f" (also {_examples(v for v, _ in found[1:])})" if len(found) > 1 else ""))
         splits[split]["frames_per_video"] = _stats(scan["frames"][split])
-    dims = scan["dims"]
-    wrong = {k: v for k, v in dims.items() if visual_dim is not None and k != visual_dim}
-    if wrong or len(dims) > 1:
-        widths = ", ".join(f"{k} ({v} videos)" for k, v in sorted(dims.items()))
-        P.error(f, f"video feature widths {widths}; params.yaml visual_dim is {visual_dim}")
+    dims = Counter(scan["widths"].values())
+    expected = visual_dim if visual_dim is not None else (max(dims, key=dims.get) if dims else None)
+    off = [v for v, w in scan["widths"].items() if w != expected]
+    if off:
+        P.error(f, f"{len(off)} videos have a width other than {expected} (visual_dim in "
+                f"params.yaml): video '{off[0]}' has width {scan['widths'][off[0]]}")
     return (next(iter(dims)) if len(dims) == 1 else None), {v: range(n) for v, n in scan["counts"].items()}
 
 
