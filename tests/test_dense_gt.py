@@ -172,3 +172,16 @@ def test_demo_generator_emits_a_dense_split_only_when_asked(tmp_path):
     assert split.multi > 0 and max(len(g) for g in split.gt_video_ids) > 1
     report = validate_collection(dense, 256, 128, progress=False, dense_splits=["denseval"])
     assert report["ok"] and report["dense"]["denseval"]["queries"] == len(test)
+
+
+def test_the_fetch_stage_passes_the_demo_options_through(tmp_path):
+    from prvr.config import load_settings
+    from prvr.data.fetch import fetch
+    from prvr.data.layout import locate
+
+    s = load_settings()
+    s["generator"] = {**s["generator"], "scale": 0.03, "dense_gt": True, "val_is_test": True}
+    fetch(s, tmp_path / "data", progress=False)
+    paths = locate(s, tmp_path / "data")
+    assert list(dense_split_files(paths)) == ["denseval"]
+    assert paths.caption_file("val").read_bytes() == paths.caption_file("test").read_bytes()

@@ -399,6 +399,8 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
         preset = str(generator.get("preset", ds))
         seed = int(generator.get("seed", 0))
         kwargs = {"scale": float(generator["scale"])} if "scale" in generator else {}
+        # demo options for the honest-numbers checks (prvr.data.demo); off unless set
+        kwargs.update({k: bool(generator[k]) for k in ("dense_gt", "val_is_test") if generator.get(k)})
         if fmt["feature_format"] == "hdf5":   # the CLIP layout, under the dataset's file names
             kwargs.update(layout="hdf5", video_file=feature, query_file=fmt["query_feature"])
         log.info("generating the %s corpus (preset %s, seed %d) under %s", ds, preset, seed, out_dir)
