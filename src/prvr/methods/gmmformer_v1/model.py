@@ -104,7 +104,8 @@ def gaussian_windows(lengths: Tensor, size: int, widths: Sequence[float | None])
 
     For length L, row i is exp(-(p_j - i/L)^2 / (2 sigma^2)) over p = linspace(0, 1, L),
     sigma = max(width, 0.01) / 9, divided by its maximum over j < L (the release's window;
-    ones for width None). Entries at j >= L or i >= L are unspecified (masked by callers).
+    ones for width None). Entries at j >= L or i >= L are in [0, 1] but otherwise unspecified
+    (callers mask them).
     """
     L = lengths.to(torch.float64).clamp_min(1).view(-1, 1, 1)                # (n, 1, 1)
     idx = torch.arange(size, dtype=torch.float64, device=lengths.device)
@@ -118,7 +119,7 @@ def gaussian_windows(lengths: Tensor, size: int, widths: Sequence[float | None])
             out.append(torch.ones_like(d2))
         else:
             sigma = max(float(w), 0.01) / 9.0
-            out.append(torch.exp(-(d2 - d2_min) / (2.0 * sigma ** 2)))
+            out.append(torch.exp(-(d2 - d2_min).clamp_min(0.0) / (2.0 * sigma ** 2)))
     return torch.stack(out).float()
 
 
