@@ -123,3 +123,20 @@ def test_holdout_on_a_collection_file_and_in_the_settings_fingerprint(tmp_path):
     other = json.loads(json.dumps(s))
     other["train"]["holdout_seed"] = int(s["train"]["holdout_seed"]) + 1
     assert settings_hash(other) != settings_hash(s)
+
+
+def test_holdout_split_data_of_a_corpus_train_split(tmp_path):
+    from prvr.data.datasets import Corpus
+    from prvr.data.splits import holdout_split_data
+
+    paths = write_collection(tmp_path, videos={"train": 10, "val": 2, "test": 2}, captions_per_video=2)
+    train = Corpus(paths.collection_dir, paths.feature).split("train")
+    tr, val = holdout_split_data(train, 0.3, 5)
+    assert (len(tr.video_ids), len(val.video_ids), val.name) == (7, 3, "val")
+    assert set(val.video_ids) == set(holdout_videos(train.video_ids, 0.3, 5))
+    assert not set(tr.video_ids) & set(val.video_ids)
+    for s in (tr, val):  # indices of each video's captions point at that video's captions
+        assert all(s.query_video_ids[i] == v for v, idx in s.video_queries.items() for i in idx)
+        assert sum(len(i) for i in s.video_queries.values()) == len(s.query_ids)
+    again = holdout_split_data(Corpus(paths.collection_dir, paths.feature).split("train"), 0.3, 5)
+    assert again == (tr, val)  # a fresh process (a resume) gets the same split

@@ -297,3 +297,22 @@ def read_dense_split(paths: CollectionPaths, name: str,
 
 # The MLflow tag that carries `selection_warning` on a training run (read by prvr.compare).
 SELECTION_TAG = "selection_warning"
+
+
+def holdout_split_data(train, fraction: float, seed: int):
+    """(training SplitData, validation SplitData) of a `prvr.data.datasets.SplitData` train split:
+    `holdout_captions` on its captions; the validation split is named 'val' and keeps the
+    training caption file as its source."""
+    from .datasets import SplitData
+
+    caps = list(zip(train.query_ids, train.query_video_ids, train.texts))
+    parts = holdout_captions(caps, fraction, seed)
+    out = []
+    for name, part in zip(("train", "val"), parts):
+        videos: dict[str, list[int]] = {}
+        for i, (_, vid, _) in enumerate(part):
+            videos.setdefault(vid, []).append(i)
+        out.append(SplitData(name=name, caption_file=train.caption_file,
+                             query_ids=[c for c, _, _ in part], query_video_ids=[v for _, v, _ in part],
+                             texts=[t for _, _, t in part], video_ids=list(videos), video_queries=videos))
+    return out[0], out[1]
