@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_outputs(out: dict[str, Path], settings: dict, result, tracker, ctx) -> None:
     """train.json, run.json and the MLflow artifacts of a finished training."""
+    from prvr.atomic import write_json_atomic
     from prvr.checkpoint import load_model
 
     ds, method = settings["dataset"], settings["method"]

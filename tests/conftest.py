@@ -20,7 +20,7 @@ def tool_env(**extra: str) -> dict[str, str]:
     `python` of dvc.yaml are this venv's), no inherited MLflow store, no test hooks."""
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    for key in ("MLFLOW_TRACKING_URI", "PRVR_TEST_CRASH_AFTER_EPOCH", "DVC_EXP_NAME",
+    for key in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME",
                 "DVC_EXP_BASELINE_REV", "DVC_ROOT", "DVC_STAGE", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     env.setdefault("OMP_NUM_THREADS", "2")
@@ -79,14 +79,21 @@ def edit_params(path: Path, **dotted) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
 
-# A demo small enough for CI: 60 train / 15 val / 15 test videos, a narrow model.
-TINY_DEMO = {
-    "demo.generator.scale": 0.1,
-    "demo.model.hidden_size": 32,
-    "demo.train.epochs": 3,
-    "demo.train.batch_size": 20,
-    "demo.train.hard_negative_start_epoch": 2,
-}
+# A demo small enough for CI: 60 train / 15 val / 15 test videos, a narrow model (every method).
+TINY_SCALE = 0.1
+TINY_RECIPE = {"hidden_size": 32, "epochs": 3, "batch_size": 20, "hard_negative_start_epoch": 2}
+
+
+def tiny_demo(params_path: Path = REPO / "params.yaml") -> dict:
+    """edit_params keys that shrink the demo corpus and every method's demo recipe."""
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    keys = {"datasets.demo.generator.scale": TINY_SCALE}
+    for method in params.get("methods", {}):
+        keys.update({f"methods.{method}.demo.{k}": v for k, v in TINY_RECIPE.items()})
+    return keys
+
+
+TINY_DEMO = tiny_demo()
 
 
 def free_port() -> int:
@@ -101,7 +108,7 @@ def tiny_demo_corpus(tmp_path_factory) -> Path:
     from prvr.data.demo import generate_corpus
 
     root = tmp_path_factory.mktemp("tiny_demo_corpus")
-    generate_corpus(root, preset="demo", seed=7, scale=TINY_DEMO["demo.generator.scale"], progress=False)
+    generate_corpus(root, preset="demo", seed=7, scale=TINY_SCALE, progress=False)
     return root
 
 

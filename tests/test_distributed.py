@@ -77,7 +77,7 @@ def test_world_of_one_is_the_plain_path(monkeypatch):
         return {"total": torch.tensor(1.0)}
 
     out, labels, gen = object(), torch.tensor([0]), torch.Generator()
-    assert ctx.compute_loss(loss_fn, out, labels, True, gen)["total"] == 1.0
+    assert ctx.compute_loss(loss_fn, out, labels, True, gen, model)["total"] == 1.0
     assert calls == [(out, labels, True, gen, {})]   # the very same objects, no matching override
     ctx.close()
 
@@ -125,12 +125,12 @@ GRAD_SCRIPT = r'''
 import sys
 import torch
 from prvr.distributed import DistContext, DistError
-from prvr.losses import GMMFormerLoss
-from prvr.model import GMMFormer, GMMFormerConfig
+from prvr.methods.gmmformer_v2 import GMMFormer, GMMFormerConfig, GMMFormerLoss
 
 torch.set_num_threads(1)
 CFG = GMMFormerConfig(visual_dim=10, text_dim=8, hidden_size=16, n_heads=4, max_query_len=6,
-                      max_frames=16, n_clips=4, input_drop=0.0, drop=0.0, sft_factor=0.09)
+                      max_frames=16, n_clips=4, input_drop=0.0, drop=0.0, sft_factor=0.09,
+                      hard_pool_size=2)
 COUNTS = [2, 3, 1, 4, 2, 3]          # captions per video
 FRAMES = [5, 16, 3, 9, 12, 2]        # real frames per video
 SPLITS = {"even": [[0, 1, 2], [3, 4, 5]], "uneven": [[0, 1, 2, 3], [4, 5]]}
@@ -176,20 +176,20 @@ class DistinctAux(GMMFormer):
 
     def forward(self, batch):
         out = super().forward(batch)
-        if out.query_aux is not None:
-            out.query_aux = torch.tanh(3.0 * out.query_aux)
+        if "query_aux" in out.queries:
+            out.queries["query_aux"] = torch.tanh(3.0 * out.queries["query_aux"])
         return out
 
 
 def step(ctx, model, batch, hard, mode):
-    loss_fn = GMMFormerLoss(0.1, [0.05, 0.04, 8e-5, 0.09], [0.15, 32, 1], hard_pool_size=2)
+    loss_fn = GMMFormerLoss(CFG)
     gen = torch.Generator().manual_seed(11)        # the run seed: same on every rank
     model.train(mode == "train")                   # train: with query_aux; eval: without
     for p in model.parameters():
         p.grad = None
     out = model(batch)
-    assert (out.query_aux is not None) == (mode == "train")
-    terms = ctx.compute_loss(loss_fn, out, batch["query_labels"], hard, gen)
+    assert ("query_aux" in out.queries) == (mode == "train")
+    terms = ctx.compute_loss(loss_fn, out, batch["query_labels"], hard, gen, model)
     terms["total"].backward()
     return ({k: float(v) for k, v in terms.items()},
             {n: p.grad.detach().clone() for n, p in ctx.unwrap(model).named_parameters()})
@@ -221,10 +221,10 @@ def mismatched_generator(ctx):
     fresh = DistContext(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, ctx.backend)
     model = fresh.wrap(GMMFormer(CFG))
     batch = shard(global_batch(), SPLITS["even"][ctx.rank])
-    loss_fn = GMMFormerLoss(0.1, [0.05, 0.04, 8e-5, 0.09], [0.15, 32, 1])
+    loss_fn = GMMFormerLoss(CFG)
     try:
         fresh.compute_loss(loss_fn, model(batch), batch["query_labels"], False,
-                           torch.Generator().manual_seed(ctx.rank))
+                           torch.Generator().manual_seed(ctx.rank), model)
     except DistError as exc:
         return str(exc)
     return None
@@ -339,11 +339,9 @@ def _stage_params(src: Path, dst: Path, nproc: int) -> None:
     params = yaml.safe_load(src.read_text())
     params["dataset"] = "demo"
     params["train"].update(device="cpu", nproc=nproc, num_workers=0)
-    demo = params["demo"]
-    demo["generator"] = {**(demo.get("generator") or {}), "scale": 0.06}   # 36 train videos
-    demo["model"] = {**(demo.get("model") or {}), "hidden_size": 16}
-    demo["train"] = {**(demo.get("train") or {}), "epochs": 2, "batch_size": 8,
-                     "hard_negative_start_epoch": 1}
+    params["datasets"]["demo"]["generator"]["scale"] = 0.06           # 36 train videos
+    params["methods"]["gmmformer_v2"]["demo"].update(hidden_size=16, epochs=2, batch_size=8,
+                                                     hard_negative_start_epoch=1)
     dst.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -385,33 +383,24 @@ def test_train_stage_with_two_processes_writes_what_one_process_writes(tmp_path)
         assert len(exps) == 1
         mlflow_runs = client.search_runs([exps[0].experiment_id])
         assert len(mlflow_runs) == 1, [r.info.run_id for r in mlflow_runs]
-        summary = json.loads((work / "metrics" / "demo" / "train.json").read_text())
-        info = json.loads((work / "runs" / "demo" / "run.json").read_text())
+        summary = json.loads((work / "metrics" / "demo" / "gmmformer_v2" / "train.json").read_text())
+        info = json.loads((work / "runs" / "demo" / "gmmformer_v2" / "run.json").read_text())
         assert info["world_size"] == nproc
         assert info["mlflow_run_id"] == mlflow_runs[0].info.run_id
-        ckpt = load_checkpoint(work / "runs" / "demo" / "checkpoints" / "best.pt", map_location="cpu")
+        ckpt = load_checkpoint(work / "runs" / "demo" / "gmmformer_v2" / "checkpoints" / "best.pt",
+                               map_location="cpu")
         runs[nproc] = (_outputs(work), sorted(ckpt["state_dict"]), summary)
 
     assert runs[2][0] == runs[1][0]                                 # same DVC outputs, nothing extra
-    assert "runs/demo/checkpoints/best.pt" in runs[2][0]
+    assert "runs/demo/gmmformer_v2/checkpoints/best.pt" in runs[2][0]
     assert runs[2][1] == runs[1][1]                                 # plain state dict, no "module."
     assert runs[2][2]["epochs_run"] == runs[1][2]["epochs_run"] == 2
 
 
-def test_an_ungathered_model_output_field_is_refused_before_any_collective():
-    """A tensor field that compute_loss does not gather would be mixed, local, into the global
-    loss: it is refused on every rank (no process group needed: nothing is communicated)."""
-    import dataclasses
-
-    from prvr.model import ModelOutput
-
-    @dataclasses.dataclass
-    class WithExtra(ModelOutput):
-        extra: torch.Tensor | None = None
-
-    t = torch.zeros(1, 1)
-    out = WithExtra(t, t[None], t[None], t.bool(), t, t, t, t, extra=t)
+def test_a_foreign_training_output_is_refused_before_any_collective():
+    """compute_loss gathers every tensor of a TrainOutput; anything else could not be gathered
+    and is refused on every rank (no process group needed: nothing is communicated)."""
     ctx = DistContext(rank=1, world_size=2)
-    with pytest.raises(DistError, match=r"\['extra'\]"):
-        ctx.compute_loss(lambda *a, **k: None, out, torch.zeros(1, dtype=torch.long), False,
-                         torch.Generator())
+    with pytest.raises(DistError, match="expected a TrainOutput"):
+        ctx.compute_loss(lambda *a, **k: None, {"query": torch.zeros(1, 1)},
+                         torch.zeros(1, dtype=torch.long), False, torch.Generator(), torch.nn.Linear(1, 1))

@@ -13,22 +13,41 @@ from conftest import REPO, TINY_DEMO, copy_repo, edit_params, git_commit, run
 
 # The e2e demo: the tiny corpus, trained a little harder than the unit-test workdir so that
 # the test split is clearly learnt.
-E2E_DEMO = {**TINY_DEMO, "demo.generator.scale": 0.5, "demo.model.hidden_size": 64,
-            "demo.train.batch_size": 32, "demo.train.epochs": 2,
-            "demo.train.hard_negative_start_epoch": 1}
+V2 = "methods.gmmformer_v2.demo"
+E2E_DEMO = {**TINY_DEMO, "datasets.demo.generator.scale": 0.5, f"{V2}.hidden_size": 64,
+            f"{V2}.batch_size": 32, f"{V2}.epochs": 2, f"{V2}.hard_negative_start_epoch": 1}
+OTHER_METHODS = ("msssl", "gmmformer_v1", "meanpool")
 
 STAGE_OUTPUTS = {
     "fetch": ["data/{ds}/source.json"],
     "validate": ["data/{ds}/validation.json"],
-    "train": ["runs/{ds}/checkpoints/best.pt", "runs/{ds}/checkpoints/last.pt", "runs/{ds}/run.json",
-              "metrics/{ds}/train.json", "metrics/{ds}/train_history.csv"],
-    "evaluate": ["metrics/{ds}/test.json", "metrics/{ds}/recall_at_k.json"],
+    "train": ["runs/{ds}/{m}/checkpoints/best.pt", "runs/{ds}/{m}/checkpoints/last.pt",
+              "runs/{ds}/{m}/run.json", "metrics/{ds}/{m}/train.json",
+              "metrics/{ds}/{m}/train_history.csv"],
+    "evaluate": ["metrics/{ds}/{m}/test.json", "metrics/{ds}/{m}/recall_at_k.json"],
     "report": ["reports/{ds}/report.md", "reports/{ds}/training_curves.png", "reports/{ds}/recall_at_k.png"],
 }
 
 
-def _outputs(ds: str) -> list[str]:
-    return [p.format(ds=ds) for paths in STAGE_OUTPUTS.values() for p in paths]
+def _outputs(ds: str, method: str = "gmmformer_v2", stages=tuple(STAGE_OUTPUTS)) -> list[str]:
+    return [p.format(ds=ds, m=method) for st in stages for p in STAGE_OUTPUTS[st]]
+
+
+def test_dvc_yaml_outputs_are_the_library_paths():
+    """dvc.yaml declares exactly the paths prvr.paths gives the stages."""
+    import yaml
+
+    from prvr import paths
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = {st: sorted(next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"])
+                for st, spec in stages.items()}
+    ds, m = "${dataset}", "${model.name}"
+    assert declared["train"] == sorted([f"{paths.ckpt_dir(ds, m)}/last.pt", f"{paths.ckpt_dir(ds, m)}/best.pt",
+                                        str(paths.run_json(ds, m)), str(paths.train_json(ds, m)),
+                                        str(paths.history_csv(ds, m))])
+    assert declared["evaluate"] == sorted([str(paths.test_json(ds, m)), str(paths.recall_json(ds, m))])
+    assert all(o.startswith(str(paths.report_dir(ds))) for o in declared["report"])
 
 
 def _digest(path: Path) -> str:
@@ -82,7 +101,7 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     assert (repo / "data/demo/corpus/demo/FeatureData/demo_feats/feature.bin").is_file()
     assert _json(repo / "data/demo/validation.json")["ok"] is True
 
-    test = _json(repo / "metrics/demo/test.json")
+    test = _json(repo / "metrics/demo/gmmformer_v2/test.json")
     chance = chance_metrics(test["n_videos"])
     print(f"demo test: SumR {test['sumr']:.1f} (R@1 {test['r1']:.1f}, R@5 {test['r5']:.1f}, "
           f"R@10 {test['r10']:.1f}) vs chance SumR {chance['sumr']:.1f} (R@1 {chance['r1']:.1f}, "
@@ -95,22 +114,23 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     assert top10 > 1.5 * top10_chance, (test, chance)
     report = (repo / "reports/demo/report.md").read_text()
     assert "chance (random ranking)" in report and f"{test['sumr']:.1f}" in report
-    run_info = _json(repo / "runs/demo/run.json")
+    run_info = _json(repo / "runs/demo/gmmformer_v2/run.json")
     assert run_info["mlflow_run_id"] and run_info["mlflow_run_id"] in report
 
     # ---- by hand: evaluate a checkpoint, save its scores; the pipeline's outputs stay as they are
-    before = _digest(repo / "metrics/demo/test.json")
-    run(["python", "stages/evaluate.py", "--checkpoint", "runs/demo/checkpoints/best.pt",
+    before = _digest(repo / "metrics/demo/gmmformer_v2/test.json")
+    run(["python", "stages/evaluate.py", "--checkpoint", "runs/demo/gmmformer_v2/checkpoints/best.pt",
          "--save-scores", str(tmp_path / "scores.h5"), "--out", str(tmp_path / "by_hand.json"),
          "--no-mlflow"], cwd=repo)
     by_hand = _json(tmp_path / "by_hand.json")
     assert by_hand["sumr"] == pytest.approx(test["sumr"]) and by_hand["checkpoint_kind"] == "prvr"
+    assert by_hand["method"] == "gmmformer_v2"
     from prvr.evaluation import load_scores_h5
 
     scores, attrs = load_scores_h5(tmp_path / "scores.h5")
     assert tuple(scores.scores.shape) == (test["n_queries"], test["n_videos"])
     assert attrs["sumr"] == pytest.approx(test["sumr"])
-    assert _digest(repo / "metrics/demo/test.json") == before
+    assert _digest(repo / "metrics/demo/gmmformer_v2/test.json") == before
 
     # ---- second repro: nothing to do
     second = run(["dvc", "repro"], cwd=repo)
@@ -122,19 +142,43 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     # ---- DVC sees the metrics and plots
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=repo).stdout)
     shown = json.dumps(metrics)
-    assert "metrics/demo/test.json" in shown and "sumr" in shown
+    assert "metrics/demo/gmmformer_v2/test.json" in shown and "sumr" in shown
     plots = json.loads(run(["dvc", "plots", "show", "--json"], cwd=repo).stdout)
     plot_ids = set(plots.get("data", plots))
     assert {"validation_sumr", "training_loss", "test_recall_at_k",
             "reports/demo/training_curves.png"} <= plot_ids, plot_ids
 
-    # ---- an experiment on another dataset keeps the demo's outputs
-    demo_digests = {rel: _digest(repo / rel) for rel in _outputs("demo")}
+    # ---- the other methods on the same demo: each keeps the others' results
+    v2_digests = {rel: _digest(repo / rel) for rel in _outputs("demo", stages=("train", "evaluate"))}
     git_commit(repo, "demo results")
+    sumr = {"gmmformer_v2": test["sumr"]}
+    for method in OTHER_METHODS:
+        exp = run(["dvc", "exp", "run", "-S", f"model.name={method}"], cwd=repo, timeout=900)
+        assert "Running stage 'train'" in exp.stdout, exp.stdout[-3000:]
+        for rel in _outputs("demo", method):
+            assert (repo / rel).is_file(), rel
+        sumr[method] = _json(repo / f"metrics/demo/{method}/test.json")["sumr"]
+        assert sumr[method] > chance["sumr"], (method, sumr, chance)
+    print("demo test SumR by method:", {k: round(v, 1) for k, v in sumr.items()},
+          f"chance {chance['sumr']:.1f}")
+    for rel, digest in v2_digests.items():
+        assert _digest(repo / rel) == digest, f"{rel} changed by another method's experiment"
+    report = (repo / "reports/demo/report.md").read_text()
+    for title in ("GMMFormer v2", "MS-SL", "GMMFormer v1", "mean-pool floor"):
+        assert f"| {title} |" in report, title
+    exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
+    assert "model.name" in exps and "meanpool" in exps
+
+    # ---- an experiment on another dataset keeps the demo's outputs
+    edit_params(repo / "params.yaml", **{"model.name": "gmmformer_v2"})
+    demo_digests = {rel: _digest(repo / rel) for m in ("gmmformer_v2", *OTHER_METHODS)
+                    for rel in _outputs("demo", m, stages=("train", "evaluate"))}
+    git_commit(repo, "all demo results")
     cha_root = tmp_path / "VisualSearch"
     generate_corpus(cha_root, preset="cha-shaped", seed=3, scale=0.01, progress=False)
+    V2_CHA = "methods.gmmformer_v2.cha"
     exp = run(["dvc", "exp", "run", "-S", "dataset=cha", "-S", f"data_root={cha_root}",
-               "-S", "train.epochs=1", "-S", "train.batch_size=32", "-S", "model.hidden_size=32"],
+               "-S", f"{V2_CHA}.epochs=1", "-S", f"{V2_CHA}.batch_size=32", "-S", f"{V2_CHA}.hidden_size=32"],
               cwd=repo, timeout=900)
     assert "Running stage 'train'" in exp.stdout, exp.stdout[-3000:]
     for rel in _outputs("cha"):
@@ -143,28 +187,31 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     for rel, digest in demo_digests.items():
         assert (repo / rel).is_file(), f"{rel} was removed by the cha experiment"
         assert _digest(repo / rel) == digest, f"{rel} changed by the cha experiment"
-    cha_test = _json(repo / "metrics/cha/test.json")
+    cha_test = _json(repo / "metrics/cha/gmmformer_v2/test.json")
     assert 0 <= cha_test["sumr"] <= 400 and cha_test["n_videos"] > 0
-    assert "paper (GMMFormer v2, Charades-STA)" in (repo / "reports/cha/report.md").read_text()
+    assert "| GMMFormer v2, paper | 2.5 | 8.6 | 13.9 | 53.2 | 78.2 |" in (repo / "reports/cha/report.md").read_text()
     exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
-    assert "metrics/cha/test.json" in exps
+    assert "metrics/cha/gmmformer_v2/test.json" in exps
 
-    # ---- MLflow: one experiment per dataset, one run each, per-epoch metrics, artifacts
+    # ---- MLflow: one experiment per dataset, one run per method, per-epoch metrics, artifacts
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    demo_runs = client.search_runs([client.get_experiment_by_name("prvr-demo").experiment_id])
+    assert sorted(r.data.tags["method"] for r in demo_runs) == sorted(("gmmformer_v2", *OTHER_METHODS))
+    assert {r.info.run_name for r in demo_runs} == {f"{m}-demo" for m in ("gmmformer_v2", *OTHER_METHODS)}
     for ds in ("demo", "cha"):
         exp_ = client.get_experiment_by_name(f"prvr-{ds}")
-        assert exp_ is not None, ds
-        runs = client.search_runs([exp_.experiment_id])
+        runs = [r for r in client.search_runs([exp_.experiment_id]) if r.data.tags["method"] == "gmmformer_v2"]
         assert len(runs) == 1, (ds, len(runs))
         r = runs[0]
-        assert r.info.run_id == _json(repo / f"runs/{ds}/run.json")["mlflow_run_id"]
-        epochs = _json(repo / f"metrics/{ds}/train.json")["epochs_run"]
+        assert r.info.run_id == _json(repo / f"runs/{ds}/gmmformer_v2/run.json")["mlflow_run_id"]
+        epochs = _json(repo / f"metrics/{ds}/gmmformer_v2/train.json")["epochs_run"]
         for key in ("val_sumr", "train_total", "train_oml", "lr", "epoch_time_s"):
             assert [m.step for m in client.get_metric_history(r.info.run_id, key)] == list(range(epochs)), key
         assert "test_sumr" in r.data.metrics
         assert r.data.params["dataset"] == ds and r.data.tags["dataset"] == ds
+        assert r.data.params["method"] == "gmmformer_v2"
         assert "git_commit" in r.data.tags
         artifacts = [a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")]
         assert artifacts == ["checkpoints/best.pt"]

@@ -35,8 +35,8 @@ def test_default_store_is_sqlite_in_repo_root_unless_overridden(tmp_path, monkey
 
 def test_tags_name_the_dvc_experiment(monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-fern")
-    tags = run_tags("cha", "cpu", REPO)
-    assert tags["dataset"] == "cha" and tags["device"] == "cpu"
+    tags = run_tags("cha", "cpu", "msssl", REPO)
+    assert tags["dataset"] == "cha" and tags["device"] == "cpu" and tags["method"] == "msssl"
     assert tags["dvc_exp_name"] == "brisk-fern"
 
 
@@ -81,7 +81,7 @@ def test_failure_mid_run_turns_tracking_off(tmp_path, caplog):
 @pytest.mark.slow
 def test_training_finishes_when_the_tracking_server_dies(tiny_workdir: Path, tmp_path: Path):
     work = tiny_workdir
-    edit_params(work / "params.yaml", **{"demo.train.epochs": 5, "demo.train.patience": 10})
+    edit_params(work / "params.yaml", **{"methods.gmmformer_v2.demo.epochs": 5})
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -107,7 +107,7 @@ def test_training_finishes_when_the_tracking_server_dies(tiny_workdir: Path, tmp
 
         train = subprocess.Popen(TRAIN, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=tool_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"))
-        ckpt = work / "runs/demo/checkpoints/last.pt"
+        ckpt = work / "runs/demo/gmmformer_v2/checkpoints/last.pt"
         deadline = time.time() + 300
         while not ckpt.exists():  # epoch 0 is done and logged: now the server dies
             assert train.poll() is None, train.stderr.read()[-3000:]
@@ -124,9 +124,9 @@ def test_training_finishes_when_the_tracking_server_dies(tiny_workdir: Path, tmp
             train.kill()
     assert train.returncode == 0, stderr[-3000:]
     assert stderr.count("tracking is off for the rest of this run") == 1, stderr[-3000:]
-    history = (work / "metrics/demo/train_history.csv").read_text().splitlines()
+    history = (work / "metrics/demo/gmmformer_v2/train_history.csv").read_text().splitlines()
     assert len(history) == 1 + 5  # header + every epoch, although tracking died after epoch 0
-    assert (work / "runs/demo/checkpoints/best.pt").is_file()
+    assert (work / "runs/demo/gmmformer_v2/checkpoints/best.pt").is_file()
     assert time.time() - t_kill < 300
 
     # What reached the server before it died is in its store: the run, not every epoch.

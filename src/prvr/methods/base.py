@@ -67,8 +67,8 @@ class TrainOutput:
     queries: per-query tensors, each (Nq, ...): "query" (the scoring encoding) and any other the
     loss needs (e.g. a second, independently dropped-out encoding).
     videos: the batch's VideoEncoding.
-    scores: the training score matrices, each (Nq, B), as `model.train_scores(queries, videos)`
-    computes them.
+    scores: the training score matrices, as `model.train_scores(queries, videos)` computes them;
+    usually (Nq, B), but a method may use its own shapes (MS-SL's frame scale is (Nq, Nq)).
     """
 
     queries: dict[str, Tensor]
