@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from prvr.model import (GMMFormer, GMMFormerConfig, ModelOutput, dropout, gaussian_matrix, pair_scores,
-                        release_chunks, retrieval_scores)
-from prvr.release import release_layout, to_release_state_dict
+from prvr.kernels import SWITCHES, Tokens, add_dropout, cpu_kernels, dropout, relu_dropout_unscaled, switches
+from prvr.methods import TrainOutput, VideoEncoding, get_method
+from prvr.methods.gmmformer_v2.model import (GMMFormer, GMMFormerConfig, gaussian_matrix, pair_scores,
+                                             release_chunks)
+from prvr.methods.gmmformer_v2.release import release_layout, to_release_state_dict
 
 SMALL = dict(visual_dim=12, text_dim=10, hidden_size=8, n_heads=2, max_query_len=7, max_frames=20, n_clips=5)
 
@@ -90,10 +93,10 @@ def test_padding_never_changes_results():
     qb = torch.cat([a["query_feats"], torch.full((3, 4, cfg.text_dim), 9.0)], 1)
     qmb = torch.cat([a["query_mask"], torch.zeros(3, 4, dtype=torch.bool)], 1)
     with torch.no_grad():
-        ca, fa, _ = model.encode_videos(a["clip_feats"], a["frame_feats"], a["frame_mask"])
-        cb, fb, mb = model.encode_videos(a["clip_feats"], b["frame_feats"], b["frame_mask"])
-        qa = model.encode_query(a["query_feats"], a["query_mask"])
-        qb = model.encode_query(qb, qmb)
+        ca, fa, _ = model.encode_video_feats(a["clip_feats"], a["frame_feats"], a["frame_mask"])
+        cb, fb, mb = model.encode_video_feats(a["clip_feats"], b["frame_feats"], b["frame_mask"])
+        qa = model.encode_query_feats(a["query_feats"], a["query_mask"])
+        qb = model.encode_query_feats(qb, qmb)
     assert fb.shape == (2, 17, 8) and mb.shape == (2, 17)
     assert torch.allclose(ca, cb, atol=1e-6)
     assert torch.allclose(fa, fb[:, :9], atol=1e-6)
@@ -108,14 +111,14 @@ def test_video_alone_equals_video_in_batch_with_longer_one():
     cfg = model.cfg
     batch = make_inputs(cfg, [6, 20, 1], [3])
     with torch.no_grad():
-        c_all, f_all, _ = model.encode_videos(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
+        c_all, f_all, _ = model.encode_video_feats(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
         for i, n in enumerate([6, 20, 1]):
-            c1, f1, _ = model.encode_videos(batch["clip_feats"][i:i + 1], batch["frame_feats"][i:i + 1, :n],
+            c1, f1, _ = model.encode_video_feats(batch["clip_feats"][i:i + 1], batch["frame_feats"][i:i + 1, :n],
                                              batch["frame_mask"][i:i + 1, :n])
             assert torch.allclose(c1[0], c_all[i], atol=1e-6)
             assert torch.allclose(f1[0], f_all[i, :n], atol=1e-6)
-        q_all = model.encode_query(batch["query_feats"], batch["query_mask"])
-        q_one = model.encode_query(batch["query_feats"][:1], batch["query_mask"][:1])
+        q_all = model.encode_query_feats(batch["query_feats"], batch["query_mask"])
+        q_one = model.encode_query_feats(batch["query_feats"][:1], batch["query_mask"][:1])
     assert q_one.shape == (1, 8) and torch.allclose(q_one[0], q_all[0], atol=1e-6)
 
 
@@ -126,16 +129,16 @@ def test_float_masks_are_accepted():
         out_bool = model(batch)
         out_float = model({**batch, "frame_mask": batch["frame_mask"].float(),
                            "query_mask": batch["query_mask"].float()})
-    assert out_float.frame_mask.dtype == torch.bool
-    assert torch.equal(out_bool.frame_scores, out_float.frame_scores)
-    assert torch.equal(out_bool.query, out_float.query)
+    assert out_float.videos.seq_mask.dtype == torch.bool
+    assert torch.equal(out_bool.scores["frame"], out_float.scores["frame"])
+    assert torch.equal(out_bool.queries["query"], out_float.queries["query"])
 
 
 def test_more_frames_than_max_frames_is_an_error():
     model = small_model().eval()
     batch = make_inputs(model.cfg, [21], [2])
     with pytest.raises(ValueError, match="at most 20"):
-        model.encode_videos(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
+        model.encode_video_feats(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
 
 
 def test_no_gradient_reaches_padded_frames():
@@ -143,7 +146,7 @@ def test_no_gradient_reaches_padded_frames():
     batch = make_inputs(model.cfg, [5, 12], [3, 4])
     frames = batch["frame_feats"].requires_grad_(True)
     out = model({**batch, "frame_feats": frames})
-    (out.frame_scores.sum() + out.frame_scores_raw.sum() + out.clip_scores.sum()).backward()
+    (out.scores["frame"].sum() + out.scores["frame_raw"].sum() + out.scores["clip"].sum()).backward()
     assert frames.grad[0, 5:].abs().max() == 0
     assert frames.grad[0, :5].abs().max() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -157,44 +160,45 @@ def test_eval_is_deterministic_and_train_uses_dropout():
     model.eval()
     with torch.no_grad():
         e1, e2 = model(batch), model(batch)
-    assert torch.equal(e1.clip_scores, e2.clip_scores) and torch.equal(e1.frames, e2.frames)
+    assert torch.equal(e1.scores["clip"], e2.scores["clip"]) and torch.equal(e1.videos.seq, e2.videos.seq)
     model.train()
     with torch.no_grad():
         t1, t2 = model(batch), model(batch)
-    assert not torch.allclose(t1.frames, t2.frames)
-    assert not torch.allclose(t1.query, e1.query)
+    assert not torch.allclose(t1.videos.seq, t2.videos.seq)
+    assert not torch.allclose(t1.queries["query"], e1.queries["query"])
     # with every dropout rate at 0, train mode computes exactly the eval function
     nodrop = small_model(input_drop=0.0, drop=0.0).train()
     with torch.no_grad():
         a = nodrop(batch)
         nodrop.eval()
         b = nodrop(batch)
-    assert torch.allclose(a.frame_scores, b.frame_scores, atol=1e-6)
+    assert torch.allclose(a.scores["frame"], b.scores["frame"], atol=1e-6)
 
 
 
 def test_training_forward_encodes_queries_a_second_time_for_qdl_and_oml():
     """The release feeds its query-diverse and matching losses a second query encoding
     with its own dropout draw; in eval there is no second encoding."""
-    from prvr.losses import GMMFormerLoss, loss_query
+    from prvr.methods.gmmformer_v2.loss import GMMFormerLoss, _loss_query
 
     model = small_model()
     batch = make_inputs(model.cfg, [7, 13], [3, 6, 2, 4])
     model.eval()
     with torch.no_grad():
-        assert model(batch).query_aux is None
+        assert set(model(batch).queries) == {"query"}
     model.train()
     torch.manual_seed(3)
     out = model(batch)
-    assert out.query_aux is not None and out.query_aux.shape == out.query.shape
-    assert not torch.allclose(out.query_aux, out.query)  # an independent dropout draw
-    assert loss_query(out) is out.query_aux
+    query, aux = out.queries["query"], out.queries["query_aux"]
+    assert aux.shape == query.shape
+    assert not torch.allclose(aux, query)  # an independent dropout draw
+    assert _loss_query(out) is aux
     # QDL/OML follow the second encoding: their gradient reaches it, not the scoring one
-    loss = GMMFormerLoss(0.1, [0.0, 0.0, 1.0, 1.0], [0.15, 32, 1])
-    terms = loss(out, batch["query_labels"], hard_negatives=False)
-    g_aux, g_q = torch.autograd.grad(terms["qdl"] + terms["oml"], [out.query_aux, out.query],
-                                     allow_unused=True)
+    cfg = GMMFormerConfig(**{**SMALL, "clip_nce": 0.0, "frame_nce": 0.0, "qdl": 1.0, "oml": 1.0})
+    terms = GMMFormerLoss(cfg)(out, batch["query_labels"], hard_negatives=False)
+    g_aux, g_q = torch.autograd.grad(terms["qdl"] + terms["oml"], [aux, query], allow_unused=True)
     assert g_aux is not None and g_aux.abs().sum() > 0 and g_q is None
+
 
 def test_cpu_training_is_deterministic_for_a_seed():
     def run():
@@ -202,11 +206,11 @@ def test_cpu_training_is_deterministic_for_a_seed():
         batch = make_inputs(model.cfg, [4, 16, 9], [2, 7, 5, 3])
         torch.manual_seed(11)
         out = model(batch)
-        (out.clip_scores_raw.sum() + out.frame_scores.sum() + out.query.sum()).backward()
+        (out.scores["clip_raw"].sum() + out.scores["frame"].sum() + out.queries["query"].sum()).backward()
         return out, [p.grad.clone() for p in model.parameters()]
 
     (o1, g1), (o2, g2) = run(), run()
-    assert torch.equal(o1.frames, o2.frames) and torch.equal(o1.query, o2.query)
+    assert torch.equal(o1.videos.seq, o2.videos.seq) and torch.equal(o1.queries["query"], o2.queries["query"])
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
@@ -235,6 +239,126 @@ def test_dropout_rate_and_scale():
     assert torch.equal(dropout(x, 0.5, False, relu=True), torch.relu(x))
 
 
+# ----------------------------------------------------------------------------- kernel switches
+
+def _encodings(model, batch):
+    with torch.no_grad():
+        out = model(batch)
+        scored = model.score(out.queries["query"], out.videos)
+    return [out.queries["query"], out.videos.fixed["clips"], out.videos.seq, *out.scores.values(),
+            *scored.values()]
+
+
+def test_portable_switch_gives_the_cpu_kernel_eval_scores():
+    """switches(portable=True) runs the code path of every other device on CPU; in eval
+    both paths compute the same function, bit for bit."""
+    model = small_model(seed=4).eval()
+    batch = make_inputs(model.cfg, [6, 20, 3, 11], [5, 2, 7], seed=5)
+    cpu = _encodings(model, batch)
+    with switches(portable=True) as sw:
+        assert sw.portable and not cpu_kernels(torch.zeros(1))
+        portable = _encodings(model, batch)
+    assert not SWITCHES.portable and cpu_kernels(torch.zeros(1))  # restored after the block
+    assert all(torch.equal(a, b) for a, b in zip(cpu, portable))
+    with pytest.raises(AttributeError, match="unknown kernel switch 'fast'"):
+        with switches(fast=True):
+            pass
+
+
+def test_portable_switch_routes_training_dropout_through_f_dropout(monkeypatch):
+    """In training the portable path draws every mask with F.dropout, the CPU path never does
+    (it draws its own keep masks); both train deterministically for a seed."""
+    import prvr.kernels as kernels
+
+    calls = {"F.dropout": 0, "keep_mask": 0}
+    f_dropout, keep_mask = F.dropout, kernels._keep_mask
+
+    def counting_dropout(*a, **k):
+        calls["F.dropout"] += 1
+        return f_dropout(*a, **k)
+
+    def counting_keep_mask(*a, **k):
+        calls["keep_mask"] += 1
+        return keep_mask(*a, **k)
+
+    monkeypatch.setattr(kernels.F, "dropout", counting_dropout)
+    monkeypatch.setattr(kernels, "_keep_mask", counting_keep_mask)
+
+    def step(portable: bool):
+        model = small_model(seed=3).train()
+        batch = make_inputs(model.cfg, [4, 16, 9], [2, 7, 5, 3])
+        torch.manual_seed(11)
+        with switches(portable=portable):
+            out = model(batch)
+            (out.scores["clip_raw"].sum() + out.scores["frame"].sum() + out.queries["query"].sum()).backward()
+        return out.videos.seq.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for portable in (True, False):
+        calls.update({"F.dropout": 0, "keep_mask": 0})
+        (f1, g1), (f2, g2) = step(portable), step(portable)
+        used, unused = ("F.dropout", "keep_mask") if portable else ("keep_mask", "F.dropout")
+        assert calls[used] > 0 and calls[unused] == 0, calls
+        assert torch.equal(f1, f2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+        assert all(torch.isfinite(g).all() for g in g1)
+
+
+def _kernel_output(kind: str, x: Tensor, p: float) -> Tensor:
+    """dropout as each kernel computes it (the keep scale applied), for x > 0."""
+    if kind == "dropout":
+        return dropout(x, p, True)
+    if kind == "relu_dropout":
+        return dropout(x, p, True, relu=True)
+    if kind == "relu_dropout_unscaled":
+        h, scale = relu_dropout_unscaled(x * 1.0, p, True)  # a fresh tensor: it is overwritten
+        return h * scale
+    return add_dropout(torch.zeros_like(x), x, p, True)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("kind", ["dropout", "relu_dropout", "relu_dropout_unscaled", "add_dropout"])
+def test_cpu_dropout_keeps_the_rate_and_scale_of_f_dropout(kind, fast):
+    """Each CPU dropout kernel drops a share p of its entries and scales the kept ones by
+    1 / (1 - p), as F.dropout (the portable path) does; the backward is the same mask.
+    n = 2^20 draws: one binomial sigma of the drop share is 4e-4, the tolerance 10 sigma
+    (and the seed is fixed), so the check cannot flake."""
+    p, n = 0.2, 2 ** 20
+    tol = 10 * math.sqrt(p * (1 - p) / n)
+    # fast_dropout draws 16-bit integers: the rate is p rounded to a multiple of 2^-16
+    cut = round(p * 65536)
+    rate = {False: p, True: cut / 65536}[fast]
+    scale = {False: 1.0 / (1.0 - p), True: 65536.0 / (65536 - cut)}[fast]
+    results = {}
+    for portable in (False, True):
+        torch.manual_seed(0)
+        x = torch.ones(n, requires_grad=True)
+        with switches(portable=portable, fast_dropout=fast):
+            y = _kernel_output(kind, x, p)
+        y.sum().backward()
+        kept = y.detach() != 0
+        values = torch.unique(y.detach()[kept])
+        assert abs(1.0 - kept.float().mean().item() - p) < tol
+        assert torch.equal(x.grad, y.detach())  # d y / d x = keep * scale, the forward's mask
+        results[portable] = values
+    ref = results[True]  # F.dropout
+    assert ref.numel() == 1 and ref.item() == pytest.approx(1.0 / (1.0 - p), rel=1e-6)
+    assert results[False].numel() == 1 and results[False].item() == pytest.approx(scale, rel=1e-6)
+    assert results[False].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert rate == pytest.approx(p, abs=2 ** -16)
+
+
+def test_cpu_relu_dropout_zeroes_negatives_like_relu_then_f_dropout():
+    torch.manual_seed(1)
+    x = torch.randn(2 ** 16)
+    for kind in ("relu_dropout", "relu_dropout_unscaled"):
+        for portable in (False, True):
+            with switches(portable=portable):
+                y = _kernel_output(kind, x.clone(), 0.5)
+            assert (y[x <= 0] == 0).all()
+            kept = y != 0
+            assert torch.allclose(y[kept], 2.0 * x[kept])
+            assert abs(kept[x > 0].float().mean().item() - 0.5) < 10 * math.sqrt(0.25 / int((x > 0).sum()))
+
+
 # ----------------------------------------------------------------------------- scores
 
 def test_pair_scores_include_zero_for_short_videos_only():
@@ -251,28 +375,44 @@ def test_pair_scores_include_zero_for_short_videos_only():
     assert frame.tolist() == [[-1.0, 0.0]] and frame_raw.tolist() == [[-2.0, 0.0]]
     # with max_frames 128 both videos are short
     assert pair_scores(query, clips, frames, mask)[2].tolist() == [[0.0, 0.0]]
-    cfg = GMMFormerConfig(**{**SMALL, "max_frames": 3, "n_clips": 2})
-    assert torch.allclose(retrieval_scores(query, clips, frames, mask, cfg), 0.7 * clip + 0.3 * frame)
-    assert retrieval_scores(query, clips, frames, mask, cfg)[0].tolist() == pytest.approx([-0.3, 0.0])
+    model = GMMFormer(GMMFormerConfig(**{**SMALL, "max_frames": 3, "n_clips": 2}))
+    got = model.score(query, VideoEncoding({"clips": clips}, frames, mask))
+    assert set(got) == {"score", "clip", "frame"}
+    assert torch.equal(got["clip"], clip) and torch.equal(got["frame"], frame)
+    assert torch.allclose(got["score"], 0.7 * clip + 0.3 * frame)
+    assert got["score"][0].tolist() == pytest.approx([-0.3, 0.0])
 
 
-def test_forward_returns_model_output_of_contract_shapes():
+def test_forward_returns_train_output_of_contract_shapes():
     model = small_model().eval()
     batch = make_inputs(model.cfg, [4, 9, 2], [3, 6, 2, 7])
     with torch.no_grad():
         out = model(batch)
-    assert isinstance(out, ModelOutput)
-    assert out.query.shape == (4, 8) and out.clips.shape == (3, 5, 8) and out.frames.shape == (3, 9, 8)
-    for s in (out.clip_scores, out.clip_scores_raw, out.frame_scores, out.frame_scores_raw):
+        videos = model.encode_videos(batch)
+        query = model.encode_queries(batch)
+    assert isinstance(out, TrainOutput) and isinstance(out.videos, VideoEncoding)
+    assert out.queries["query"].shape == (4, 8) and out.videos.fixed["clips"].shape == (3, 5, 8)
+    assert out.videos.seq.shape == (3, 9, 8) and out.videos.seq_mask.shape == (3, 9) and len(out.videos) == 3
+    assert set(out.scores) == {"clip", "clip_raw", "frame", "frame_raw"}
+    for s in out.scores.values():
         assert s.shape == (4, 3)
-    assert (out.clip_scores.abs() <= 1 + 1e-6).all()
+    assert (out.scores["clip"].abs() <= 1 + 1e-6).all()
+    # the contract's encoders give the same tensors as the training forward (eval mode)
+    assert torch.equal(query, out.queries["query"])
+    assert torch.equal(videos.fixed["clips"], out.videos.fixed["clips"]) and torch.equal(videos.seq, out.videos.seq)
+    assert torch.equal(videos.seq_mask, batch["frame_mask"])
+    # train_scores rebuilds the forward's scores from (e.g. gathered) encodings
+    again = model.train_scores(out.queries, out.videos)
+    assert all(torch.equal(again[k], out.scores[k]) for k in out.scores)
+    scored = model.score(query, videos)
+    assert torch.equal(scored["clip"], out.scores["clip"]) and torch.equal(scored["frame"], out.scores["frame"])
 
 
 # ----------------------------------------------------------------------------- optimiser groups
 
 def test_param_groups_follow_release_decay_rule():
     model = small_model()
-    decay, no_decay = model.param_groups(0.01)
+    decay, no_decay = get_method("gmmformer_v2").param_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     d = {names[id(p)] for p in decay["params"]}
@@ -309,8 +449,8 @@ def test_golden_scores():
     batch = make_inputs(model.cfg, [6, 14], [5, 3, 7], seed=6)
     with torch.no_grad():
         out = model(batch)
-    assert torch.allclose(out.clip_scores, torch.tensor(GOLDEN_CLIP), rtol=0, atol=1e-5)
-    assert torch.allclose(out.frame_scores, torch.tensor(GOLDEN_FRAME), rtol=0, atol=1e-5)
+    assert torch.allclose(out.scores["clip"], torch.tensor(GOLDEN_CLIP), rtol=0, atol=1e-5)
+    assert torch.allclose(out.scores["frame"], torch.tensor(GOLDEN_FRAME), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- slow reference
@@ -391,14 +531,14 @@ def test_batched_model_matches_per_branch_reference():
     ref_query, ref_clips, ref_frames = _reference(model, batch)
     with torch.no_grad():
         out = model(batch)
-    assert torch.allclose(out.clips, ref_clips, atol=1e-5)
-    assert torch.allclose(out.frames, ref_frames[:, :Lf], atol=1e-5)
-    assert torch.allclose(out.query, ref_query, atol=1e-5)
+    assert torch.allclose(out.videos.fixed["clips"], ref_clips, atol=1e-5)
+    assert torch.allclose(out.videos.seq, ref_frames[:, :Lf], atol=1e-5)
+    assert torch.allclose(out.queries["query"], ref_query, atol=1e-5)
     qn, cn, fn = (F.normalize(t, dim=-1) for t in (ref_query, ref_clips, ref_frames))
     ref_clip_scores = torch.einsum("qh,bch->qbc", qn, cn).amax(-1)
     ref_frame_scores = torch.einsum("qh,bfh->qbf", qn, fn).amax(-1)  # the padded zeros take part
-    assert torch.allclose(out.clip_scores, ref_clip_scores, atol=1e-5)
-    assert torch.allclose(out.frame_scores, ref_frame_scores, atol=1e-5)
+    assert torch.allclose(out.scores["clip"], ref_clip_scores, atol=1e-5)
+    assert torch.allclose(out.scores["frame"], ref_frame_scores, atol=1e-5)
 
 
 def test_gradients_match_per_branch_reference():
@@ -413,7 +553,7 @@ def test_gradients_match_per_branch_reference():
         inputs = {k: v.double().requires_grad_(True) if v.is_floating_point() else v for k, v in batch.items()}
         if fn == "ours":
             out = model(inputs)
-            q, c, f = out.query, out.clips, out.frames
+            q, c, f = out.queries["query"], out.videos.fixed["clips"], out.videos.seq
         else:
             q, c, f = _reference(model, inputs)
             f = f[:, :13]
@@ -426,9 +566,8 @@ def test_gradients_match_per_branch_reference():
 
 
 def test_scatter_heads_gradcheck():
-    from prvr.model import _Tokens
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    tokens = _Tokens(mask, 2, 3, torch.device("cpu"))
+    tokens = Tokens(mask, 2, 3, torch.device("cpu"))
     x = torch.randn(tokens.count, 2 * 3 * 4, dtype=torch.float64, requires_grad=True)
 
     def f(x):

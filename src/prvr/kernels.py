@@ -43,10 +43,11 @@ SWITCHES = Switches()
 @contextlib.contextmanager
 def switches(**kw):
     """Set kernel switches for a block: `with switches(portable=True): ...`."""
-    old = {k: getattr(SWITCHES, k) for k in kw}
-    for k, v in kw.items():
+    for k in kw:
         if not hasattr(SWITCHES, k):
             raise AttributeError(f"unknown kernel switch '{k}'")
+    old = {k: getattr(SWITCHES, k) for k in kw}
+    for k, v in kw.items():
         setattr(SWITCHES, k, bool(v))
     try:
         yield SWITCHES
