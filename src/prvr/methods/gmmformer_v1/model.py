@@ -151,6 +151,17 @@ def length_buckets(lengths: Sequence[int], max_groups: int = 4, overhead: float 
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout (keep with probability 1-p, scale 1/(1-p)), as F.dropout, with the keep
+    mask drawn as uniforms >= p (cheaper than a Bernoulli draw on CPU); same on every device."""
+    if not training or p <= 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    keep = torch.rand(x.shape, dtype=x.dtype, device=x.device) >= p
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """LayerNorm of (K, ..., H) with per-branch affine parameters (K, H)."""
     shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (weight.shape[1],)
@@ -177,7 +188,7 @@ class InputProjection(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.linear(F.dropout(self.norm(x), self.p, self.training)))
+        return F.relu(self.linear(dropout(self.norm(x), self.p, self.training)))
 
 
 class PositionEmbedding(nn.Module):
@@ -190,7 +201,7 @@ class PositionEmbedding(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        return F.dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
+        return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
 
 
 class AttentionBranches(nn.Module):
@@ -220,10 +231,10 @@ class AttentionBranches(nn.Module):
         scores = scores * scale if gauss is None else scores * (gauss * scale)
         if mask_add is not None:
             scores = scores + mask_add
-        probs = F.dropout(torch.softmax(scores, dim=-1), self.p, self.training)
+        probs = dropout(torch.softmax(scores, dim=-1), self.p, self.training)
         ctx = torch.matmul(probs, v).permute(0, 1, 3, 2, 4).reshape(K, b * l, H)
         out = torch.baddbmm(self.out_bias.unsqueeze(1), ctx, self.out_weight.transpose(1, 2))
-        out = F.dropout(out, self.p, self.training) + x.reshape(1, b * l, H)
+        out = dropout(out, self.p, self.training) + x.reshape(1, b * l, H)
         return _branch_layer_norm(out, self.norm_weight, self.norm_bias).view(K, b, l, H)
 
 
