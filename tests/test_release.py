@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prvr.model import GMMFormer, GMMFormerConfig
-from prvr.release import config_from_release, convert_release_state_dict, release_layout, to_release_state_dict
+from prvr.kernels import Tokens
+from prvr.methods import available, get_method
+from prvr.methods.gmmformer_v2.model import GMMFormer, GMMFormerConfig
+from prvr.methods.gmmformer_v2.release import (config_from_release, convert_release_state_dict,
+                                               is_release_state_dict, load_release, release_layout,
+                                               to_release_state_dict)
 
 SMALL = GMMFormerConfig(visual_dim=12, text_dim=10, hidden_size=8, n_heads=2, max_query_len=7, max_frames=20,
                         n_clips=5)
@@ -24,7 +28,7 @@ def random_release_sd(cfg: GMMFormerConfig, seed: int = 0) -> dict:
 
 def expected_tvr_names() -> list[tuple[str, tuple]]:
     """The TVR release layout written out from its construction rules (independent of
-    prvr.release): 297 tensors."""
+    prvr.methods.gmmformer_v2.release): 297 tensors."""
     H, F = 384, 1536
 
     def layer(p, ffn):
@@ -128,8 +132,7 @@ def test_perturbing_attn3_changes_only_the_width_5_branch():
     model.load_state_dict(convert_release_state_dict(sd, SMALL))
     assert model.cfg.widths[3] == 5.0
     x = torch.randn(2 * SMALL.n_clips, H)
-    from prvr.model import _Tokens
-    tokens = _Tokens(None, 2, SMALL.n_clips, x.device)
+    tokens = Tokens(None, 2, SMALL.n_clips, x.device)
     branches = model.clip_consolidation.branches
     with torch.no_grad():
         before = branches(x, tokens)
@@ -195,3 +198,32 @@ def test_config_from_release_dict_and_object():
     assert config_from_release({"visual_input_size": 500, "query_input_size": 300}, base).visual_dim == 500
     with pytest.raises(ValueError, match="'hidden_size'"):
         config_from_release({"hidden_size": "big"}, base)
+
+
+def test_release_checkpoint_is_recognised_by_gmmformer_v2_only():
+    """The registry asks every method whether a checkpoint is its release's: a GMMFormer v2
+    release state dict (with or without a DataParallel prefix) is v2's and no other method's."""
+    sd = random_release_sd(SMALL)
+    for state in (sd, {"module." + k: v for k, v in sd.items()}):
+        ckpt = {"config": {"hidden_size": H}, "state_dict": state, "epoch": 3}
+        assert [n for n in available() if get_method(n).is_release_checkpoint(ckpt)] == ["gmmformer_v2"]
+    method = get_method("gmmformer_v2")
+    assert not method.is_release_checkpoint({"state_dict": sd})  # no release config
+    assert not method.is_release_checkpoint({"config": {}, "state_dict": GMMFormer(SMALL).state_dict()})  # ours
+    assert not is_release_state_dict({k: v for k, v in sd.items() if k != "weight_token"})
+    assert not is_release_state_dict([1, 2])
+
+
+def test_load_release_gives_config_state_and_info():
+    sd = random_release_sd(SMALL)
+    release_cfg = {"hidden_size": H, "q_feat_size": SMALL.text_dim, "visual_feat_dim": SMALL.visual_dim,
+                   "n_heads": 2, "max_desc_l": SMALL.max_query_len, "lr": 1e-4}
+    base = GMMFormerConfig(max_frames=SMALL.max_frames, n_clips=SMALL.n_clips)
+    cfg, state, info = load_release({"config": release_cfg, "state_dict": sd, "epoch": 4,
+                                     "model_val": [1.0, 2.0, float("nan"), 4.0, 7.0]}, base)
+    assert cfg == SMALL
+    assert all(torch.equal(state[k], v) for k, v in convert_release_state_dict(sd, SMALL).items())
+    assert info["epoch"] == 4 and info["metrics"] == {"r1": 1.0, "r5": 2.0, "r100": 4.0, "sumr": 7.0}
+    assert info["extra"]["release_config"]["lr"] == 1e-4
+    with pytest.raises(ValueError, match="non-dict 'config'"):
+        load_release({"config": [1], "state_dict": sd}, base)
