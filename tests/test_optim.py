@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from prvr.methods import get_method, unwrap_model
 from prvr.optim import BertAdam, build_optimizer, current_lr, warmup_linear
 
 
@@ -167,19 +168,33 @@ class TinyModel(torch.nn.Module):
 def test_build_optimizer_from_settings():
     model = TinyModel()
     settings = {"lr": 3e-4, "weight_decay": 0.01, "warmup_proportion": 0.01, "grad_clip_norm": 1.0}
-    opt = build_optimizer(model, settings, t_total=1000)
+    opt = build_optimizer(model.param_groups(0.01), settings, t_total=1000)
     assert isinstance(opt, BertAdam)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
     assert all(g["lr"] == 3e-4 and g["t_total"] == 1000 and g["warmup"] == 0.01 and g["max_grad_norm"] == 1.0
                for g in opt.param_groups)
     assert current_lr(opt) == 0.0  # warm-up starts at 0
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        build_optimizer(model.param_groups(0.01), {k: v for k, v in settings.items() if k != "grad_clip_norm"}, 10)
+    with pytest.raises(ValueError, match="t_total"):
+        build_optimizer(model.param_groups(0.01), settings, 0)
+
+
+def test_build_optimizer_over_a_method_groups_through_a_ddp_wrapper():
+    """Training builds the optimiser from `Method.param_groups` of the unwrapped network."""
+    from prvr.methods.gmmformer_v2 import GMMFormer, GMMFormerConfig
+
+    model = GMMFormer(GMMFormerConfig(visual_dim=6, text_dim=4, hidden_size=8, n_heads=2, max_query_len=5,
+                                      max_frames=8, n_clips=4))
     wrapped = torch.nn.Module()
     wrapped.module = model  # what DDP looks like from outside
-    assert len(build_optimizer(wrapped, settings, 10).param_groups) == 2
-    with pytest.raises(ValueError, match="grad_clip_norm"):
-        build_optimizer(model, {k: v for k, v in settings.items() if k != "grad_clip_norm"}, 10)
-    with pytest.raises(ValueError, match="t_total"):
-        build_optimizer(model, settings, 0)
+    settings = {"lr": 1e-4, "weight_decay": 0.02, "warmup_proportion": 0.1, "grad_clip_norm": 1.0}
+    groups = get_method("gmmformer_v2").param_groups(unwrap_model(wrapped), settings["weight_decay"])
+    opt = build_optimizer(groups, settings, 10)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.02, 0.0]
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert len(held) == len({id(p) for p in held}) == len(list(model.parameters()))
 
 
 def test_invalid_arguments():
@@ -194,7 +209,7 @@ def test_foreach_matches_per_tensor_reference_on_a_model():
     torch.manual_seed(0)
     model = TinyModel()
     ref = copy.deepcopy(model)
-    opt = build_optimizer(model, {"lr": 1e-2, "weight_decay": 0.01, "warmup_proportion": 0.1,
+    opt = build_optimizer(model.param_groups(0.01), {"lr": 1e-2, "weight_decay": 0.01, "warmup_proportion": 0.1,
                                   "grad_clip_norm": 0.5}, t_total=20)
     state = {}
     for step in range(5):
