@@ -5,9 +5,12 @@ import types
 import pytest
 import torch
 
-from prvr.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_model, save_checkpoint
-from prvr.model import GMMFormer, GMMFormerConfig
-from prvr.release import config_from_release, convert_release_state_dict, to_release_state_dict
+from prvr.checkpoint import FORMAT, FORMAT_V1, VERSION, CheckpointError, load_checkpoint, load_model, save_checkpoint
+from prvr.methods.gmmformer_v2.model import GMMFormer, GMMFormerConfig
+from prvr.methods.gmmformer_v2.release import config_from_release, convert_release_state_dict, to_release_state_dict
+from prvr.methods.meanpool import MeanPool, MeanPoolConfig
+
+METHOD = "gmmformer_v2"
 
 CFG = GMMFormerConfig(visual_dim=10, text_dim=6, hidden_size=8, n_heads=2, max_query_len=5,
                       max_frames=12, n_clips=4, sft_factor=0.5)
@@ -33,14 +36,14 @@ def scores_of(model):
     model.eval()
     with torch.no_grad():
         out = model(inputs())
-    return out.clip_scores, out.frame_scores
+    return out.scores["clip"], out.scores["frame"]
 
 
 def stepped_optimizer(model):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=False)
     model.train()
     out = model(inputs())
-    (out.clip_scores.sum() + out.frame_scores.sum()).backward()
+    (out.scores["clip"].sum() + out.scores["frame"].sum()).backward()
     opt.step()
     return opt
 
@@ -55,17 +58,17 @@ def test_round_trip_restores_model_optimizer_and_metadata(tmp_path):
     model = make_model()
     opt = stepped_optimizer(model)
     settings = {"dataset": "demo", "model": dataclasses.asdict(CFG), "train": {"seed": 9527}}
-    path = save_checkpoint(tmp_path / "ck" / "best.ckpt", model, opt, epoch=7,
+    path = save_checkpoint(tmp_path / "ck" / "best.ckpt", model, METHOD, opt, epoch=7,
                            metrics={"sumr": 123.5, "r1": torch.tensor(1.5)}, settings=settings,
                            extra={"best_epoch": 7, "note": "x"})
     assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]  # no temp left behind
     raw = torch.load(path, weights_only=True)  # plain types only
-    assert raw["format"] == FORMAT and raw["version"] == 1
+    assert raw["format"] == FORMAT and raw["version"] == VERSION == 2 and raw["method"] == METHOD
     assert raw["model_config"]["hidden_size"] == 8
 
     loaded, info = load_model(path, "cpu")
     assert not loaded.training
-    assert info["kind"] == "prvr" and info["epoch"] == 7
+    assert info["kind"] == "prvr" and info["method"] == METHOD and info["epoch"] == 7
     assert info["metrics"] == {"sumr": 123.5, "r1": 1.5}
     assert info["settings"]["train"] == {"seed": 9527}
     from prvr.config import settings_hash
@@ -86,7 +89,7 @@ def test_round_trip_restores_model_optimizer_and_metadata(tmp_path):
 
 def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     model = make_model()
-    path = save_checkpoint(tmp_path / "a.ckpt", model, epoch=1)
+    path = save_checkpoint(tmp_path / "a.ckpt", model, METHOD, epoch=1)
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
@@ -96,7 +99,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, model, epoch=2)
+        save_checkpoint(path, model, METHOD, epoch=2)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
 
@@ -109,7 +112,7 @@ def test_release_checkpoint_loads_and_scores_like_its_converted_state_dict(tmp_p
                 "state_dict": release_sd, "optimizer": {"state": {}, "param_groups": []}}, path)
     base = GMMFormerConfig(visual_dim=3072, max_frames=12, n_clips=4)  # dims come from the release config
     loaded, info = load_model(path, "cpu", base_config=base)
-    assert info["kind"] == "release" and info["epoch"] == 11
+    assert info["kind"] == "release" and info["method"] == METHOD and info["epoch"] == 11
     assert info["metrics"] == {"r1": 1.0, "r5": 2.0, "r10": 3.0, "r100": 4.0, "sumr": 10.0}
     assert info["extra"]["release_config"]["model_name"] == "gmmformer_v2"
 
@@ -130,7 +133,7 @@ def test_data_parallel_prefixes_are_stripped(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(scores_of(loaded), scores_of(model)))
 
     ours = tmp_path / "ddp.ckpt"
-    save_checkpoint(ours, model, epoch=0)
+    save_checkpoint(ours, model, METHOD, epoch=0)
     ck = torch.load(ours, weights_only=True)
     ck["state_dict"] = {"module." + k: v for k, v in ck["state_dict"].items()}
     torch.save(ck, ours)
@@ -175,7 +178,7 @@ class Evil:
 
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path):
     model = make_model()
-    good = save_checkpoint(tmp_path / "good.ckpt", model, epoch=1)
+    good = save_checkpoint(tmp_path / "good.ckpt", model, METHOD, epoch=1)
     blob = good.read_bytes()
 
     truncated = tmp_path / "truncated.ckpt"
@@ -208,7 +211,7 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path):
 def test_wrong_state_dicts_name_the_first_problem(tmp_path):
     model = make_model()
     path = tmp_path / "m.ckpt"
-    save_checkpoint(path, model)
+    save_checkpoint(path, model, METHOD)
     ck = torch.load(path, weights_only=True)
 
     bad = dict(ck, state_dict={k: v for k, v in ck["state_dict"].items() if k != "weight_token"})
@@ -229,9 +232,16 @@ def test_wrong_state_dicts_name_the_first_problem(tmp_path):
         load_model(path, "cpu")
 
     rel = to_release_state_dict(model.state_dict(), CFG)
-    rel.pop(next(iter(rel)))
+    rel.pop("query_pos_embed.LayerNorm.bias")
     torch.save({"config": release_config(), "state_dict": rel, "epoch": 0, "model_val": [], "optimizer": {}}, path)
-    with pytest.raises(CheckpointError, match="m.ckpt: cannot convert the release checkpoint.*missing tensor"):
+    with pytest.raises(CheckpointError, match="m.ckpt: cannot convert the gmmformer_v2 release checkpoint "
+                                              r"\(ValueError: .*missing tensor 'query_pos_embed\.LayerNorm\.bias'") as exc:
+        load_model(path, "cpu", base_config=GMMFormerConfig(max_frames=12, n_clips=4))
+    assert "\n" not in str(exc.value)
+    # without its weight token it is no method's release any more: the error says so
+    rel.pop("weight_token")
+    torch.save({"config": release_config(), "state_dict": rel, "epoch": 0, "model_val": [], "optimizer": {}}, path)
+    with pytest.raises(CheckpointError, match="m.ckpt: not a release checkpoint of any known method"):
         load_model(path, "cpu", base_config=GMMFormerConfig(max_frames=12, n_clips=4))
 
 
@@ -239,8 +249,51 @@ def test_bare_state_dict_needs_a_base_config(tmp_path):
     model = make_model(seed=6)
     path = tmp_path / "sd.pt"
     torch.save(model.state_dict(), path)
-    with pytest.raises(CheckpointError, match="sd.pt: a bare state dict"):
+    with pytest.raises(CheckpointError, match="sd.pt: a bare state dict; pass its method and base config"):
         load_model(path, "cpu")
-    loaded, info = load_model(path, "cpu", base_config=dataclasses.asdict(CFG))
-    assert info["kind"] == "state_dict"
+    with pytest.raises(CheckpointError, match="sd.pt: a base config needs its method"):
+        load_model(path, "cpu", base_config=dataclasses.asdict(CFG))
+    loaded, info = load_model(path, "cpu", method=METHOD, base_config=dataclasses.asdict(CFG))
+    assert info["kind"] == "state_dict" and info["method"] == METHOD
+    assert all(torch.equal(a, b) for a, b in zip(scores_of(loaded), scores_of(model)))
+
+
+def test_a_checkpoint_of_one_method_cannot_be_loaded_as_another(tmp_path):
+    ours = save_checkpoint(tmp_path / "gmm.ckpt", make_model(), METHOD, epoch=1)
+    torch.manual_seed(0)
+    floor = save_checkpoint(tmp_path / "floor.ckpt", MeanPool(MeanPoolConfig(visual_dim=10, text_dim=6, hidden_size=8)),
+                            "meanpool", epoch=1)
+    cases = [(ours, "meanpool", "gmm.ckpt: a gmmformer_v2 checkpoint; it cannot be loaded as meanpool"),
+             (floor, METHOD, "floor.ckpt: a meanpool checkpoint; it cannot be loaded as gmmformer_v2")]
+    for path, other, message in cases:
+        with pytest.raises(CheckpointError) as exc:
+            load_model(path, "cpu", method=other)
+        assert str(exc.value) == f"{path.parent / message}" and "\n" not in str(exc.value)
+    # each loads as its own method, named or not
+    loaded, info = load_model(floor, "cpu")
+    assert isinstance(loaded, MeanPool) and info["method"] == "meanpool"
+    loaded, info = load_model(ours, "cpu", method=METHOD)
+    assert isinstance(loaded, GMMFormer) and info["method"] == METHOD
+    # a release checkpoint asked for as another method's release
+    release = tmp_path / "release.ckpt"
+    torch.save({"config": release_config(), "state_dict": to_release_state_dict(make_model().state_dict(), CFG),
+                "epoch": 0, "model_val": [], "optimizer": {}}, release)
+    with pytest.raises(CheckpointError, match="release.ckpt: not a gmmformer_v1 release checkpoint") as exc:
+        load_model(release, "cpu", method="gmmformer_v1")
+    assert "\n" not in str(exc.value)
+
+
+def test_recorded_method_must_be_known_and_the_first_format_is_gmmformer_v2(tmp_path):
+    model = make_model(seed=2)
+    path = save_checkpoint(tmp_path / "m.ckpt", model, METHOD, epoch=3)
+    ck = torch.load(path, weights_only=True)
+    torch.save(dict(ck, method="nope"), path)
+    with pytest.raises(CheckpointError, match=r"m.ckpt: unknown method 'nope' \(known: .*gmmformer_v2") as exc:
+        load_model(path, "cpu")
+    assert "\n" not in str(exc.value)
+    # version 1 ("prvr-gmmformer-v2") recorded no method: it loads as GMMFormer v2
+    v1 = {k: v for k, v in ck.items() if k != "method"}
+    torch.save(dict(v1, format=FORMAT_V1, version=1), path)
+    loaded, info = load_model(path, "cpu")
+    assert info["kind"] == "prvr" and info["method"] == METHOD and info["epoch"] == 3
     assert all(torch.equal(a, b) for a, b in zip(scores_of(loaded), scores_of(model)))
