@@ -5,8 +5,10 @@ import torch
 
 from prvr.evaluation import (ScoreResult, VideoBank, encode_videos, evaluate, load_scores_h5,
                              save_scores_h5, score_matrix, score_queries)
-from prvr.metrics import retrieval_metrics
-from prvr.model import GMMFormer, GMMFormerConfig, retrieval_scores
+from prvr.methods import VideoEncoding
+from prvr.methods.gmmformer_v2.model import GMMFormer, GMMFormerConfig
+from prvr.methods.meanpool import MeanPool, MeanPoolConfig
+from prvr.metrics import METRIC_KEYS, retrieval_metrics
 
 CFG = dict(visual_dim=10, text_dim=6, hidden_size=8, n_heads=2, max_query_len=5, max_frames=12,
            n_clips=4, input_drop=0.3, drop=0.3)
@@ -72,9 +74,9 @@ def direct_scores(model, videos, queries):
     with torch.no_grad():
         vb = video_batches(videos, len(videos), pad_to=model.cfg.max_frames)[0]
         qb = query_batches(queries, len(queries))[0]
-        clips, frames, mask = model.encode_videos(vb["clip_feats"], vb["frame_feats"], vb["frame_mask"])
-        query = model.encode_query(qb["query_feats"], qb["query_mask"])
-        return retrieval_scores(query, clips, frames, mask, model.cfg)
+        clips, frames, mask = model.encode_video_feats(vb["clip_feats"], vb["frame_feats"], vb["frame_mask"])
+        query = model.encode_query_feats(qb["query_feats"], qb["query_mask"])
+        return model.score(query, VideoEncoding({"clips": clips}, frames, mask))["score"]
 
 
 def test_chunked_bank_scores_equal_direct_computation():
@@ -83,8 +85,9 @@ def test_chunked_bank_scores_equal_direct_computation():
     expected = direct_scores(model, videos, queries)
     bank = encode_videos(model, video_batches(videos, 4), "cpu", progress=False)
     # packed storage: only real frames, no padding to the split's longest video
-    assert bank.frames.shape[0] == sum(v["frames"].shape[0] for v in videos)
+    assert bank.seq.shape == (sum(v["frames"].shape[0] for v in videos), cfg.hidden_size)
     assert bank.lengths.tolist() == [v["frames"].shape[0] for v in videos]
+    assert set(bank.fixed) == {"clips"} and bank.fixed["clips"].shape == (len(videos), cfg.n_clips, cfg.hidden_size)
     result = score_queries(model, bank, query_batches(queries, 5), "cpu", query_chunk=3,
                            video_chunk=2, progress=False)
     assert result.scores.dtype == torch.float32
@@ -107,12 +110,17 @@ def test_chunk_sizes_do_not_change_scores():
 
 def test_bank_block_unpacks_padded_frames():
     frames = torch.arange(12, dtype=torch.float32).view(6, 2)
-    bank = VideoBank(["a", "b", "c"], torch.zeros(3, 1, 2), frames, torch.tensor([0, 1, 4, 6]))
-    clips, padded, mask = bank.block(1, 3)
+    clips = torch.arange(6, dtype=torch.float32).view(3, 1, 2)
+    bank = VideoBank(["a", "b", "c"], {"clips": clips}, frames, torch.tensor([0, 1, 4, 6]))
+    block = bank.block(1, 3)
+    assert isinstance(block, VideoEncoding) and len(block) == 2
+    mask, padded = block.seq_mask, block.seq
     assert mask.tolist() == [[True, True, True], [True, True, False]]
     assert padded[0].tolist() == frames[1:4].tolist()
     assert padded[1].tolist() == [frames[4].tolist(), frames[5].tolist(), [0.0, 0.0]]
-    assert clips.shape == (2, 1, 2)
+    assert torch.equal(block.fixed["clips"], clips[1:3])
+    # a block is padded to ITS longest video only
+    assert bank.block(0, 1).seq.shape == (1, 1, 2)
 
 
 def test_evaluate_restores_training_mode_and_matches_metrics():
@@ -124,7 +132,7 @@ def test_evaluate_restores_training_mode_and_matches_metrics():
     assert model.training  # restored; dropout was off while scoring (else direct would differ)
     torch.testing.assert_close(result.scores, direct_scores(model, videos, queries), rtol=1e-5, atol=1e-6)
     assert metrics == retrieval_metrics(result.scores, result.query_video_ids, result.video_ids)
-    assert set(metrics) >= {"r1", "r5", "r10", "r100", "sumr"}
+    assert set(metrics) >= set(METRIC_KEYS)
     assert metrics["r100"] == 100.0  # fewer than 100 videos
 
 
@@ -178,15 +186,34 @@ def test_load_scores_h5_rejects_other_files(tmp_path):
 
 
 def test_score_matrix_with_custom_score_fn_covers_all_blocks():
-    bank = VideoBank([f"v{i}" for i in range(5)], torch.arange(5.0).view(5, 1, 1),
+    bank = VideoBank([f"v{i}" for i in range(5)], {"clips": torch.arange(5.0).view(5, 1, 1)},
                      torch.ones(5, 1), torch.arange(6))
     query = torch.arange(7.0).view(7, 1)
 
-    def fn(q, clips, frames, mask):
-        return q[:, :1] * 100 + clips[:, 0, 0][None, :]
+    def fn(q, videos):
+        return q[:, :1] * 100 + videos.fixed["clips"][:, 0, 0][None, :]
 
     s = score_matrix(query, bank, fn, "cpu", query_chunk=3, video_chunk=2, progress=False)
     assert torch.equal(s, query * 100 + torch.arange(5.0)[None, :])
+
+
+def test_a_method_without_sequences_evaluates_through_the_same_bank():
+    """The bank is the method's: MeanPool keeps one fixed vector per video and no sequence."""
+    cfg, videos, queries = make_split(n_videos=7, seed=6)
+    torch.manual_seed(6)
+    model = MeanPool(MeanPoolConfig(visual_dim=cfg.visual_dim, text_dim=cfg.text_dim, hidden_size=8,
+                                    max_query_len=cfg.max_query_len, max_frames=cfg.max_frames, n_clips=cfg.n_clips))
+    bank = encode_videos(model, video_batches(videos, 3), "cpu", progress=False)
+    assert bank.seq is None and bank.offsets is None and set(bank.fixed) == {"video"}
+    block = bank.block(2, 5)
+    assert block.seq is None and block.seq_mask is None and len(block) == 3
+    result = score_queries(model, bank, query_batches(queries, 4), "cpu", query_chunk=2, video_chunk=3,
+                           progress=False)
+    with torch.no_grad():
+        vb = video_batches(videos, len(videos))[0]
+        qb = query_batches(queries, len(queries))[0]
+        expected = model.score(model.encode_queries(qb), model.encode_videos(vb))["score"]
+    torch.testing.assert_close(result.scores, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
