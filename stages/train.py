@@ -117,6 +117,7 @@ def _write_outputs(out: dict[str, Path], settings: dict, result, tracker, ctx) -
         "device": str(ctx.device),
         "world_size": ctx.world_size,
         "settings_hash": result.fingerprint.get("settings_hash"),
+        "val_split": str(settings["train"].get("val_split", "val")),  # the report's selection sentence
         "resumed_after_epoch": result.resumed_from,
     })
     if tracker is not None and tracker.active and result.epochs_trained_now > 0:

@@ -142,16 +142,53 @@ def _metrics_table(dataset: str, results: list[MethodResult], chance: dict[str, 
     return lines
 
 
+def selection_sentence(results: list[MethodResult], validation: dict[str, Any] | None) -> str | None:
+    """The sentence that opens the report when a method was selected on (part of) the test split:
+    validation.json's val/test overlap, and each method's `val_split` (run.json; default val)."""
+    from .data.splits import selection_warning
+
+    overlap = (validation or {}).get("overlap")
+    warned = [r for r in results if selection_warning(overlap, str(r.train.get("val_split", "val")))]
+    if not warned:
+        return None
+    sentence = selection_warning(overlap)
+    if len(warned) < len(results):
+        who = ", ".join(r.title for r in warned) + (" was" if len(warned) == 1 else " were")
+        sentence = sentence.replace("this model was", who, 1)
+    return sentence
+
+
+def extra_splits(test: dict[str, Any]) -> list[str]:
+    """Names of the extra evaluation splits in a test record (keys `<name>_sumr`)."""
+    return sorted(k[:-len("_sumr")] for k in test if k.endswith("_sumr") and len(k) > len("_sumr"))
+
+
+def _extra_tables(results: list[MethodResult]) -> list[str]:
+    """One table per extra (dense multi-ground-truth) split: a hit when any relevant video ranks
+    within k."""
+    lines: list[str] = []
+    for name in sorted({n for r in results for n in extra_splits(r.test)}):
+        lines += ["", f"Split `{name}` (dense ground truth: a query is a hit at k when any of its "
+                  "relevant videos ranks within k):", "",
+                  "| method | R@1 | R@5 | R@10 | R@100 | SumR |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r.title} | " + " | ".join(_fmt(r.test.get(f"{name}_{k}")) for k in METRIC_KEYS) + " |"
+                  for r in results if f"{name}_sumr" in r.test]
+    return lines
+
+
 def render_markdown(dataset: str, results: list[MethodResult], validation: dict[str, Any] | None,
                     figures: dict[str, str]) -> str:
     """The report text (deterministic for the same inputs)."""
     first = results[0].test
     chance = chance_metrics(int(first["n_videos"]))
     lines = [f"# PRVR methods on `{dataset}`", ""]
+    warning = selection_sentence(results, validation)
+    if warning:
+        lines += [warning, ""]
     lines += [f"Test split `{first.get('split')}`: {first.get('n_queries')} queries, "
               f"{first.get('n_videos')} videos. Every method: the same features, splits and metric "
               "code; its best checkpoint by validation SumR.", ""]
-    lines += ["## Test metrics", ""] + _metrics_table(dataset, results, chance)
+    lines += ["## Test metrics", ""] + _metrics_table(dataset, results, chance) + _extra_tables(results)
     if dataset in DATASET_NAMES:
         ref = f"Paper rows: the test results each paper reports on {DATASET_NAMES[dataset]}."
     else:

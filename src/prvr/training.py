@@ -163,10 +163,45 @@ def stream_kw(model_config: dict[str, Any]) -> dict[str, int]:
             "max_query_len": int(m["max_query_len"])}
 
 
-def train_dataset(corpus, settings: dict[str, Any]):
+def train_dataset(corpus, settings: dict[str, Any], split: str = "train"):
     from .data.datasets import TrainVideoDataset
 
-    return TrainVideoDataset(corpus, split="train", **stream_kw(settings["model"]))
+    return TrainVideoDataset(corpus, split=split, **stream_kw(settings["model"]))
+
+
+def data_splits(corpus, train_settings: dict[str, Any]) -> tuple[str, str]:
+    """(training split, validation split) of `train.val_split`. With `holdout`, the seeded
+    holdout of the training videos (train.holdout_fraction, train.holdout_seed) is registered
+    on the corpus as 'holdout_train' / 'holdout_val'; otherwise the collection's 'train' and
+    the named split."""
+    mode = str(train_settings.get("val_split", "val"))
+    if mode != "holdout":
+        return "train", mode
+    from dataclasses import replace
+
+    from .data.splits import holdout_split_data
+
+    part_train, part_val = holdout_split_data(corpus.split("train"), float(train_settings["holdout_fraction"]),
+                                              int(train_settings["holdout_seed"]))
+    corpus.add_split(replace(part_train, name="holdout_train"))
+    corpus.add_split(replace(part_val, name="holdout_val"))
+    return "holdout_train", "holdout_val"
+
+
+def selection_note(corpus, val_split: str, settings: dict[str, Any]) -> str | None:
+    """The sentence saying the model is selected on (part of) the test split, else None."""
+    from .data.splits import selection_warning, split_overlap
+
+    mode = str(settings["train"].get("val_split", "val"))
+    test = str((settings.get("evaluate") or {}).get("split", "test"))
+    if mode == "holdout" or not corpus.paths.caption_file(test).is_file():
+        return None
+
+    def captions(name: str) -> list[tuple[str, str, str]]:
+        d = corpus.split(name)
+        return list(zip(d.query_ids, d.query_video_ids, d.texts))
+
+    return selection_warning(split_overlap(captions(val_split), captions(test)), mode)
 
 
 def train_loader(dataset, batch_size: int, num_workers: int, sampler) -> DataLoader:
@@ -253,6 +288,7 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None
     resumed_from: int | None = None
+    selection_warning: str | None = None  # set when validation sees the test split
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -268,7 +304,8 @@ def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: di
     tr = settings["train"]
     seed, method = int(tr["seed"]), get_method(settings["method"])
     corpus = build_corpus(settings)
-    dataset = train_dataset(corpus, settings)
+    train_split, val_split = data_splits(corpus, tr)
+    dataset = train_dataset(corpus, settings, train_split)
     sampler = ctx.train_sampler(dataset, seed=seed, shuffle=True) or EpochShuffleSampler(len(dataset), seed)
     num_workers = int(tr.get("num_workers", 0))
     loader = train_loader(dataset, ctx.local_batch_size(int(tr["batch_size"])), num_workers, sampler)
@@ -276,8 +313,7 @@ def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: di
         raise TrainingError("the training split has no videos")
     val_loaders = None
     if ctx.is_main:
-        val_loaders = eval_loaders(corpus, str(tr.get("val_split", "val")),
-                                   int(tr.get("val_video_batch_size", 100)),
+        val_loaders = eval_loaders(corpus, val_split, int(tr.get("val_video_batch_size", 100)),
                                    int(tr.get("val_query_batch_size", 50)), num_workers, settings["model"])
     seed_everything(seed)
     cfg = method.config_from_dict(settings["model"])
@@ -287,8 +323,10 @@ def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: di
     loss_gen = torch.Generator()
     loss_gen.manual_seed(seed)
     seed_everything(seed_for_rank(seed, ctx.rank))
-    return Run(settings, method, ctx, Path(ckpt_dir), fingerprint(settings, source), loader, sampler,
-               val_loaders, model, ctx.wrap(model), method.build_loss(cfg), optimizer, loss_gen)
+    run = Run(settings, method, ctx, Path(ckpt_dir), fingerprint(settings, source), loader, sampler,
+              val_loaders, model, ctx.wrap(model), method.build_loss(cfg), optimizer, loss_gen)
+    run.selection_warning = selection_note(corpus, val_split, settings) if ctx.is_main else None
+    return run
 
 
 def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]):
@@ -428,6 +466,7 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
 
 
 def _start_tracking(run: Run, tracker) -> None:
+    from .data.splits import SELECTION_TAG
     from .tracking import flatten, run_tags
 
     s = run.settings
@@ -439,11 +478,15 @@ def _start_tracking(run: Run, tracker) -> None:
                             "steps_per_epoch": len(run.loader),
                             "n_parameters": sum(p.numel() for p in run.model.parameters())})
     tracker.set_tags({"resumed_after_epoch": run.resumed_from} if run.resumed_from is not None else {})
+    if run.selection_warning:  # the run's description (shown first in the MLflow UI) and a tag
+        tracker.set_tags({SELECTION_TAG: run.selection_warning, "mlflow.note.content": run.selection_warning})
     run.run_id = tracker.run_id or run.run_id
 
 
 def _log_start(run: Run) -> None:
     s, ctx = run.settings, run.ctx
+    if run.selection_warning:
+        log.warning("%s", run.selection_warning)
     if run.resumed_from is None:
         log.info("training %s from scratch: %d epochs x %d steps (%d videos, batch %d, device %s, "
                  "world size %d)", s["method"], int(s["train"]["epochs"]), len(run.loader),

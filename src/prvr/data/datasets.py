@@ -390,7 +390,16 @@ class Corpus:
     def visual_dim(self) -> int:
         return self.features.dim
 
+    def add_split(self, data: SplitData) -> None:
+        """Register a split derived from the collection's own (the seeded holdout, a dense
+        ground-truth split) under `data.name`; datasets and loaders then take that name."""
+        if data.name in SPLITS:
+            raise ValueError(f"'{data.name}' is a split of the collection; name a derived split otherwise")
+        self._splits[data.name] = data
+
     def split(self, name: str) -> SplitData:
+        if name in self._splits:
+            return self._splits[name]
         if name not in SPLITS:
             raise ValueError(f"unknown split '{name}' (expected one of {', '.join(SPLITS)})")
         if name not in self._splits:
