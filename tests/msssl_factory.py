@@ -2,7 +2,7 @@
 
 `write_collection(root)` writes `<root>/<collection>/` in the MS-SL layout with a few videos
 per split and random finite features; every file can then be corrupted by the test.
-`write_params(path, data_root, ...)` writes a params.yaml whose dataset section points at it.
+`write_params(path, data_root, ...)` writes a params.yaml whose `datasets` section points at it.
 """
 from __future__ import annotations
 
@@ -58,17 +58,22 @@ def write_collection(root: str | Path, collection: str = COLLECTION, feature: st
 
 def write_params(path: str | Path, data_root: str | Path, dataset: str = "toy",
                  collection: str = COLLECTION, feature: str = FEATURE, visual_dim: int = VISUAL_DIM,
-                 text_dim: int = TEXT_DIM, **extra: Any) -> Path:
-    """A params.yaml with one non-demo dataset section (extra keys go into that section)."""
-    section = {
-        "collection": collection, "feature": feature, "visual_dim": visual_dim, "text_dim": text_dim,
-        "archive": None, "sha256": None, "lr": 1e-3, "margin": 0.1, "sft_factor": 0.09,
-        "loss_factor": [0.05, 0.04, 8.0e-5, 0.09], "neg_factor": [0.15, 32, 1],
-        "input_drop": 0.1, "drop": 0.1,
-    }
+                 text_dim: int = TEXT_DIM, method: str = "gmmformer_v2", **extra: Any) -> Path:
+    """A params.yaml in the layout of the repository's (`datasets.<dataset>` facts, a small
+    `methods.<method>.all` recipe) with one dataset; extra keys go into its `datasets` section."""
+    section = {"collection": collection, "feature": feature, "visual_dim": visual_dim, "text_dim": text_dim,
+               "archive": None, "sha256": None, "generator": None}
     section.update(extra)
-    params = {"dataset": dataset, "data_root": str(data_root), "train": {"seed": 1},
-              "model": {"hidden_size": 16}, "evaluate": {"split": "test"}, dataset: section}
+    recipe = {"seed": 1, "epochs": 1, "batch_size": 4, "patience": 10, "hard_negative_start_epoch": 1,
+              "lr": 1e-3, "weight_decay": 0.01, "lr_warmup_proportion": 0.01, "grad_clip_norm": 1.0,
+              "hidden_size": 16}
+    if method == "gmmformer_v2":
+        recipe.update({"n_heads": 4, "margin": 0.1, "sft_factor": 0.09, "clip_nce": 0.05, "frame_nce": 0.04,
+                       "qdl": 8.0e-5, "oml": 0.09, "qdl_delta": 0.15, "qdl_alpha": 32, "qdl_lambda": 1,
+                       "input_drop": 0.1, "drop": 0.1})
+    params = {"dataset": dataset, "data_root": str(data_root), "model": {"name": method},
+              "train": {"device": "cpu", "num_workers": 0}, "evaluate": {"split": "test"},
+              "datasets": {dataset: section}, "methods": {method: {"all": recipe}}}
     path = Path(path)
     path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return path
