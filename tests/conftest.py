@@ -68,7 +68,7 @@ def git_commit(cwd: Path, message: str) -> None:
 
 
 def edit_params(path: Path, **dotted) -> None:
-    """Set dotted keys in a params.yaml, e.g. edit_params(p, **{"demo.train.epochs": 2})."""
+    """Set dotted keys in a params.yaml, e.g. edit_params(p, **{"methods.gmmformer_v2.demo.epochs": 2})."""
     params = yaml.safe_load(path.read_text(encoding="utf-8"))
     for key, value in dotted.items():
         node = params
