@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from prvr.metrics import query_ranks, recall_at_k, retrieval_metrics
+from prvr.metrics import KS, METRIC_KEYS, query_ranks, recall_at_k, retrieval_metrics
 
 
 def slow_ranks(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
@@ -125,6 +125,17 @@ def test_retrieval_metrics_by_id_equal_the_slow_loop_with_duplicates_and_id_list
     assert m["r3"] == pytest.approx(100.0 * np.mean(expected <= 3))
     assert m["sumr"] == pytest.approx(m["r1"] + m["r3"])
     assert m["medr"] == pytest.approx(float(np.median(expected)))
+
+
+def test_default_metric_names_come_from_ks():
+    """KS and METRIC_KEYS are the one source of the metric names every stage and report reads."""
+    assert KS == (1, 5, 10, 100)
+    assert METRIC_KEYS == ("r1", "r5", "r10", "r100", "sumr")
+    scores = torch.eye(4)
+    vids = [f"v{j}" for j in range(4)]
+    m = retrieval_metrics(scores, vids, vids)
+    assert set(m) == set(METRIC_KEYS) | {"medr", "meanr"}
+    assert set(recall_at_k(torch.tensor([1, 2]))) == {f"r{k}" for k in KS}
 
 
 def test_recall_needs_queries():
