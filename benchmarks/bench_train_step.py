@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py                       # ours, CPU (+ CUDA when present)
     python benchmarks/bench_train_step.py --release /tmp/GMMFormer_v2   # + the release, same batches
+    python benchmarks/bench_train_step.py --fast-dropout        # CPU masks from 16-bit draws
 
 Synthetic batches at the TVR configuration (visual 3072, text 768, hidden 384): B videos,
 each with 1-8 captions of 8-30 tokens and 20-128 frames (uniform, fixed seed). `--release`
@@ -9,6 +10,7 @@ points at a checkout of the public release (the folder holding `src/Models/gmmfo
 its model, loss (src/Losses/loss.py) and BertAdam (src/Opts/optimization.py) are imported
 from there as they are, with `ipdb`/`easydict` shimmed when missing and `.cuda()` made a
 no-op on a machine without CUDA. Nothing of the release is needed without the flag.
+`--fast-dropout` turns on the `fast_dropout` kernel switch (prvr.kernels) for our runs.
 """
 from __future__ import annotations
 
@@ -22,13 +24,20 @@ from pathlib import Path
 
 import torch
 
-from prvr.losses import GMMFormerLoss
-from prvr.model import GMMFormer, GMMFormerConfig
+from prvr.kernels import SWITCHES, switches
+from prvr.methods import get_method
+from prvr.methods.gmmformer_v2 import GMMFormerConfig
+from prvr.methods.gmmformer_v2.release import to_release_state_dict
 from prvr.optim import build_optimizer
-from prvr.release import to_release_state_dict
 
-TVR_LOSS = dict(margin=0.1, loss_factor=[0.05, 0.04, 8e-5, 0.09], neg_factor=[0.15, 32, 1], hard_pool_size=20)
+METHOD = get_method("gmmformer_v2")
 TVR_OPTIM = dict(lr=3e-4, weight_decay=0.01, warmup_proportion=0.01, grad_clip_norm=1.0)
+
+
+def release_loss_config(cfg: GMMFormerConfig) -> dict:
+    """The release's loss settings (positional loss_factor / neg_factor) from our named fields."""
+    return dict(margin=cfg.margin, loss_factor=[cfg.clip_nce, cfg.frame_nce, cfg.qdl, cfg.oml],
+                neg_factor=[cfg.qdl_delta, cfg.qdl_alpha, cfg.qdl_lambda], hard_pool_size=cfg.hard_pool_size)
 
 
 def make_batch(n_videos: int, cfg: GMMFormerConfig, seed: int) -> dict:
@@ -67,9 +76,10 @@ class Ours:
     name = "ours"
 
     def __init__(self, cfg: GMMFormerConfig, device: torch.device):
-        self.model = GMMFormer(cfg).to(device).train()
-        self.loss = GMMFormerLoss(**TVR_LOSS)
-        self.opt = build_optimizer(self.model, TVR_OPTIM, t_total=10_000)
+        self.model = METHOD.build_model(cfg).to(device).train()
+        self.loss = METHOD.build_loss(cfg)
+        groups = METHOD.param_groups(self.model, TVR_OPTIM["weight_decay"])
+        self.opt = build_optimizer(groups, TVR_OPTIM, t_total=10_000)
         self.gen = torch.Generator().manual_seed(0)
 
     def forward(self, batch):
@@ -117,11 +127,11 @@ class Release:
         mc = EasyDict(visual_input_size=cfg.visual_dim, query_input_size=cfg.text_dim, hidden_size=cfg.hidden_size,
                       max_ctx_l=cfg.max_frames, max_desc_l=cfg.max_query_len, map_size=cfg.n_clips,
                       input_drop=cfg.input_drop, drop=cfg.drop, n_heads=cfg.n_heads,
-                      initializer_range=cfg.init_std, margin=TVR_LOSS["margin"], use_hard_negative=False,
-                      hard_pool_size=20, sft_factor=cfg.sft_factor)
+                      initializer_range=cfg.init_std, margin=cfg.margin, use_hard_negative=False,
+                      hard_pool_size=cfg.hard_pool_size, sft_factor=cfg.sft_factor)
         self.model = GMMFormerV2_Net(mc).to(device).train()
         self.model.load_state_dict(weights)
-        self.loss = ReleaseLoss(dict(TVR_LOSS, use_hard_negative=False))
+        self.loss = ReleaseLoss(dict(release_loss_config(cfg), use_hard_negative=False))
         no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
         named = list(self.model.named_parameters())
         groups = [{"params": [p for n, p in named if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
@@ -198,7 +208,14 @@ def main(argv=None) -> int:
                     help="all = CPU, plus CUDA when present")
     ap.add_argument("--release", type=Path, help="a checkout of the public GMMFormer v2 release")
     ap.add_argument("--seed", type=int, default=9527)
+    ap.add_argument("--fast-dropout", action="store_true",
+                    help="CPU dropout masks from 16-bit draws (the kernels' fast_dropout switch)")
     args = ap.parse_args(argv)
+    with switches(fast_dropout=args.fast_dropout):
+        return run(args)
+
+
+def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
@@ -209,7 +226,7 @@ def main(argv=None) -> int:
         return 1
     cfg = GMMFormerConfig()  # TVR
     for device in devices:
-        print(f"\n## {device.type}: {machine_info(device)}")
+        print(f"\n## {device.type}: {machine_info(device)}, fast_dropout {'on' if SWITCHES.fast_dropout else 'off'}")
         print("wall seconds per step (median, min) and process CPU seconds per step (median); "
               "speed-up = release / ours (median wall; CPU)")
         print(f"{'videos':>6} {'queries':>7} {'frames':>6} | {'impl':>7} | {'step s':>7} {'fwd+loss':>8} "
