@@ -61,12 +61,6 @@ EPS = 1e-5
 
 # ------------------------------------------------------------------------------ processing
 
-def l2_normalize(x: np.ndarray, eps: float = EPS) -> np.ndarray:
-    """x / (||x|| + eps) along the last axis, float32."""
-    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    return (t / (torch.linalg.vector_norm(t, dim=-1, keepdim=True) + eps)).numpy()
-
-
 def bin_edges(n: int, n_bins: int) -> np.ndarray:
     """rint(linspace(0, n, n_bins + 1)) clamped to n - 1, int64."""
     if n < 1:
@@ -146,20 +140,11 @@ def _streams_into(frames: np.ndarray, clip_out: torch.Tensor, frame_out: torch.T
     frame_out[len(rows):].zero_()
 
 
-def clip_stream(frames: np.ndarray, n_clips: int = N_CLIPS) -> np.ndarray:
-    t = torch.as_tensor(np.asarray(frames, dtype=np.float32))
-    return _normalize_t_(_average_bins_t(t, n_clips)).numpy()
-
-
 def frame_stream(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray:
     t = torch.as_tensor(np.asarray(frames, dtype=np.float32))
     if len(t) > max_frames:
         return _normalize_t_(_average_bins_t(t, max_frames)).numpy()
     return _normalize_t(t).numpy()
-
-
-def query_tokens(tokens: np.ndarray, max_len: int = MAX_QUERY_LEN) -> np.ndarray:
-    return _normalize_t(torch.as_tensor(np.asarray(tokens, dtype=np.float32)[:max_len])).numpy()
 
 
 # ------------------------------------------------------------------------------ text features
@@ -629,11 +614,6 @@ class _BufferPool:
 
 
 _POOL = _BufferPool()
-
-
-def release_batch_buffers() -> None:
-    """Let go of the batch buffers this process keeps for reuse (see _BufferPool)."""
-    _POOL.clear()
 
 
 def _pad(seqs: Sequence[np.ndarray], kind: str) -> tuple[torch.Tensor, torch.Tensor]:

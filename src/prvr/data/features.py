@@ -106,11 +106,6 @@ class FeatureStore:
     def video_ids(self) -> list[str]:
         return list(self._rows)
 
-    def rows(self, video_id: str) -> np.ndarray:
-        """Row indices of a video's frames, in time order."""
-        r = self._lookup(video_id)
-        return np.arange(r[0], r[1]) if isinstance(r, tuple) else r.copy()
-
     def is_contiguous(self, video_id: str) -> bool:
         return isinstance(self._lookup(video_id), tuple)
 
