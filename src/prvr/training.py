@@ -488,7 +488,7 @@ def _log_start(run: Run) -> None:
     if run.selection_warning:
         log.warning("%s", run.selection_warning)
     if run.resumed_from is None:
-        log.info("training %s from scratch: %d epochs x %d steps (%d videos, batch %d, device %s, "
+        log.info("training from scratch (%s): %d epochs x %d steps (%d videos, batch %d, device %s, "
                  "world size %d)", s["method"], int(s["train"]["epochs"]), len(run.loader),
                  len(run.loader.dataset), int(s["train"]["batch_size"]), ctx.device, ctx.world_size)
     elif run.finished or run.start_epoch >= int(s["train"]["epochs"]):
