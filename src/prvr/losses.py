@@ -101,14 +101,20 @@ def triplet_loss(
     """
     n_q, n_v = scores.shape
     labels = _check_labels(labels, n_q, n_v)
+    onehot = _video_onehot(labels, n_v)
+    t2v_loss = _triplet_t2v(scores, labels, margin, hard_negatives, hard_pool_size, generator)
+    v2t_loss = _triplet_v2t(scores, onehot, margin, hard_negatives, generator)
+    return t2v_loss + v2t_loss
+
+
+def _triplet_t2v(scores: Tensor, labels: Tensor, margin: float, hard_negatives: bool,
+                 hard_pool_size: int, generator: torch.Generator | None) -> Tensor:
+    """Text-to-video hinge term of triplet_loss (draws Nq uniforms)."""
+    n_q, n_v = scores.shape
     device = scores.device
     rows = torch.arange(n_q, device=device)
-    onehot = _video_onehot(labels, n_v)
-    detached = scores.detach()
-
-    # --- text to video ---
     pos_t2v = scores[rows, labels]
-    masked = detached.clone()
+    masked = scores.detach().clone()
     masked[rows, labels] = float("inf")  # the positive always ranks first
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices  # (Nq, B)
     n_other = n_v - 1
@@ -120,18 +126,22 @@ def triplet_loss(
     t2v = (margin + scores[rows, neg_video] - pos_t2v).clamp(min=0)
     if pool <= 0:
         t2v = t2v * 0.0
-    t2v_loss = t2v.sum() / n_q
+    return t2v.sum() / n_q
 
-    # --- video to text ---
+
+def _triplet_v2t(scores: Tensor, onehot: Tensor, margin: float, hard_negatives: bool,
+                 generator: torch.Generator | None) -> Tensor:
+    """Video-to-text hinge term of triplet_loss (draws B uniforms in random mode only)."""
+    n_q, n_v = scores.shape
     st = scores.t()  # (B, Nq)
     own = onehot.t()  # (B, Nq)
     count = own.sum(dim=1)
     pos_v2t = (st * own).sum(dim=1) / count.clamp_min(1)
-    neg_masked = detached.t().masked_fill(own, float("-inf"))
+    neg_masked = scores.detach().t().masked_fill(own, float("-inf"))
     order_v = torch.sort(neg_masked, dim=1, descending=True, stable=True).indices  # (B, Nq)
     n_neg = n_q - count
     if hard_negatives:
-        rank_v = torch.zeros(n_v, dtype=torch.long, device=device)
+        rank_v = torch.zeros(n_v, dtype=torch.long, device=scores.device)
     else:
         rank_v = uniform_ranks(n_neg, generator)
     neg_query = order_v.gather(1, rank_v.unsqueeze(1)).squeeze(1)
@@ -139,8 +149,7 @@ def triplet_loss(
     v2t = (margin + neg_v2t - pos_v2t).clamp(min=0)
     valid = (count > 0) & (n_neg > 0)
     v2t = torch.where(valid, v2t, torch.zeros_like(v2t))
-    v2t_loss = v2t.sum() / n_v
-    return t2v_loss + v2t_loss
+    return v2t.sum() / n_v
 
 
 def query_diverse_loss(query: Tensor, labels: Tensor, neg_factor: Sequence[float]) -> Tensor:
