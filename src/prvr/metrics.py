@@ -161,6 +161,22 @@ def retrieval_metrics(scores: Any, query_video_ids: Sequence[Any], video_ids: Se
     if len(video_ids) != n_v:
         raise ValueError(f"{len(video_ids)} video ids for {n_v} score columns")
     _check_no_nan(s)
+    pair_q, pair_v = _relevant_pairs(query_video_ids, video_ids, query_ids, absent)
+    ranks = _ranks_from_pairs(s, pair_q, pair_v, chunk_size)
+    has = torch.zeros(n_q, dtype=torch.bool, device=ranks.device)
+    has[pair_q.to(ranks.device)] = True
+    ranks[~has] = n_v + 1  # absent="miss": ranked after every video (for medr/meanr)
+    metrics = _summarize_ranks(ranks, has, ks)
+    if absent == "miss":
+        metrics["n_absent"] = int((~has).sum())
+    if return_ranks:
+        return metrics, ranks
+    return metrics
+
+
+def _relevant_pairs(query_video_ids: Sequence[Any], video_ids: Sequence[str],
+                    query_ids: Sequence[str] | None, absent: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query index, column index) of every relevant (query, video) pair."""
     columns: dict[str, list[int]] = {}
     for j, vid in enumerate(video_ids):
         columns.setdefault(vid, []).append(j)
@@ -169,42 +185,37 @@ def retrieval_metrics(scores: Any, query_video_ids: Sequence[Any], video_ids: Se
         col = {vid: c[0] for vid, c in columns.items()}
         idx = [col.get(v, -1) for v in query_video_ids]
         pair_v = torch.tensor(idx, dtype=torch.long)
-        pair_q = torch.arange(n_q)
+        pair_q = torch.arange(len(query_video_ids))
         missing = pair_v < 0
         if bool(missing.any()) and absent == "error":
             first = int(torch.nonzero(missing)[0, 0])
             _raise_missing(query_video_ids[first], first, query_ids)
-        pair_q, pair_v = pair_q[~missing], pair_v[~missing]
-    else:
-        pq: list[int] = []
-        pv: list[int] = []
-        for i, gt in enumerate(query_video_ids):
-            gts = [gt] if isinstance(gt, str) else list(gt)
-            found = False
-            for vid in gts:
-                for j in columns.get(vid, ()):
-                    pq.append(i)
-                    pv.append(j)
-                    found = True
-            if not found and absent == "error":
-                _raise_missing(gts[0] if gts else "<none>", i, query_ids)
-        pair_q = torch.tensor(pq, dtype=torch.long)
-        pair_v = torch.tensor(pv, dtype=torch.long)
-    ranks = _ranks_from_pairs(s, pair_q, pair_v, chunk_size)
-    has = torch.zeros(n_q, dtype=torch.bool, device=ranks.device)
-    has[pair_q.to(ranks.device)] = True
-    ranks[~has] = n_v + 1  # absent="miss": ranked after every video (for medr/meanr)
-    # ... and never a hit, not even at a k beyond the number of videos
+        return pair_q[~missing], pair_v[~missing]
+    pq: list[int] = []
+    pv: list[int] = []
+    for i, gt in enumerate(query_video_ids):
+        gts = [gt] if isinstance(gt, str) else list(gt)
+        found = False
+        for vid in gts:
+            for j in columns.get(vid, ()):
+                pq.append(i)
+                pv.append(j)
+                found = True
+        if not found and absent == "error":
+            _raise_missing(gts[0] if gts else "<none>", i, query_ids)
+    return torch.tensor(pq, dtype=torch.long), torch.tensor(pv, dtype=torch.long)
+
+
+def _summarize_ranks(ranks: torch.Tensor, has: torch.Tensor, ks: tuple[int, ...]) -> dict[str, float]:
+    """R@k (a query without a relevant video is never a hit), "sumr", "medr", "meanr"."""
+    n_q = ranks.numel()
+    # a query without a relevant video is never a hit, not even at a k beyond the number of videos
     metrics = recall_at_k(ranks.masked_fill(~has, torch.iinfo(torch.int64).max), ks)
     metrics["sumr"] = sum(metrics[f"r{k}"] for k in ks)
     sorted_ranks = torch.sort(ranks.to(torch.float64)).values
     mid = (n_q - 1) // 2
     metrics["medr"] = float((sorted_ranks[mid] + sorted_ranks[n_q - 1 - mid]) / 2)
     metrics["meanr"] = float(sorted_ranks.mean())
-    if absent == "miss":
-        metrics["n_absent"] = int((~has).sum())
-    if return_ranks:
-        return metrics, ranks
     return metrics
 
 
