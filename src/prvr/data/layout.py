@@ -283,6 +283,29 @@ def _line_col(text: str, pos: int) -> str:
     return f"{line}:{col}"
 
 
+def _next_entry(text: str, pos: int, source: str) -> tuple[str, list[str], re.Match]:
+    """(key, frames, match) of the ``'video': [...]`` entry at pos; fast path first."""
+    fm = _FAST_ENTRY.match(text, pos)
+    if fm is not None:
+        frames = _fast_body(fm.group("body"))
+        if frames is not None:
+            return fm.group("key"), frames, fm
+    m = _ENTRY.match(text, pos)
+    if not m:
+        # Point at the first non-blank character where the grammar stopped.
+        stop = pos + (len(text[pos:pos + 200]) - len(text[pos:pos + 200].lstrip()))
+        snippet = text[stop:stop + 40].split("\n", 1)[0]
+        raise DataError(f"{source}:{_line_col(text, stop)}: not a dict of string -> list of "
+                        f"strings near '{snippet}' (video2frames.txt is data; it is never "
+                        "evaluated)")
+    try:
+        key = _unquote(m.group("key"))
+        frames = [_unquote(t) for t in _STR_IN_BODY.findall(m.group("body"))]
+    except (ValueError, SyntaxError):
+        raise DataError(f"{source}:{_line_col(text, m.start('key'))}: bad string escape") from None
+    return key, frames, m
+
+
 def parse_video2frames_text(text: str, source: str = "video2frames.txt"
                             ) -> tuple[dict[str, list[str]], list[str]]:
     """Parse the literal; returns (mapping, duplicate keys in order seen).
@@ -304,35 +327,7 @@ def parse_video2frames_text(text: str, source: str = "video2frames.txt"
         pos = end.end()
     else:
         while True:
-            fm = _FAST_ENTRY.match(text, pos)
-            if fm is not None:
-                frames = _fast_body(fm.group("body"))
-                if frames is not None:
-                    key = fm.group("key")
-                    if key in out:
-                        dups.append(key)
-                    out[key] = frames
-                    pos = fm.end()
-                    if fm.group("sep") == "}":
-                        break
-                    close = _CLOSE_EMPTY.match(text, pos)
-                    if close:
-                        pos = close.end()
-                        break
-                    continue
-            m = _ENTRY.match(text, pos)
-            if not m:
-                # Point at the first non-blank character where the grammar stopped.
-                stop = pos + (len(text[pos:pos + 200]) - len(text[pos:pos + 200].lstrip()))
-                snippet = text[stop:stop + 40].split("\n", 1)[0]
-                raise DataError(f"{source}:{_line_col(text, stop)}: not a dict of string -> list of "
-                                f"strings near '{snippet}' (video2frames.txt is data; it is never "
-                                "evaluated)")
-            try:
-                key = _unquote(m.group("key"))
-                frames = [_unquote(t) for t in _STR_IN_BODY.findall(m.group("body"))]
-            except (ValueError, SyntaxError):
-                raise DataError(f"{source}:{_line_col(text, m.start('key'))}: bad string escape") from None
+            key, frames, m = _next_entry(text, pos, source)
             if key in out:
                 dups.append(key)
             out[key] = frames
