@@ -100,6 +100,52 @@ def _content_range_start(value: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _download_attempt(url: str, part: Path, have: int, name: str, progress: bool,
+                      timeout: float) -> None:
+    """One request for `url`, appending to (or restarting) `part` which holds `have` bytes.
+
+    Returns when `part` is complete; a transient failure raises one of _TRANSIENT.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "prvr-fetch"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left to fetch: the part is complete
+            return
+        if exc.code in (408, 429) or exc.code >= 500:
+            raise ConnectionError(f"HTTP {exc.code}") from None
+        raise DataError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    with response:
+        status = response.status
+        length = response.headers.get("Content-Length")
+        if status == 206 and _content_range_start(response.headers.get("Content-Range")) == have:
+            mode = "ab"
+        else:  # the server sent the whole file
+            have, mode = 0, "wb"
+        total = int(length) + have if length and length.isdigit() else None
+        got = _write_body(response, part, mode, have, total, name, progress)
+        if total is not None and got < total:
+            raise http.client.IncompleteRead(b"", total - got)
+
+
+def _write_body(response: Any, part: Path, mode: str, have: int, total: int | None, name: str,
+                progress: bool) -> int:
+    """Stream the response body into `part` (opened with `mode`); returns the bytes it then holds."""
+    with open(part, mode) as fh, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                      desc=f"download {name}", disable=not progress) as bar:
+        got = have
+        while True:
+            block = response.read(_CHUNK)
+            if not block:
+                break
+            fh.write(block)
+            got += len(block)
+            bar.update(len(block))
+    return got
+
+
 def download(url: str, dest: str | os.PathLike, sha256: str, progress: bool = True,
              retries: int = 3, timeout: float = 60.0, retry_wait: float = 1.0) -> Path:
     """Download `url` to `dest`, resuming a `<dest>.part` left by an earlier attempt.
@@ -121,38 +167,8 @@ def download(url: str, dest: str | os.PathLike, sha256: str, progress: bool = Tr
     while True:
         attempt += 1
         have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"User-Agent": "prvr-fetch"})
-        if have:
-            request.add_header("Range", f"bytes={have}-")
         try:
-            try:
-                response = urllib.request.urlopen(request, timeout=timeout)
-            except urllib.error.HTTPError as exc:
-                if exc.code == 416 and have:  # nothing left to fetch: the part is complete
-                    break
-                if exc.code in (408, 429) or exc.code >= 500:
-                    raise ConnectionError(f"HTTP {exc.code}") from None
-                raise DataError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            with response:
-                status = response.status
-                length = response.headers.get("Content-Length")
-                if status == 206 and _content_range_start(response.headers.get("Content-Range")) == have:
-                    mode = "ab"
-                else:  # the server sent the whole file
-                    have, mode = 0, "wb"
-                total = int(length) + have if length and length.isdigit() else None
-                with open(part, mode) as fh, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                  desc=f"download {dest.name}", disable=not progress) as bar:
-                    got = have
-                    while True:
-                        block = response.read(_CHUNK)
-                        if not block:
-                            break
-                        fh.write(block)
-                        got += len(block)
-                        bar.update(len(block))
-                if total is not None and got < total:
-                    raise http.client.IncompleteRead(b"", total - got)
+            _download_attempt(url, part, have, dest.name, progress, timeout)
             break
         except _TRANSIENT as exc:
             if attempt > retries:
@@ -373,6 +389,60 @@ def _archive_from_settings(settings: dict[str, Any], data_root: Path, progress: 
     return path, False
 
 
+def _generate_collection(settings: dict[str, Any], generator: dict[str, Any], data_dir: Path,
+                         fmt: dict[str, Any], progress: bool,
+                         generate: Callable[..., Path] | None) -> dict[str, Any]:
+    """Generate the demo corpus named by `{ds}.generator`; returns the source.json fields."""
+    ds, collection, feature = str(settings["dataset"]), str(settings["collection"]), str(settings["feature"])
+    if generate is None:
+        from .demo import generate_corpus as generate
+    out_dir = (data_dir / ds / DEMO_CORPUS_SUBDIR).absolute()
+    preset = str(generator.get("preset", ds))
+    seed = int(generator.get("seed", 0))
+    kwargs = {"scale": float(generator["scale"])} if "scale" in generator else {}
+    # demo options for the honest-numbers checks (prvr.data.demo); off unless set
+    kwargs.update({k: bool(generator[k]) for k in ("dense_gt", "val_is_test") if generator.get(k)})
+    if fmt["feature_format"] == "hdf5":   # the CLIP layout, under the dataset's file names
+        kwargs.update(layout="hdf5", video_file=feature, query_file=fmt["query_feature"])
+    log.info("generating the %s corpus (preset %s, seed %d) under %s", ds, preset, seed, out_dir)
+    try:
+        collection_dir = Path(generate(out_dir, preset=preset, seed=seed, progress=progress, **kwargs))
+    except ValueError as exc:  # unknown preset, bad scale
+        raise DataError(f"params.yaml: {ds}.generator: {exc}") from None
+    if collection_dir.name != collection:
+        raise DataError(f"params.yaml: {ds}.collection is '{collection}' but the generator preset "
+                        f"'{preset}' writes '{collection_dir.name}'")
+    return dict(origin="generated", collection_dir=str(collection_dir.absolute()),
+                generator={"preset": preset, "seed": seed, **kwargs})
+
+
+def _find_or_extract_collection(settings: dict[str, Any], fmt: dict[str, Any],
+                                progress: bool) -> dict[str, Any]:
+    """Reference `<data_root>/<collection>`, extracting `{ds}.archive` there when it is absent;
+    returns the source.json fields."""
+    collection, feature = str(settings["collection"]), str(settings["feature"])
+    data_root = Path(settings["data_root"]).expanduser().absolute()
+    folder = data_root / collection
+    paths = CollectionPaths(folder, collection, feature, **fmt)
+    if folder.is_dir():
+        missing = paths.missing()
+        if missing:
+            raise DataError(missing_dataset_message(settings, folder, missing))
+        log.info("found the MS-SL collection at %s (referenced, not copied)", folder)
+        return dict(origin="folder", collection_dir=str(folder), data_root=str(data_root),
+                    files=fingerprint(paths))
+    if settings.get("archive"):
+        archive, downloaded = _archive_from_settings(settings, data_root, progress)
+        log.info("extracting %s into %s", archive, data_root)
+        extract_collection(archive, data_root, collection, feature, progress=progress, **fmt)
+        if downloaded:
+            archive.unlink(missing_ok=True)
+        return dict(origin="archive", collection_dir=str(folder), data_root=str(data_root),
+                    archive=str(settings["archive"]), sha256=settings.get("sha256"),
+                    files=fingerprint(paths))
+    raise DataError(missing_dataset_message(settings, folder))
+
+
 def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progress: bool = True,
           generate: Callable[..., Path] | None = None) -> dict[str, Any]:
     """Make the dataset's collection available and write data/<dataset>/source.json atomically.
@@ -393,48 +463,9 @@ def fetch(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progre
 
     generator = settings.get("generator")
     if generator:
-        if generate is None:
-            from .demo import generate_corpus as generate
-        out_dir = (data_dir / ds / DEMO_CORPUS_SUBDIR).absolute()
-        preset = str(generator.get("preset", ds))
-        seed = int(generator.get("seed", 0))
-        kwargs = {"scale": float(generator["scale"])} if "scale" in generator else {}
-        # demo options for the honest-numbers checks (prvr.data.demo); off unless set
-        kwargs.update({k: bool(generator[k]) for k in ("dense_gt", "val_is_test") if generator.get(k)})
-        if fmt["feature_format"] == "hdf5":   # the CLIP layout, under the dataset's file names
-            kwargs.update(layout="hdf5", video_file=feature, query_file=fmt["query_feature"])
-        log.info("generating the %s corpus (preset %s, seed %d) under %s", ds, preset, seed, out_dir)
-        try:
-            collection_dir = Path(generate(out_dir, preset=preset, seed=seed, progress=progress, **kwargs))
-        except ValueError as exc:  # unknown preset, bad scale
-            raise DataError(f"params.yaml: {ds}.generator: {exc}") from None
-        if collection_dir.name != collection:
-            raise DataError(f"params.yaml: {ds}.collection is '{collection}' but the generator preset "
-                            f"'{preset}' writes '{collection_dir.name}'")
-        record.update(origin="generated", collection_dir=str(collection_dir.absolute()),
-                      generator={"preset": preset, "seed": seed, **kwargs})
+        record.update(_generate_collection(settings, generator, data_dir, fmt, progress, generate))
     else:
-        data_root = Path(settings["data_root"]).expanduser().absolute()
-        folder = data_root / collection
-        paths = CollectionPaths(folder, collection, feature, **fmt)
-        if folder.is_dir():
-            missing = paths.missing()
-            if missing:
-                raise DataError(missing_dataset_message(settings, folder, missing))
-            log.info("found the MS-SL collection at %s (referenced, not copied)", folder)
-            record.update(origin="folder", collection_dir=str(folder), data_root=str(data_root),
-                          files=fingerprint(paths))
-        elif settings.get("archive"):
-            archive, downloaded = _archive_from_settings(settings, data_root, progress)
-            log.info("extracting %s into %s", archive, data_root)
-            extract_collection(archive, data_root, collection, feature, progress=progress, **fmt)
-            if downloaded:
-                archive.unlink(missing_ok=True)
-            record.update(origin="archive", collection_dir=str(folder), data_root=str(data_root),
-                          archive=str(settings["archive"]), sha256=settings.get("sha256"),
-                          files=fingerprint(paths))
-        else:
-            raise DataError(missing_dataset_message(settings, folder))
+        record.update(_find_or_extract_collection(settings, fmt, progress))
     out = source_file(settings, data_dir)
     write_json_atomic(out, record)
     log.info("wrote %s", out)
