@@ -319,6 +319,57 @@ def _write_options(p: Preset, tmp: Path, seed: int, plans, dense_gt: bool, val_i
                                      "gt_video_ids": videos}) + "\n")
 
 
+def _write_bigfile_corpus(p: Preset, world: _World, seed: int, plans, sizes: dict[str, SplitSize],
+                          tmp: Path, bar: tqdm) -> tuple[int, int]:
+    """TextData/ (captions, RoBERTa-like query tokens) and FeatureData/<feature>/ (bigfile) under
+    tmp; returns (frame rows, captions) written."""
+    text_dir = tmp / "TextData"
+    feat_dir = tmp / "FeatureData" / p.feature
+    text_dir.mkdir(parents=True)
+    feat_dir.mkdir(parents=True)
+    n_rows = 0
+    n_caps_total = 0
+    with open(feat_dir / "feature.bin", "wb") as fbin, \
+            open(feat_dir / "id.txt", "w", encoding="ISO-8859-1", newline="\n") as fid, \
+            open(feat_dir / "video2frames.txt", "w", encoding="ISO-8859-1", newline="\n") as fv2f, \
+            h5py.File(text_dir / f"roberta_{p.collection}_query_feat.hdf5", "w") as h5:
+        fv2f.write("{")
+        first_video = True
+        for split in SPLITS:
+            with open(text_dir / f"{p.collection}{split}.caption.txt", "w",
+                      encoding="utf-8", newline="\n") as fcap:
+                for i in range(sizes[split].videos):
+                    rows, n_caps = _write_video(p, world, seed, split, i, plans[split],
+                                                (fbin, fid, fv2f, h5, fcap), first_video)
+                    first_video = False
+                    n_rows += rows
+                    n_caps_total += n_caps
+                    bar.update(1)
+        fv2f.write("}\n")
+    with open(feat_dir / "shape.txt", "w", encoding="ascii", newline="\n") as fh:
+        fh.write(f"{n_rows} {p.visual_dim}\n")
+    return n_rows, n_caps_total
+
+
+def _write_video(p: Preset, world: _World, seed: int, split: str, i: int, plan, files,
+                 first_video: bool) -> tuple[int, int]:
+    """Render video i of split and append it to the open corpus files; returns (frames, captions)."""
+    fbin, fid, fv2f, h5, fcap = files
+    lengths, caps = plan
+    vid = video_id(p, split, i)
+    frames, captions, _ = _render_video(p, world, seed, split, i, int(lengths[i]), int(caps[i]))
+    fbin.write(frames.tobytes())
+    frame_ids = [f"{vid}_{t}" for t in range(len(frames))]
+    fid.write(" ".join(frame_ids))
+    fid.write("\n")
+    fv2f.write(("" if first_video else ", ") + repr(vid) + ": " + repr(frame_ids))
+    for c, (tokens, text) in enumerate(captions):
+        cap_id = f"{vid}#enc#{c}"
+        fcap.write(f"{cap_id} {text}\n")
+        h5.create_dataset(cap_id, data=tokens, track_times=False)
+    return len(frames), len(captions)
+
+
 def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int = 7,
                     scale: float = 1.0, progress: bool = True, dense_gt: bool = False,
                     val_is_test: bool = False, layout: str | None = None,
@@ -350,44 +401,9 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.collection}.tmp-", dir=out_dir))
     try:
         with _single_thread_blas():
-            text_dir = tmp / "TextData"
-            feat_dir = tmp / "FeatureData" / p.feature
-            text_dir.mkdir(parents=True)
-            feat_dir.mkdir(parents=True)
-            n_rows = 0
-            n_caps_total = 0
             bar = tqdm(total=total_videos, desc=f"generate {preset}", unit="video", disable=not progress)
-            with open(feat_dir / "feature.bin", "wb") as fbin, \
-                    open(feat_dir / "id.txt", "w", encoding="ISO-8859-1", newline="\n") as fid, \
-                    open(feat_dir / "video2frames.txt", "w", encoding="ISO-8859-1", newline="\n") as fv2f, \
-                    h5py.File(text_dir / f"roberta_{p.collection}_query_feat.hdf5", "w") as h5:
-                fv2f.write("{")
-                first_video = True
-                for split in SPLITS:
-                    lengths, caps = plans[split]
-                    with open(text_dir / f"{p.collection}{split}.caption.txt", "w",
-                              encoding="utf-8", newline="\n") as fcap:
-                        for i in range(sizes[split].videos):
-                            vid = video_id(p, split, i)
-                            frames, captions, _ = _render_video(p, world, seed, split, i,
-                                                                int(lengths[i]), int(caps[i]))
-                            fbin.write(frames.tobytes())
-                            frame_ids = [f"{vid}_{t}" for t in range(len(frames))]
-                            fid.write(" ".join(frame_ids))
-                            fid.write("\n")
-                            fv2f.write(("" if first_video else ", ") + repr(vid) + ": " + repr(frame_ids))
-                            first_video = False
-                            n_rows += len(frames)
-                            for c, (tokens, text) in enumerate(captions):
-                                cap_id = f"{vid}#enc#{c}"
-                                fcap.write(f"{cap_id} {text}\n")
-                                h5.create_dataset(cap_id, data=tokens, track_times=False)
-                            n_caps_total += len(captions)
-                            bar.update(1)
-                fv2f.write("}\n")
+            n_rows, n_caps_total = _write_bigfile_corpus(p, world, seed, plans, sizes, tmp, bar)
             bar.close()
-            with open(feat_dir / "shape.txt", "w", encoding="ascii", newline="\n") as fh:
-                fh.write(f"{n_rows} {p.visual_dim}\n")
             _write_options(p, tmp, seed, plans, dense_gt, val_is_test)
             if layout != "bigfile":
                 write_h5_layout(tmp, p, keep_bigfile=layout == "both", video_file=video_file,
