@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         vloader, qloader = eval_loaders(corpus, split, int(ev["video_batch_size"]),
                                         int(ev["query_batch_size"]), 0, info["model_config"])
         metrics, result = evaluate(model, vloader, qloader, device, ks=KS, progress=not args.no_progress)
+        extra = _extra_metrics(model, corpus, list(ev.get("extra_splits") or []), ev, info, device,
+                               not args.no_progress)
     except (ConfigError, DataError, CheckpointError, ValueError, KeyError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1
 
-    record = _record(metrics, result, info)
+    record = {**_record(metrics, result, info), **extra}
     if args.save_scores:
         save_scores_h5(args.save_scores, result, {k: record[k] for k in METRIC_KEYS})
         log.info("wrote %s", args.save_scores)
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("wrote %s", args.out)
         log.info("done in %.1f s", time.time() - t0)
         return 0
-    _write_pipeline(out, record, args, ds, split, info)
+    _write_pipeline(out, record, args, ds, split, info, list(ev.get("extra_splits") or []))
     log.info("wrote %s and %s (%.1f s)", args.out or out["metrics"], out["recall"], time.time() - t0)
     return 0
 
@@ -118,7 +120,35 @@ def _record(metrics: dict, result, info: dict) -> dict:
     return record
 
 
-def _write_pipeline(out: dict, record: dict, args, ds: str, split: str, info: dict) -> None:
+def _extra_metrics(model, corpus, names: list[str], ev: dict, info: dict, device, progress: bool
+                   ) -> dict[str, float]:
+    """`<name>_<metric>` of each dense split (evaluate.extra_splits): its queries against its
+    videos with the same model; a query is a hit at k when any of its videos ranks within k."""
+    from prvr.data.splits import dense_split_data, read_dense_split
+    from prvr.evaluation import encode_videos, score_queries
+    from prvr.metrics import KS, METRIC_KEYS, retrieval_metrics
+    from prvr.training import eval_loaders
+
+    out: dict[str, float] = {}
+    for name in names:
+        dense = read_dense_split(corpus.paths, name)
+        corpus.add_split(dense_split_data(dense))
+        vloader, qloader = eval_loaders(corpus, name, int(ev["video_batch_size"]),
+                                        int(ev["query_batch_size"]), 0, info["model_config"])
+        result = score_queries(model, encode_videos(model, vloader, device, progress=progress), qloader,
+                               device, progress=progress)
+        gt = dict(zip(dense.query_ids, dense.gt_video_ids))
+        m = retrieval_metrics(result.scores, [gt[q] for q in result.query_ids], result.video_ids, ks=KS,
+                              query_ids=result.query_ids, absent="miss")
+        out.update({f"{name}_{k}": float(m[k]) for k in METRIC_KEYS})
+        out.update({f"{name}_n_queries": len(result.query_ids), f"{name}_n_videos": len(result.video_ids),
+                    f"{name}_multi_gt_queries": dense.multi})
+        print(f"{name}: " + " ".join(f"{k.upper() if k != 'sumr' else 'SumR'}={m[k]:.2f}" for k in METRIC_KEYS))
+    return out
+
+
+def _write_pipeline(out: dict, record: dict, args, ds: str, split: str, info: dict,
+                    extra: list[str] = ()) -> None:
     """test.json, recall_at_k.json, and the test metrics on the training's MLflow run."""
     from prvr.atomic import write_json_atomic
     from prvr.metrics import KS, METRIC_KEYS
@@ -134,7 +164,8 @@ def _write_pipeline(out: dict, record: dict, args, ds: str, split: str, info: di
 
         tracker = Tracker(ds)
         if tracker.attach(run_id):
-            tracker.log_metrics({f"test_{k}": record[k] for k in METRIC_KEYS},
+            keys = [*METRIC_KEYS, *(f"{n}_{k}" for n in extra for k in METRIC_KEYS)]
+            tracker.log_metrics({f"test_{k}": record[k] for k in keys},
                                 step=int(info.get("epoch") or 0))
             tracker.set_tags({"test_split": split})
 

@@ -316,3 +316,18 @@ def holdout_split_data(train, fraction: float, seed: int):
                              query_ids=[c for c, _, _ in part], query_video_ids=[v for _, v, _ in part],
                              texts=[t for _, _, t in part], video_ids=list(videos), video_queries=videos))
     return out[0], out[1]
+
+
+def dense_split_data(split: DenseSplit):
+    """A `prvr.data.datasets.SplitData` of a dense split (named as the split), for the eval
+    loaders: its queries in gt-file order, each under its first relevant video, and the videos
+    of its caption file. The ground truth of the metrics is `split.gt_video_ids`."""
+    from .datasets import SplitData
+
+    first = [g[0] for g in split.gt_video_ids]
+    videos: dict[str, list[int]] = {v: [] for v in split.video_ids}
+    for i, vid in enumerate(first):
+        videos.setdefault(vid, []).append(i)
+    return SplitData(name=split.name, caption_file=split.caption_file, query_ids=list(split.query_ids),
+                     query_video_ids=first, texts=list(split.texts), video_ids=list(split.video_ids),
+                     video_queries=videos)
