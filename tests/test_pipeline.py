@@ -15,7 +15,7 @@ from conftest import REPO, TINY_DEMO, copy_repo, edit_params, git_commit, run
 # the test split is clearly learnt.
 V2 = "methods.gmmformer_v2.demo"
 E2E_DEMO = {**TINY_DEMO, "datasets.demo.generator.scale": 0.5, f"{V2}.hidden_size": 64,
-            f"{V2}.batch_size": 32, f"{V2}.epochs": 2, f"{V2}.hard_negative_start_epoch": 1}
+            f"{V2}.batch_size": 32, f"{V2}.epochs": 3, f"{V2}.hard_negative_start_epoch": 1}
 OTHER_METHODS = ("msssl", "gmmformer_v1", "meanpool")
 
 STAGE_OUTPUTS = {
@@ -108,7 +108,8 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
           f"R@5 {chance['r5']:.1f}, R@10 {chance['r10']:.1f}) on {test['n_videos']} videos")
     top10 = test["r1"] + test["r5"] + test["r10"]
     top10_chance = chance["r1"] + chance["r5"] + chance["r10"]
-    # Seeds 1-3 of this configuration give SumR chance+18..+25 and R@1+5+10 1.85-2.2x chance;
+    # With 2 epochs (seed 9527, exact-rate dropout) the margin was only SumR chance+12.6 and
+    # R@1+5+10 1.59x chance, so the e2e trains GMMFormer v2 for 3;
     # the full demo (README) reaches SumR 355.8 against 77.3.
     assert test["sumr"] > chance["sumr"] + 12, (test, chance)
     assert top10 > 1.5 * top10_chance, (test, chance)
@@ -167,7 +168,7 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     for title in ("GMMFormer v2", "MS-SL", "GMMFormer v1", "mean-pool floor"):
         assert f"| {title} |" in report, title
     exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
-    assert "model.name" in exps and "meanpool" in exps
+    assert all(f'"{m}"' in exps for m in OTHER_METHODS), "dvc exp show lists each method's run"
 
     # ---- an experiment on another dataset keeps the demo's outputs
     edit_params(repo / "params.yaml", **{"model.name": "gmmformer_v2"})
