@@ -125,3 +125,44 @@ def test_the_report_shows_the_dense_protocol_beside_the_standard_one():
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+def test_evaluate_scores_a_dense_split_with_all_its_videos(tmp_path: Path):
+    """evaluate.extra_splits: every query of the .gt.jsonl, scored against the split's videos;
+    a hit when ANY of its videos ranks within k, so never below one-video-per-query."""
+    import sys
+
+    import torch
+
+    from conftest import REPO
+    from prvr.data.datasets import Corpus
+    from prvr.data.demo import generate_corpus
+    from prvr.data.splits import read_dense_split
+    from prvr.metrics import retrieval_metrics
+    from prvr.methods import get_method
+
+    sys.path.insert(0, str(REPO / "stages"))
+    import evaluate as stage
+
+    root = generate_corpus(tmp_path / "c", preset="demo", seed=7, scale=0.1, progress=False, dense_gt=True)
+    corpus = Corpus(root, "demo_feats")
+    settings = load_settings(REPO / "params.yaml", "demo", "meanpool")
+    method = get_method("meanpool")
+    torch.manual_seed(0)
+    model = method.build_model(method.config_from_dict(settings["model"]))
+    out = stage._extra_metrics(model, corpus, ["denseval"], settings["evaluate"],
+                               {"model_config": settings["model"]}, torch.device("cpu"), False)
+    dense = read_dense_split(corpus.paths, "denseval")
+    assert out["denseval_n_queries"] == len(dense.query_ids) and dense.multi > 0
+    assert out["denseval_n_videos"] == len(dense.video_ids)
+    from prvr.evaluation import evaluate
+
+    from prvr.training import eval_loaders
+
+    vl, ql = eval_loaders(corpus, "denseval", 100, 50, 0, settings["model"])   # registered by the stage
+    _, result = evaluate(model, vl, ql, "cpu", progress=False)
+    single = retrieval_metrics(result.scores, [g[0] for g in dense.gt_video_ids], result.video_ids)
+    multi = retrieval_metrics(result.scores, list(dense.gt_video_ids), result.video_ids)
+    for k in ("r1", "r5", "r10", "r100", "sumr"):
+        assert out[f"denseval_{k}"] == pytest.approx(multi[k]) and multi[k] >= single[k]
+    assert multi["sumr"] > single["sumr"]
