@@ -154,7 +154,14 @@ def _check_bigfile(paths: CollectionPaths, P: _Problems, split_videos: dict[str,
                    splits: dict, visual_dim: int | None, progress: bool, report: dict
                    ) -> tuple[int | None, dict[str, list[str]] | None]:
     """shape.txt, id.txt, feature.bin and video2frames.txt: (feature dimension, video2frames)."""
-    # -- visual features ------------------------------------------------------------------------
+    d, ids = _check_frame_features(paths, P, visual_dim, progress, report)
+    v2f = _check_video2frames(paths, P, split_videos, splits, ids)
+    return d, v2f
+
+
+def _check_frame_features(paths: CollectionPaths, P: _Problems, visual_dim: int | None,
+                          progress: bool, report: dict) -> tuple[int | None, list[str] | None]:
+    """shape.txt, id.txt and feature.bin: (feature dimension, frame ids)."""
     n = d = None
     ids: list[str] | None = None
     try:
@@ -185,8 +192,12 @@ def _check_bigfile(paths: CollectionPaths, P: _Problems, split_videos: dict[str,
             if bad_rows:
                 P.error(paths.feature_file, f"{bad_rows} frame vectors hold NaN or Inf ({_examples(first)})")
     report["frames"] = {"rows": n, "ids": None if ids is None else len(ids)}
+    return d, ids
 
-    # -- video2frames ---------------------------------------------------------------------------
+
+def _check_video2frames(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
+                        splits: dict, ids: list[str] | None) -> dict[str, list[str]] | None:
+    """video2frames.txt: parsed, every split video present with frames, frame ids in id.txt."""
     v2f: dict[str, list[str]] | None = None
     v2f_file = paths.video2frames_file
     try:
@@ -209,27 +220,33 @@ def _check_bigfile(paths: CollectionPaths, P: _Problems, split_videos: dict[str,
                 P.error(v2f_file, f"{len(empty)} videos of split '{split}' have 0 frames ({_examples(empty)})")
             splits[split]["frames_per_video"] = _stats([len(v2f[v]) for v in videos if v in v2f])
         if ids is not None:
-            known = set(ids)
-            referenced: set[str] = set()
-            for frames in v2f.values():
-                referenced.update(frames)
-            unknown = referenced - known
-            if unknown:
-                used = set().union(*(v2f[v] for vs in split_videos.values() for v in vs if v in v2f)) \
-                    if split_videos else set()
-                used_unknown = sorted(unknown & used)
-                if used_unknown:
-                    P.error(v2f_file, f"{len(used_unknown)} frame ids are not in id.txt "
-                            f"({_examples(used_unknown)})")
-                other = sorted(unknown - used)
-                if other:
-                    P.warning(v2f_file, f"{len(other)} frame ids of videos in no split are not in "
-                              f"id.txt ({_examples(other)})")
+            _check_v2f_frame_ids(v2f_file, P, v2f, ids, split_videos)
         repeated = [v for v, frames in v2f.items() if len(set(frames)) != len(frames)]
         if repeated:
             P.warning(v2f_file, f"{len(repeated)} videos list a frame id more than once "
                       f"({_examples(repeated)})")
-    return d, v2f
+    return v2f
+
+
+def _check_v2f_frame_ids(v2f_file: Path, P: _Problems, v2f: dict[str, list[str]], ids: list[str],
+                         split_videos: dict[str, list[str]]) -> None:
+    """Frame ids of video2frames.txt missing from id.txt: an error for split videos, else a warning."""
+    known = set(ids)
+    referenced: set[str] = set()
+    for frames in v2f.values():
+        referenced.update(frames)
+    unknown = referenced - known
+    if unknown:
+        used = set().union(*(v2f[v] for vs in split_videos.values() for v in vs if v in v2f)) \
+            if split_videos else set()
+        used_unknown = sorted(unknown & used)
+        if used_unknown:
+            P.error(v2f_file, f"{len(used_unknown)} frame ids are not in id.txt "
+                    f"({_examples(used_unknown)})")
+        other = sorted(unknown - used)
+        if other:
+            P.warning(v2f_file, f"{len(other)} frame ids of videos in no split are not in "
+                      f"id.txt ({_examples(other)})")
 
 
 def _check_h5_videos(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
