@@ -293,10 +293,36 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
     report: dict[str, Any] = {
         "collection_dir": str(root), "collection": paths.collection, "feature": paths.feature,
     }
+    splits, split_caps = _check_captions(paths, P)
+    split_videos = {s: split_video_ids(c) for s, c in split_caps.items()}
+    _warn_train_overlap(paths, P, split_videos)
+    _check_overlap(paths, P, split_caps, report)
+
+    # -- visual features ------------------------------------------------------------------------
+    check = _check_h5_videos if paths.is_hdf5 else _check_bigfile
+    d, v2f = check(paths, P, split_videos, splits, visual_dim, progress, report)
+
+    # -- text features --------------------------------------------------------------------------
+    text_dims = _check_text_features(paths, P, split_caps, splits, text_dim, progress)
+    hfile = paths.query_feat_file
+    if len(text_dims) > 1:
+        P.error(hfile, f"caption features have different dimensions: {sorted(text_dims)}")
+    _check_dense(paths, P, dense_splits, v2f, report)
+
+    report["dims"] = {"visual": d, "text": sorted(text_dims)[0] if len(text_dims) == 1 else sorted(text_dims) or None,
+                      "expected_visual": visual_dim, "expected_text": text_dim}
+    report["splits"] = {s: splits[s] for s in SPLITS if s in splits}
+    report["problems"] = {"errors": P.errors, "warnings": P.warnings}
+    report["ok"] = not P.errors
+    report["seconds"] = round(time.time() - t0, 3)
+    return report
+
+
+def _check_captions(paths: CollectionPaths, P: _Problems
+                    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[tuple[str, str, str]]]]:
+    """Each split's caption file: (per-split report counts, per-split parsed captions)."""
     splits: dict[str, dict[str, Any]] = {}
     split_caps: dict[str, list[tuple[str, str, str]]] = {}
-
-    # -- captions -------------------------------------------------------------------------------
     for split, cap_file in paths.caption_files.items():
         if not cap_file.is_file():
             P.error(cap_file, f"caption file of split '{split}' not found")
@@ -317,8 +343,11 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
             P.error(cap_file, f"{len(dup)} caption ids appear more than once ({_examples(dup)})")
         split_caps[split] = caps
         splits[split] = {"videos": len(split_video_ids(caps)), "captions": len(caps)}
+    return splits, split_caps
 
-    split_videos = {s: split_video_ids(c) for s, c in split_caps.items()}
+
+def _warn_train_overlap(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]]) -> None:
+    """A warning for each val/test split that shares videos with train."""
     if "train" in split_videos:
         train_v = set(split_videos["train"])
         for s in ("val", "test"):
@@ -326,13 +355,13 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
             if shared:
                 P.warning(paths.caption_file(s), f"{len(shared)} videos of split '{s}' are also in "
                           f"train ({_examples(shared)})")
-    _check_overlap(paths, P, split_caps, report)
 
-    # -- visual features ------------------------------------------------------------------------
-    check = _check_h5_videos if paths.is_hdf5 else _check_bigfile
-    d, v2f = check(paths, P, split_videos, splits, visual_dim, progress, report)
 
-    # -- text features --------------------------------------------------------------------------
+def _check_text_features(paths: CollectionPaths, P: _Problems,
+                         split_caps: dict[str, list[tuple[str, str, str]]], splits: dict,
+                         text_dim: int | None, progress: bool) -> set[int]:
+    """The caption feature HDF5 file: every caption present, 2-d float, finite, of text_dim;
+    returns the text feature dimensions seen."""
     text_dims: set[int] = set()
     hfile = paths.query_feat_file
     if not hfile.is_file():
@@ -342,73 +371,81 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
 
         try:
             with h5py.File(hfile, "r") as h5:
-                fid = h5.id
                 total = sum(len(c) for c in split_caps.values())
                 bar = tqdm(total=total, desc="scan caption features", unit="caption",
                            disable=not progress or total < 5000)
                 for split, caps in split_caps.items():
-                    tokens: list[int] = []
-                    absent: list[str] = []
-                    empty: list[str] = []
-                    bad_shape: list[str] = []
-                    wrong_dim: Counter = Counter()
-                    non_finite: list[str] = []
-                    for cap_id, _, _ in caps:
-                        bar.update(1)
-                        # The low-level API is ~3x faster per caption than h5[cap_id][()].
-                        key = cap_id if cap_id in h5 else (caption_key_alias(cap_id) or cap_id)
-                        try:
-                            node = h5py.h5d.open(fid, key.encode("utf-8"))
-                        except KeyError:  # absent, or a group / other non-dataset object
-                            (bad_shape if key in h5 else absent).append(cap_id)
-                            continue
-                        shape, dtype = node.shape, node.dtype
-                        if len(shape) not in (1, 2) or not np.issubdtype(dtype, np.floating):
-                            bad_shape.append(cap_id)
-                            continue
-                        t, dt = shape if len(shape) == 2 else (1, shape[0])  # (D,): one vector
-                        tokens.append(t)
-                        text_dims.add(int(dt))
-                        if text_dim is not None and dt != text_dim:
-                            wrong_dim[int(dt)] += 1
-                        if t == 0:
-                            empty.append(cap_id)
-                            continue
-                        values = np.empty(shape, dtype)
-                        node.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
-                        if not np.isfinite(values).all():
-                            non_finite.append(cap_id)
-                    if absent:
-                        P.error(hfile, f"{len(absent)} captions of split '{split}' have no text "
-                                f"feature ({_examples(absent)})")
-                    if bad_shape:
-                        P.error(hfile, f"{len(bad_shape)} caption features of split '{split}' are "
-                                f"not 2-d float arrays ({_examples(bad_shape)})")
-                    if wrong_dim:
-                        dims = ", ".join(f"{k} ({v} captions)" for k, v in sorted(wrong_dim.items()))
-                        P.error(hfile, f"split '{split}': text feature dimension {dims} differs from "
-                                f"text_dim {text_dim} in params.yaml")
-                    if empty:
-                        P.error(hfile, f"{len(empty)} captions of split '{split}' have 0 tokens "
-                                f"({_examples(empty)})")
-                    if non_finite:
-                        P.error(hfile, f"{len(non_finite)} caption features of split '{split}' hold "
-                                f"NaN or Inf ({_examples(non_finite)})")
-                    splits[split]["tokens_per_caption"] = _stats(tokens)
+                    found = _scan_caption_features(h5, caps, text_dim, text_dims, bar)
+                    _report_caption_features(P, hfile, split, text_dim, found)
+                    splits[split]["tokens_per_caption"] = _stats(found["tokens"])
                 bar.close()
         except OSError as exc:
             P.error(hfile, f"not a readable HDF5 file ({str(exc).splitlines()[0]})")
-    if len(text_dims) > 1:
-        P.error(hfile, f"caption features have different dimensions: {sorted(text_dims)}")
-    _check_dense(paths, P, dense_splits, v2f, report)
+    return text_dims
 
-    report["dims"] = {"visual": d, "text": sorted(text_dims)[0] if len(text_dims) == 1 else sorted(text_dims) or None,
-                      "expected_visual": visual_dim, "expected_text": text_dim}
-    report["splits"] = {s: splits[s] for s in SPLITS if s in splits}
-    report["problems"] = {"errors": P.errors, "warnings": P.warnings}
-    report["ok"] = not P.errors
-    report["seconds"] = round(time.time() - t0, 3)
-    return report
+
+def _scan_caption_features(h5: Any, caps: list[tuple[str, str, str]], text_dim: int | None,
+                           text_dims: set[int], bar: tqdm) -> dict[str, Any]:
+    """Read each caption's feature of one split; the captions by problem, and token counts."""
+    import h5py
+
+    fid = h5.id
+    tokens: list[int] = []
+    absent: list[str] = []
+    empty: list[str] = []
+    bad_shape: list[str] = []
+    wrong_dim: Counter = Counter()
+    non_finite: list[str] = []
+    for cap_id, _, _ in caps:
+        bar.update(1)
+        # The low-level API is ~3x faster per caption than h5[cap_id][()].
+        key = cap_id if cap_id in h5 else (caption_key_alias(cap_id) or cap_id)
+        try:
+            node = h5py.h5d.open(fid, key.encode("utf-8"))
+        except KeyError:  # absent, or a group / other non-dataset object
+            (bad_shape if key in h5 else absent).append(cap_id)
+            continue
+        shape, dtype = node.shape, node.dtype
+        if len(shape) not in (1, 2) or not np.issubdtype(dtype, np.floating):
+            bad_shape.append(cap_id)
+            continue
+        t, dt = shape if len(shape) == 2 else (1, shape[0])  # (D,): one vector
+        tokens.append(t)
+        text_dims.add(int(dt))
+        if text_dim is not None and dt != text_dim:
+            wrong_dim[int(dt)] += 1
+        if t == 0:
+            empty.append(cap_id)
+            continue
+        values = np.empty(shape, dtype)
+        node.read(h5py.h5s.ALL, h5py.h5s.ALL, values)
+        if not np.isfinite(values).all():
+            non_finite.append(cap_id)
+    return {"tokens": tokens, "absent": absent, "empty": empty, "bad_shape": bad_shape,
+            "wrong_dim": wrong_dim, "non_finite": non_finite}
+
+
+def _report_caption_features(P: _Problems, hfile: Path, split: str, text_dim: int | None,
+                             found: dict[str, Any]) -> None:
+    """One error per kind of caption feature problem of a split."""
+    absent, bad_shape, wrong_dim = found["absent"], found["bad_shape"], found["wrong_dim"]
+    empty, non_finite = found["empty"], found["non_finite"]
+    if absent:
+        P.error(hfile, f"{len(absent)} captions of split '{split}' have no text "
+                f"feature ({_examples(absent)})")
+    if bad_shape:
+        P.error(hfile, f"{len(bad_shape)} caption features of split '{split}' are "
+                f"not 2-d float arrays ({_examples(bad_shape)})")
+    if wrong_dim:
+        dims = ", ".join(f"{k} ({v} captions)" for k, v in sorted(wrong_dim.items()))
+        P.error(hfile, f"split '{split}': text feature dimension {dims} differs from "
+                f"text_dim {text_dim} in params.yaml")
+    if empty:
+        P.error(hfile, f"{len(empty)} captions of split '{split}' have 0 tokens "
+                f"({_examples(empty)})")
+    if non_finite:
+        P.error(hfile, f"{len(non_finite)} caption features of split '{split}' hold "
+                f"NaN or Inf ({_examples(non_finite)})")
 
 
 def report_path(settings: dict[str, Any], data_dir: str | os.PathLike = "data") -> Path:
