@@ -17,10 +17,14 @@ __all__ = ["Method", "MethodLoss", "MethodModel", "TrainOutput", "VideoEncoding"
            "available", "get_method", "create_model", "create_loss", "unwrap_model"]
 
 
+# Modules of this package that are not methods: the contract and the shared building blocks.
+_NOT_METHODS = {"base", "layers"}
+
+
 def available() -> list[str]:
-    """Names of the methods in this package (modules or packages other than `base`)."""
+    """Names of the methods in this package (its modules and packages but the shared ones)."""
     here = Path(__file__).resolve().parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name != "base")
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS)
 
 
 def get_method(name: str) -> Method:

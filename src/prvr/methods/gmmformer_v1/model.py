@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import TrainOutput, VideoEncoding
+from ...kernels import dropout
+from ..layers import InputProjection, PositionEmbedding
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0)
 MASK_ADD = -10000.0  # the release's additive key mask
@@ -151,17 +153,6 @@ def length_buckets(lengths: Sequence[int], max_groups: int = 4, overhead: float 
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout (keep with probability 1-p, scale 1/(1-p)), as F.dropout, with the keep
-    mask drawn as uniforms >= p (cheaper than a Bernoulli draw on CPU); same on every device."""
-    if not training or p <= 0.0:
-        return x
-    if p >= 1.0:
-        return torch.zeros_like(x)
-    keep = torch.rand(x.shape, dtype=x.dtype, device=x.device) >= p
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
-
-
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """LayerNorm of (K, ..., H) with per-branch affine parameters (K, H)."""
     shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (weight.shape[1],)
@@ -177,32 +168,6 @@ def _pool(x: Tensor, mask: Tensor | None, linear: nn.Linear) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- modules
-
-class InputProjection(nn.Module):
-    """LayerNorm(D_in) -> Dropout -> Linear(D_in, H) -> ReLU."""
-
-    def __init__(self, in_dim: int, hidden: int, p: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.linear = nn.Linear(in_dim, hidden)
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.linear(dropout(self.norm(x), self.p, self.training)))
-
-
-class PositionEmbedding(nn.Module):
-    """LayerNorm(x + learned position embedding) -> Dropout."""
-
-    def __init__(self, n_positions: int, hidden: int, p: float):
-        super().__init__()
-        self.embedding = nn.Embedding(n_positions, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.p = p
-
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
-
 
 class AttentionBranches(nn.Module):
     """K post-norm self-attention layers without feed-forward, run as one batch:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, dropout,
                         relu_dropout_unscaled)
 from ..base import TrainOutput, VideoEncoding
+from ..layers import InputProjection, PositionEmbedding
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
 
@@ -144,32 +145,6 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: 
 
 
 # ----------------------------------------------------------------------------- modules
-
-class InputProjection(nn.Module):
-    """LayerNorm(D_in) -> Dropout -> Linear(D_in, H) -> ReLU, on packed tokens."""
-
-    def __init__(self, in_dim: int, hidden: int, p: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.linear = nn.Linear(in_dim, hidden)
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.linear(dropout(self.norm(x), self.p, self.training)))
-
-
-class PositionEmbedding(nn.Module):
-    """x + learned position embedding -> LayerNorm -> Dropout, on packed tokens."""
-
-    def __init__(self, n_positions: int, hidden: int, p: float):
-        super().__init__()
-        self.embedding = nn.Embedding(n_positions, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.p = p
-
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
-
 
 class EncoderLayer(nn.Module):
     """Post-norm self-attention layer without output projection (the query encoder)."""

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ...kernels import Tokens, add_dropout, as_bool, dropout
 from ..base import TrainOutput, VideoEncoding
+from ..layers import InputProjection, PositionEmbedding
 
 _EPS = 1e-12  # F.normalize's norm floor
 
@@ -107,32 +108,6 @@ def _mark(param: nn.Parameter, chunks: int) -> nn.Parameter:
 
 
 # ----------------------------------------------------------------------------- modules
-
-class InputProjection(nn.Module):
-    """LayerNorm(D_in) -> Dropout -> Linear(D_in, H) -> ReLU, on packed tokens."""
-
-    def __init__(self, in_dim: int, hidden: int, p: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.linear = nn.Linear(in_dim, hidden)
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.linear(dropout(self.norm(x), self.p, self.training)))
-
-
-class PositionEmbedding(nn.Module):
-    """LayerNorm(x + learned position embedding) -> Dropout, on packed tokens."""
-
-    def __init__(self, n_positions: int, hidden: int, p: float):
-        super().__init__()
-        self.embedding = nn.Embedding(n_positions, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.p = p
-
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
-
 
 class AttentionLayer(nn.Module):
     """The release's BertAttention: multi-head self-attention (additive -10000 key mask,
