@@ -1,7 +1,6 @@
 """Queued and temporary DVC experiments log to the repository's MLflow store, not to their copy."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

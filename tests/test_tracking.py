@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, edit_params, free_port, run, tool_env
+from conftest import REPO, edit_params, free_port, tool_env
 from prvr.tracking import Tracker, default_tracking_uri, experiment_name, flatten, run_tags
 
 TRAIN = [sys.executable, str(REPO / "stages" / "train.py"), "--no-progress"]

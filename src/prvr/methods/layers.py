@@ -40,3 +40,38 @@ class PositionEmbedding(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
+
+
+# ----------------------------------------------------------------------------- release layouts
+# Each method maps its release's state dict with one rule, `groups`: pairs (our tensor, the
+# release tensors it is the row-wise concatenation of, in order). Both directions use it.
+
+def fuse_release_tensors(sd, groups, shapes) -> dict:
+    """Release tensors -> ours: each of our tensors is its group's flattened concatenation,
+    viewed to `shapes[ours]`. Every tensor of `shapes` must be covered (else a layout bug)."""
+    import torch
+
+    out = {ours: torch.cat([sd[n].detach().reshape(-1) for n in names]).view(shapes[ours]).clone()
+           for ours, names in groups}
+    if set(out) != set(shapes):  # a layout bug, not a user error
+        raise AssertionError(f"release mapping does not cover {sorted(set(shapes) ^ set(out))}")
+    return out
+
+
+def split_release_tensors(our_sd, groups, layout) -> dict:
+    """Ours -> the release's names and shapes, in the release order of `layout` [(name, shape)]
+    (the inverse of fuse_release_tensors)."""
+    import math
+
+    shapes = dict(layout)
+    out = {}
+    for ours, names in groups:
+        if ours not in our_sd:
+            raise ValueError(f"state dict: missing tensor '{ours}'")
+        flat = our_sd[ours].detach().reshape(-1)
+        sizes = [math.prod(shapes[n]) for n in names]
+        if sum(sizes) != flat.numel():
+            raise ValueError(f"state dict: tensor '{ours}' has {flat.numel()} values, expected {sum(sizes)}")
+        for n, part in zip(names, flat.split(sizes)):
+            out[n] = part.view(shapes[n]).clone()
+    return {n: out[n] for n, _ in layout}

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from ..layers import fuse_release_tensors, split_release_tensors
 from .model import GMMFormer, GMMFormerV1Config
 
 __all__ = ["RELEASE_GLOBALS", "release_layout", "convert_release_state_dict",
@@ -130,31 +131,12 @@ def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: GMMFormerV1Config)
     mis-shaped release tensor (in release order), or the unexpected extra names."""
     sd = _strip_module_prefix(sd)
     _check_layout(sd, cfg)
-    shapes = _our_shapes(cfg)
-    out = {}
-    for ours, names in _groups(cfg):
-        flat = torch.cat([sd[n].detach().reshape(-1) for n in names])
-        out[ours] = flat.view(shapes[ours]).clone()
-    missing = set(shapes) - set(out)
-    if missing:  # a layout bug, not a user error
-        raise AssertionError(f"release mapping does not cover {sorted(missing)}")
-    return out
+    return fuse_release_tensors(sd, _groups(cfg), _our_shapes(cfg))
 
 
 def to_release_state_dict(our_sd: Mapping[str, Tensor], cfg: GMMFormerV1Config) -> dict[str, Tensor]:
     """Our state_dict -> the release's names and shapes, in release order (the inverse)."""
-    layout = dict(release_layout(cfg))
-    out = {}
-    for ours, names in _groups(cfg):
-        if ours not in our_sd:
-            raise ValueError(f"state dict: missing tensor '{ours}'")
-        flat = our_sd[ours].detach().reshape(-1)
-        sizes = [math.prod(layout[n]) for n in names]
-        if sum(sizes) != flat.numel():
-            raise ValueError(f"state dict: tensor '{ours}' has {flat.numel()} values, expected {sum(sizes)}")
-        for n, part in zip(names, flat.split(sizes)):
-            out[n] = part.view(layout[n]).clone()
-    return {n: out[n] for n in layout}
+    return split_release_tensors(our_sd, _groups(cfg), release_layout(cfg))
 
 
 _RELEASE_KEYS = {  # release config key -> our config field

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from ..layers import fuse_release_tensors, split_release_tensors
 from .model import MSSLConfig
 
 __all__ = ["RELEASE_GLOBALS", "release_layout", "convert_release_state_dict", "to_release_state_dict",
@@ -97,28 +98,12 @@ def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: MSSLConfig) -> dic
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
         raise ValueError(f"release state dict: unexpected tensors {extra[:5]}{more}")
-    shapes = _our_shapes(cfg)
-    out = {ours: torch.cat([sd[n].detach().reshape(-1) for n in names]).view(shapes[ours]).clone()
-           for ours, names in _groups()}
-    if set(out) != set(shapes):  # a layout bug, not a user error
-        raise AssertionError(f"release mapping does not cover {sorted(set(shapes) ^ set(out))}")
-    return out
+    return fuse_release_tensors(sd, _groups(), _our_shapes(cfg))
 
 
 def to_release_state_dict(our_sd: Mapping[str, Tensor], cfg: MSSLConfig) -> dict[str, Tensor]:
     """Our state dict -> the release's names and shapes, in its order (inverse of the above)."""
-    layout = dict(release_layout(cfg))
-    out = {}
-    for ours, names in _groups():
-        if ours not in our_sd:
-            raise ValueError(f"state dict: missing tensor '{ours}'")
-        flat = our_sd[ours].detach().reshape(-1)
-        sizes = [int(torch.Size(layout[n]).numel()) for n in names]
-        if sum(sizes) != flat.numel():
-            raise ValueError(f"state dict: tensor '{ours}' has {flat.numel()} values, expected {sum(sizes)}")
-        for n, part in zip(names, flat.split(sizes)):
-            out[n] = part.view(layout[n]).clone()
-    return {n: out[n] for n, _ in release_layout(cfg)}
+    return split_release_tensors(our_sd, _groups(), release_layout(cfg))
 
 
 _RELEASE_KEYS = {  # release model_cfg key -> our MSSLConfig field
