@@ -76,6 +76,20 @@ class TrainOutput:
     scores: dict[str, Tensor] = field(default_factory=dict)
 
 
+class ConfigFromDict:
+    """Mixin of a method's config dataclass: `from_dict` builds it from field values (a
+    recipe, or the asdict() a checkpoint stores); an unknown key is a ValueError naming it."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        from dataclasses import fields
+
+        extra = sorted(set(d) - {f.name for f in fields(cls)})
+        if extra:
+            raise ValueError(f"unknown keys {extra}")
+        return cls(**dict(d))
+
+
 @runtime_checkable
 class MethodModel(Protocol):
     """The network a Method builds (an nn.Module). `cfg` is its config dataclass."""

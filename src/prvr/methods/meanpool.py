@@ -6,7 +6,7 @@ modelling buys. It is also the smallest example of a method behind the contract
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses import nce_loss
-from .base import Method, TrainOutput, VideoEncoding
+from .base import ConfigFromDict, Method, TrainOutput, VideoEncoding
 
 
 @dataclass
-class MeanPoolConfig:
+class MeanPoolConfig(ConfigFromDict):
     visual_dim: int = 3072
     text_dim: int = 768
     hidden_size: int = 384
@@ -28,12 +28,6 @@ class MeanPoolConfig:
     temperature: float = 0.05   # NCE on cosine / temperature
     init_std: float = 0.02
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MeanPoolConfig":
-        extra = sorted(set(d) - {f.name for f in fields(cls)})
-        if extra:
-            raise ValueError(f"unknown keys {extra}")
-        return cls(**dict(d))
 
 
 class MeanPool(nn.Module):

@@ -28,7 +28,7 @@ optimiser clips gradients per release tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import TrainOutput, VideoEncoding
+from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ...kernels import dropout
 from ..layers import InputProjection, PositionEmbedding
 
@@ -46,7 +46,7 @@ POOL_FILL = -1e10    # the release's masked pooling logit
 
 
 @dataclass
-class GMMFormerV1Config:
+class GMMFormerV1Config(ConfigFromDict):
     # network
     visual_dim: int = 3072
     text_dim: int = 768
@@ -84,14 +84,6 @@ class GMMFormerV1Config:
         if int(self.hard_pool_size) < 1:
             raise ValueError(f"hard_pool_size: expected >= 1, got {self.hard_pool_size}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GMMFormerV1Config":
-        """Build from a dict of field values; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - names)
-        if extra:
-            raise ValueError(f"unknown keys {extra}")
-        return cls(**dict(d))
 
 
 # ----------------------------------------------------------------------------- helpers

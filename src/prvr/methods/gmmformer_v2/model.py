@@ -29,7 +29,7 @@ the optimiser reproduces the release's per-tensor gradient clipping.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -38,14 +38,14 @@ from torch import Tensor, nn
 
 from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, dropout,
                         relu_dropout_unscaled)
-from ..base import TrainOutput, VideoEncoding
+from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
 
 
 @dataclass
-class GMMFormerConfig:
+class GMMFormerConfig(ConfigFromDict):
     # network
     visual_dim: int = 3072
     text_dim: int = 768
@@ -84,14 +84,6 @@ class GMMFormerConfig:
         if int(self.hard_pool_size) < 1:
             raise ValueError(f"hard_pool_size: expected >= 1, got {self.hard_pool_size}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GMMFormerConfig":
-        """Build from a dict of field values; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - names)
-        if extra:
-            raise ValueError(f"unknown keys {extra}")
-        return cls(**dict(d))
 
 
 # ----------------------------------------------------------------------------- helpers

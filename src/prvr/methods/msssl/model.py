@@ -34,7 +34,7 @@ Parameter layout differs from the release (fused q/k/v); prvr.methods.msssl.rele
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels import Tokens, add_dropout, as_bool, dropout
-from ..base import TrainOutput, VideoEncoding
+from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding
 
 _EPS = 1e-12  # F.normalize's norm floor
 
 
 @dataclass
-class MSSLConfig:
+class MSSLConfig(ConfigFromDict):
     # network
     visual_dim: int = 3072
     text_dim: int = 768
@@ -78,14 +78,6 @@ class MSSLConfig:
         if int(self.hard_pool_size) < 1:
             raise ValueError(f"hard_pool_size: expected >= 1, got {self.hard_pool_size}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MSSLConfig":
-        """Build from a dict of field values; unknown keys are an error."""
-        names = {f.name for f in fields(cls)}
-        extra = sorted(set(d) - names)
-        if extra:
-            raise ValueError(f"unknown keys {extra}")
-        return cls(**dict(d))
 
 
 def proposal_matrix(n_clips: int) -> Tensor:
