@@ -365,6 +365,9 @@ def test_collate_copies_prebatched_items_that_were_changed(toy):
 
 
 def test_batch_buffers_are_reused_only_once_nothing_refers_to_them(toy):
+    import prvr.data.datasets as datasets
+
+    datasets._POOL.clear()  # idle buffers of earlier tests in this process would fill the pool
     cdir, *_ = toy
     loader = make_train_loader(Corpus(cdir, "feat"), batch_size=11, num_workers=0, seed=0)
     first = next(iter(loader))
