@@ -30,6 +30,7 @@ import torch
 
 from .atomic import atomic_path
 from .methods import available, get_method, unwrap_model
+from .methods.layers import strip_module_prefix
 
 FORMAT = "prvr-checkpoint"
 FORMAT_V1 = "prvr-gmmformer-v2"
@@ -146,13 +147,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return _to_plain_dicts(ckpt)
 
 
-def _strip_module_prefix(state: Mapping[str, Any]) -> dict:
-    keys = list(state)
-    if keys and all(k.startswith("module.") for k in keys):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
     """'prvr', 'release' (a dict with a state_dict that is not ours) or 'state_dict' (bare)."""
     if ckpt.get("format") in (FORMAT, FORMAT_V1):
@@ -258,7 +252,7 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", method: str | None 
     else:
         raise CheckpointError(f"{path}: not a prvr or release checkpoint "
                               f"(keys: {', '.join(sorted(map(str, ckpt))[:8]) or 'none'})")
-    state = _strip_module_prefix(state)
+    state = dict(strip_module_prefix(state))
     model = m.build_model(cfg)
     _check_state(path, model, state)
     model.load_state_dict(state)

@@ -75,3 +75,31 @@ def split_release_tensors(our_sd, groups, layout) -> dict:
         for n, part in zip(names, flat.split(sizes)):
             out[n] = part.view(shapes[n]).clone()
     return {n: out[n] for n, _ in layout}
+
+
+def strip_module_prefix(sd):
+    """A state dict saved from a DataParallel/DDP wrapper has `module.`-prefixed names."""
+    if sd and all(str(k).startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def check_release_layout(sd, layout, cfg, what: str = "release state dict") -> None:
+    """ValueError naming the first missing, non-tensor or mis-shaped tensor of `layout`
+    [(name, shape)] in `sd` (release order), or the unexpected extra names."""
+    from torch import Tensor as _Tensor
+
+    for name, shape in layout:
+        if name not in sd:
+            raise ValueError(f"{what}: missing tensor '{name}' (expected shape {shape})")
+        if not isinstance(sd[name], _Tensor):
+            raise ValueError(f"{what}: '{name}' is a {type(sd[name]).__name__}, not a tensor")
+        got = tuple(sd[name].shape)
+        if got != shape:
+            raise ValueError(f"{what}: tensor '{name}' has shape {got}, expected {shape} "
+                             f"for hidden_size={cfg.hidden_size}, text_dim={cfg.text_dim}, "
+                             f"visual_dim={cfg.visual_dim}")
+    extra = sorted(set(sd) - {n for n, _ in layout})
+    if extra:
+        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(f"{what}: unexpected tensors {extra[:5]}{more}")

@@ -23,7 +23,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ..layers import fuse_release_tensors, split_release_tensors
+from ..layers import (check_release_layout, fuse_release_tensors, split_release_tensors,
+                      strip_module_prefix)
 from .model import GMMFormer, GMMFormerV1Config
 
 __all__ = ["RELEASE_GLOBALS", "release_layout", "convert_release_state_dict",
@@ -101,36 +102,11 @@ def _our_shapes(cfg: GMMFormerV1Config) -> dict[str, Shape]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def _strip_module_prefix(sd: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A DataParallel-wrapped release model saves `module.`-prefixed names."""
-    if sd and all(str(k).startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def _check_layout(sd: Mapping[str, Any], cfg: GMMFormerV1Config) -> None:
-    layout = release_layout(cfg)
-    for name, shape in layout:
-        if name not in sd:
-            raise ValueError(f"GMMFormer v1 release state dict: missing tensor '{name}' (expected shape {shape})")
-        if not isinstance(sd[name], Tensor):
-            raise ValueError(f"GMMFormer v1 release state dict: '{name}' is a {type(sd[name]).__name__}, not a tensor")
-        got = tuple(sd[name].shape)
-        if got != shape:
-            raise ValueError(f"GMMFormer v1 release state dict: tensor '{name}' has shape {got}, expected "
-                             f"{shape} for hidden_size={cfg.hidden_size}, text_dim={cfg.text_dim}, "
-                             f"visual_dim={cfg.visual_dim}")
-    extra = sorted(set(sd) - {n for n, _ in layout})
-    if extra:
-        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ValueError(f"GMMFormer v1 release state dict: unexpected tensors {extra[:5]}{more}")
-
-
 def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: GMMFormerV1Config) -> dict[str, Tensor]:
     """A release `state_dict` -> our state_dict. Raises ValueError naming the first missing or
     mis-shaped release tensor (in release order), or the unexpected extra names."""
-    sd = _strip_module_prefix(sd)
-    _check_layout(sd, cfg)
+    sd = strip_module_prefix(sd)
+    check_release_layout(sd, release_layout(cfg), cfg, "GMMFormer v1 release state dict")
     return fuse_release_tensors(sd, _groups(cfg), _our_shapes(cfg))
 
 
@@ -179,7 +155,7 @@ def is_release_state_dict(sd: Any) -> bool:
     (v2's releases have `weight_token` and no `clip_encoder_2`)."""
     if not isinstance(sd, Mapping):
         return False
-    names = set(_strip_module_prefix({str(k): None for k in sd}))
+    names = set(strip_module_prefix({str(k): None for k in sd}))
     return ("weight_token" not in names and "clip_encoder_2.attn0.self.query.weight" in names
             and "frame_encoder_2.attn0.self.query.weight" in names and "modular_vector_mapping_2.weight" in names)
 

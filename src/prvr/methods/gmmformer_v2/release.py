@@ -15,7 +15,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ..layers import fuse_release_tensors, split_release_tensors
+from ..layers import (check_release_layout, fuse_release_tensors, split_release_tensors,
+                      strip_module_prefix)
 from .model import GMMFormerConfig
 
 __all__ = ["release_layout", "convert_release_state_dict", "to_release_state_dict", "config_from_release"]
@@ -118,32 +119,14 @@ def _our_shapes(cfg: GMMFormerConfig) -> dict[str, Shape]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def _strip_module_prefix(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    if sd and all(k.startswith("module.") for k in sd):
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: GMMFormerConfig) -> dict[str, Tensor]:
     """A release `state_dict` (names of reference_state_dict_tvr.txt) -> our state_dict.
 
     Raises ValueError naming the first missing or mis-shaped release tensor (in release
     order), or the unexpected extra names.
     """
-    sd = _strip_module_prefix(sd)
-    layout = release_layout(cfg)
-    for name, shape in layout:
-        if name not in sd:
-            raise ValueError(f"release state dict: missing tensor '{name}' (expected shape {shape})")
-        got = tuple(sd[name].shape)
-        if got != shape:
-            raise ValueError(f"release state dict: tensor '{name}' has shape {got}, expected {shape} "
-                             f"for hidden_size={cfg.hidden_size}, text_dim={cfg.text_dim}, "
-                             f"visual_dim={cfg.visual_dim}")
-    extra = sorted(set(sd) - {n for n, _ in layout})
-    if extra:
-        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ValueError(f"release state dict: unexpected tensors {extra[:5]}{more}")
+    sd = strip_module_prefix(sd)
+    check_release_layout(sd, release_layout(cfg), cfg)
     return fuse_release_tensors(sd, _groups(cfg), _our_shapes(cfg))
 
 

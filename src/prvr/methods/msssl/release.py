@@ -17,7 +17,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from ..layers import fuse_release_tensors, split_release_tensors
+from ..layers import (check_release_layout, fuse_release_tensors, split_release_tensors,
+                      strip_module_prefix)
 from .model import MSSLConfig
 
 __all__ = ["RELEASE_GLOBALS", "release_layout", "convert_release_state_dict", "to_release_state_dict",
@@ -73,31 +74,11 @@ def _our_shapes(cfg: MSSLConfig) -> dict[str, Shape]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def _strip_module_prefix(sd: Mapping[str, Any]) -> Mapping[str, Any]:
-    if sd and all(k.startswith("module.") for k in sd):  # saved from a DataParallel wrapper
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: MSSLConfig) -> dict[str, Tensor]:
     """A release state dict -> ours. ValueError naming the first missing, non-tensor or
     mis-shaped release tensor (in release order), or the unexpected extra names."""
-    sd = _strip_module_prefix(sd)
-    layout = release_layout(cfg)
-    for name, shape in layout:
-        if name not in sd:
-            raise ValueError(f"release state dict: missing tensor '{name}' (expected shape {shape})")
-        if not isinstance(sd[name], Tensor):
-            raise ValueError(f"release state dict: '{name}' is a {type(sd[name]).__name__}, not a tensor")
-        got = tuple(sd[name].shape)
-        if got != shape:
-            raise ValueError(f"release state dict: tensor '{name}' has shape {got}, expected {shape} "
-                             f"for hidden_size={cfg.hidden_size}, text_dim={cfg.text_dim}, "
-                             f"visual_dim={cfg.visual_dim}")
-    extra = sorted(set(sd) - {n for n, _ in layout})
-    if extra:
-        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ValueError(f"release state dict: unexpected tensors {extra[:5]}{more}")
+    sd = strip_module_prefix(sd)
+    check_release_layout(sd, release_layout(cfg), cfg)
     return fuse_release_tensors(sd, _groups(), _our_shapes(cfg))
 
 
