@@ -147,26 +147,37 @@ class Method:
     # (plain replacement type, "module.Name" as stored). Never a class whose code would run.
     release_globals: Sequence[tuple[type, str]] = ()
 
+    # The method's config dataclass (a ConfigFromDict), network and loss classes; the defaults
+    # below build them. A method overrides a builder only where it needs more.
+    config_class: type = None
+    model_class: type = None
+    loss_class: type = None
+
     def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> Any:
         """The config dataclass from the method's recipe keys (params.yaml `methods.<name>`,
         minus the loop keys of prvr.config.LOOP_KEYS) and the data facts (visual_dim,
-        text_dim). Unknown keys are an error (ValueError naming them). The config must have
-        the fields n_clips, max_frames and max_query_len (the data streams)."""
-        raise NotImplementedError
+        text_dim). Unknown keys, and data facts set in the recipe, are a ValueError naming
+        them. The config must have the fields n_clips, max_frames and max_query_len (the
+        data streams)."""
+        clash = sorted(set(recipe) & set(data))
+        if clash:
+            raise ValueError(f"keys {clash} are data facts, not recipe keys")
+        return self.config_class.from_dict({**recipe, **data})
 
     def config_from_dict(self, d: Mapping[str, Any]) -> Any:
         """Rebuild the config dataclass from its asdict() form (as a checkpoint stores it)."""
-        raise NotImplementedError
+        return self.config_class.from_dict(d)
 
     def build_model(self, cfg: Any) -> nn.Module:
-        raise NotImplementedError
+        return self.model_class(cfg)
 
     def build_loss(self, cfg: Any) -> nn.Module:
-        raise NotImplementedError
+        return self.loss_class(cfg)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        """Optimiser parameter groups (the release's decay rule)."""
-        raise NotImplementedError
+        """Optimiser parameter groups (the release's decay rule); default: the network's own
+        `param_groups(weight_decay)`."""
+        return model.param_groups(weight_decay)
 
     def grad_clip_chunks(self, param: Tensor) -> int:
         """How many release tensors a parameter fuses (for per-tensor gradient clipping)."""

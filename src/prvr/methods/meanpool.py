@@ -82,19 +82,8 @@ class MeanPoolLoss(nn.Module):
 class MeanPoolMethod(Method):
     name = "meanpool"
     title = "mean-pool floor"
+    config_class, model_class, loss_class = MeanPoolConfig, MeanPool, MeanPoolLoss
     release = "(none: the floor baseline of this project)"
-
-    def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> MeanPoolConfig:
-        return MeanPoolConfig.from_dict({**recipe, **data})
-
-    def config_from_dict(self, d: Mapping[str, Any]) -> MeanPoolConfig:
-        return MeanPoolConfig.from_dict(d)
-
-    def build_model(self, cfg: MeanPoolConfig) -> MeanPool:
-        return MeanPool(cfg)
-
-    def build_loss(self, cfg: MeanPoolConfig) -> MeanPoolLoss:
-        return MeanPoolLoss(cfg)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from torch import nn
-
 from ..base import Method
 from .loss import GMMFormerV1Loss
 from .model import GMMFormer, GMMFormerV1Config
@@ -16,6 +14,7 @@ __all__ = ["METHOD", "GMMFormer", "GMMFormerV1Config", "GMMFormerV1Loss"]
 class GMMFormerV1(Method):
     name = "gmmformer_v1"
     title = "GMMFormer v1"
+    config_class, model_class, loss_class = GMMFormerV1Config, GMMFormer, GMMFormerV1Loss
     release = "github.com/huangmozhi9527/GMMFormer"
     # test split, as the paper (AAAI 2024) and the release's README report them
     paper = {
@@ -24,24 +23,6 @@ class GMMFormerV1(Method):
         "cha": {"r1": 2.1, "r5": 7.8, "r10": 12.5, "r100": 50.6, "sumr": 72.9},
     }
     release_globals = RELEASE_GLOBALS
-
-    def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> GMMFormerV1Config:
-        clash = sorted(set(recipe) & set(data))
-        if clash:
-            raise ValueError(f"keys {clash} are data facts, not recipe keys")
-        return GMMFormerV1Config.from_dict({**recipe, **data})
-
-    def config_from_dict(self, d: Mapping[str, Any]) -> GMMFormerV1Config:
-        return GMMFormerV1Config.from_dict(d)
-
-    def build_model(self, cfg: GMMFormerV1Config) -> GMMFormer:
-        return GMMFormer(cfg)
-
-    def build_loss(self, cfg: GMMFormerV1Config) -> GMMFormerV1Loss:
-        return GMMFormerV1Loss(cfg)
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        return model.param_groups(weight_decay)
 
     def is_release_checkpoint(self, ckpt: Mapping[str, Any]) -> bool:
         from .release import is_release_state_dict

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from torch import nn
-
 from ..base import Method
 from .loss import GMMFormerLoss
 from .model import GMMFormer, GMMFormerConfig
@@ -15,6 +13,7 @@ __all__ = ["METHOD", "GMMFormer", "GMMFormerConfig", "GMMFormerLoss"]
 class GMMFormerV2(Method):
     name = "gmmformer_v2"
     title = "GMMFormer v2"
+    config_class, model_class, loss_class = GMMFormerConfig, GMMFormer, GMMFormerLoss
     release = "github.com/huangmozhi9527/GMMFormer_v2"
     # test split, as the paper reports them (shared/spec/gmmformer_v2.md)
     paper = {
@@ -22,21 +21,6 @@ class GMMFormerV2(Method):
         "act": {"r1": 8.9, "r5": 27.1, "r10": 40.2, "r100": 78.7, "sumr": 154.9},
         "cha": {"r1": 2.5, "r5": 8.6, "r10": 13.9, "r100": 53.2, "sumr": 78.2},
     }
-
-    def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> GMMFormerConfig:
-        return GMMFormerConfig.from_dict({**recipe, **data})
-
-    def config_from_dict(self, d: Mapping[str, Any]) -> GMMFormerConfig:
-        return GMMFormerConfig.from_dict(d)
-
-    def build_model(self, cfg: GMMFormerConfig) -> GMMFormer:
-        return GMMFormer(cfg)
-
-    def build_loss(self, cfg: GMMFormerConfig) -> GMMFormerLoss:
-        return GMMFormerLoss(cfg)
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        return model.param_groups(weight_decay)
 
     def is_release_checkpoint(self, ckpt: Mapping[str, Any]) -> bool:
         from .release import is_release_state_dict

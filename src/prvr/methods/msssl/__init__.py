@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from torch import nn
-
 from ..base import Method
 from .loss import MSSLLoss
 from .model import MSSL, MSSLConfig
@@ -16,6 +14,7 @@ __all__ = ["METHOD", "MSSL", "MSSLConfig", "MSSLLoss"]
 class MSSLMethod(Method):
     name = "msssl"
     title = "MS-SL"
+    config_class, model_class, loss_class = MSSLConfig, MSSL, MSSLLoss
     release = "github.com/HuiGuanLab/ms-sl"
     # test split, as the paper (and the release's README) report them
     paper = {
@@ -24,21 +23,6 @@ class MSSLMethod(Method):
         "cha": {"r1": 1.8, "r5": 7.1, "r10": 11.8, "r100": 47.7, "sumr": 68.4},
     }
     release_globals = RELEASE_GLOBALS
-
-    def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> MSSLConfig:
-        return MSSLConfig.from_dict({**recipe, **data})
-
-    def config_from_dict(self, d: Mapping[str, Any]) -> MSSLConfig:
-        return MSSLConfig.from_dict(d)
-
-    def build_model(self, cfg: MSSLConfig) -> MSSL:
-        return MSSL(cfg)
-
-    def build_loss(self, cfg: MSSLConfig) -> MSSLLoss:
-        return MSSLLoss(cfg)
-
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        return model.param_groups(weight_decay)
 
     def is_release_checkpoint(self, ckpt: Mapping[str, Any]) -> bool:
         from .release import is_release_checkpoint
