@@ -17,7 +17,7 @@ from prvr.data.datasets import (Corpus, QueryDataset, TrainVideoDataset, VideoDa
                                 collate_queries, collate_train, collate_videos, make_eval_loaders,
                                 make_train_loader)
 from prvr.data.fetch import fetch
-from prvr.data.h5features import H5FeatureStore
+from prvr.data.h5features import H5FeatureStore, raw_f32_index
 from prvr.data.layout import CollectionPaths, DataError, default_h5_feature, default_query_feature, locate
 from prvr.data.validate import validate, validate_collection
 
@@ -119,6 +119,100 @@ def test_the_store_survives_pickling_into_a_worker(both):
     corpus = _h5_corpus(both)
     serial = list(make_train_loader(corpus, batch_size=8, seed=1))
     _same_batches(serial, list(make_train_loader(corpus, batch_size=8, seed=1, num_workers=2)))
+
+
+# ---------------------------------------------------------------------------------- header index
+
+def _every_storage(path: Path) -> np.ndarray:
+    """A file with one plain float32 dataset per plain kind and one of every other storage."""
+    x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("plain", data=x)
+        f.create_dataset("vector", data=x[0])
+        f.create_dataset("timed", data=x, track_times=True)
+        f.create_dataset("with_attrs", data=x)
+        f["with_attrs"].attrs.update({f"a{i}": np.arange(40) for i in range(6)})  # header grows
+        for name, kw in {"chunked": {"chunks": (2, 5)}, "gzip": {"compression": "gzip"},
+                         "f64": {"dtype": "<f8"}, "big-endian": {"dtype": ">f4"},
+                         "f16": {"dtype": "<f2"}, "int": {"dtype": "<i4"}}.items():
+            f.create_dataset(name, data=x, **kw)
+        f.create_dataset("rank3", data=x[None])
+        f.create_dataset("scalar", data=np.float32(1))
+        f.create_dataset("empty", shape=(0, 5), dtype="<f4")
+        f.create_dataset("unwritten", shape=(3, 5), dtype="<f4")
+        f.create_dataset("external", data=x, external=[(str(path) + ".ext", 0, h5py.h5f.UNLIMITED)])
+        f["group/inner"] = x
+        f["soft"] = h5py.SoftLink("/plain")
+    return x
+
+
+def test_header_index_holds_only_plain_float32_datasets_where_hdf5_has_them(tmp_path):
+    path = tmp_path / "every.hdf5"
+    x = _every_storage(path)
+    with h5py.File(path, "r") as f:
+        index = raw_f32_index(f, path)
+        assert {"plain", "vector", "timed"} <= set(index)
+        assert not set(index) & {"chunked", "gzip", "f64", "big-endian", "f16", "int", "rank3",
+                                 "scalar", "empty", "unwritten", "external", "group", "soft"}
+        for name, (offset, dims) in index.items():   # where HDF5 says, the values HDF5 reads
+            node = f[name]
+            assert node.id.get_offset() == offset and node.shape == dims
+            assert node.dtype == np.float32 and node.chunks is None and node.compression is None
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                raw = np.frombuffer(fh.read(4 * int(np.prod(dims))), dtype="<f4").reshape(dims)
+            assert np.array_equal(raw, f[name][()])
+    store = H5FeatureStore(path)                      # the rest goes through HDF5 (or is refused)
+    for name, dtype in (("plain", "<f4"), ("timed", "<f4"), ("chunked", "<f4"), ("gzip", "<f4"),
+                        ("f64", "<f8"), ("big-endian", ">f4"), ("f16", "<f2"), ("external", "<f4")):
+        assert np.array_equal(store.get(name), x.astype(dtype).astype(np.float32)), name
+    assert {"plain", "timed", "soft"} <= set(store._offset) <= set(index) | {"soft", "unwritten"}
+    assert all(store.problem(k) for k in ("vector", "int", "rank3", "scalar", "empty", "group"))
+
+
+def test_header_index_of_version_2_headers_is_empty_or_right(tmp_path):
+    path = tmp_path / "latest.hdf5"
+    with h5py.File(path, "w", libver="latest") as f:
+        for i in range(5):
+            f.create_dataset(f"v{i}", data=np.full((3, 4), i, dtype=np.float32))
+    with h5py.File(path, "r") as f:
+        index = raw_f32_index(f, path)
+        assert all(f[k].id.get_offset() == o and f[k].shape == d for k, (o, d) in index.items())
+    store = H5FeatureStore(path)
+    assert all(np.array_equal(store.get(f"v{i}"), np.full((3, 4), i, np.float32)) for i in range(5))
+
+
+def test_an_index_that_disagrees_with_hdf5_is_dropped_and_batches_stay_the_same(both, monkeypatch):
+    from prvr.data import h5features
+
+    truth = list(make_train_loader(_h5_corpus(both), batch_size=16, seed=2))
+    parse = h5features._parse_messages
+
+    def off_by_one_row(buf):
+        found = parse(buf)
+        return None if found is None else (found[0] + 4 * found[1][-1], found[1])
+
+    monkeypatch.setattr(h5features, "_parse_messages", off_by_one_row)
+    with h5py.File(both / "TextData" / QUERY_FILE, "r") as f:
+        assert raw_f32_index(f, both / "TextData" / QUERY_FILE) == {}
+    corpus = _h5_corpus(both)
+    _same_batches(truth, make_train_loader(corpus, batch_size=16, seed=2))
+    assert corpus.text._raw == {} and len(corpus.features._offset) == len(corpus.features)
+
+
+def test_the_loader_finds_captions_and_videos_through_the_header_index(both, monkeypatch):
+    corpus = _h5_corpus(both)
+    opened = []
+    real_open = type(corpus.text)._open
+    monkeypatch.setattr(type(corpus.text), "_open", lambda self, c: opened.append(c) or real_open(self, c))
+    n = sum(len(b["query_ids"]) for b in make_train_loader(corpus, batch_size=16, seed=0))
+    assert n == len(corpus.split("train").query_ids) and len(opened) == 1   # the first, checked
+    with h5py.File(both / "TextData" / QUERY_FILE, "r") as f:
+        for cap, (offset, tokens, dim) in list(corpus.text._where.items())[:50]:
+            assert (f[cap].id.get_offset(), f[cap].shape) == (offset, (tokens, dim))
+    with h5py.File(both / "FeatureData" / VIDEO_FILE, "r") as f:
+        store = corpus.features
+        assert all(f[v].id.get_offset() == store._offset[v] for v in store.video_ids)
 
 
 # ---------------------------------------------------------------------------------- queries

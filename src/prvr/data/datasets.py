@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .features import FeatureStore
-from .h5features import H5FeatureStore
+from .h5features import H5FeatureStore, raw_f32_index
 from .layout import (SPLITS, CollectionPaths, DataError, caption_key_alias, locate,
                      read_captions, split_video_ids)
 
@@ -180,6 +180,7 @@ class TextFeatures:
         self._fd: int | None = None
         self._pid: int | None = None
         self._where: dict[str, tuple[int, int, int]] = {}   # cap_id -> (offset, tokens, D)
+        self._raw: dict[str, tuple[int, tuple[int, ...]]] | None = None   # the file's headers
         self._fast = True
         self._checked = False
 
@@ -237,11 +238,13 @@ class TextFeatures:
         where = self._where.get(cap_id)
         if where is not None:
             return where
-        ds, shape = self._open(cap_id)
-        offset = ds.get_offset() if self._fast and self._fd is not None else None
-        if offset is None or ds.get_type() != _h5()[3].IEEE_F32LE:
-            return self._read_h5(ds, shape, None)
-        where = (int(offset), int(shape[0]), int(shape[1]))
+        where = self._from_headers(cap_id) if self._fast and self._fd is not None else None
+        if where is None or not self._checked:
+            ds, shape = self._open(cap_id)
+            offset = ds.get_offset() if self._fast and self._fd is not None else None
+            if offset is None or ds.get_type() != _h5()[3].IEEE_F32LE:
+                return self._read_h5(ds, shape, None)
+            where = (int(offset), int(shape[0]), int(shape[1]))
         if not self._checked:   # trust the offset only once it reads what HDF5 reads
             self._checked = True
             mine = np.empty(shape, dtype=np.float32)
@@ -251,6 +254,18 @@ class TextFeatures:
                 return self._read_h5(ds, shape, None)
         self._where[cap_id] = where
         return where
+
+    def _from_headers(self, cap_id: str) -> tuple[int, int, int] | None:
+        """(offset, tokens, D) from the file's object headers (h5features.raw_f32_index, read
+        once per process: no HDF5 open per caption), None for a caption not found there."""
+        if self._raw is None:
+            self._raw = raw_f32_index(self._file(), self.path)
+        for key in filter(None, (cap_id, caption_key_alias(cap_id))):
+            found = self._raw.get(key)
+            if found is not None:
+                offset, dims = found
+                return (offset, 1, dims[0]) if len(dims) == 1 else (offset, dims[0], dims[1])
+        return None
 
     def get(self, cap_id: str, max_len: int | None = None) -> np.ndarray:
         """(tokens, D) float32 features of one caption (its first max_len tokens if given)."""
