@@ -189,7 +189,7 @@ def _epoch(make_loader, seed: int, dump: str | None) -> dict:
     return {"s": round(wall, 3), "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 3),
             "sys_s": round(r1.ru_stime - r0.ru_stime, 3), "minflt": r1.ru_minflt - r0.ru_minflt,
             "videos": n_videos, "frame_rows": n_frames, "batches": n_batches,
-            "anon_peak_kib": anon_peak}
+            "anon_peak_kib": anon_peak}   # the batches' RSS (RssAnon), sampled after each
 
 
 def run_reader(collection_dir: Path, video_file: str, reader: str, batch_size: int,
@@ -211,10 +211,13 @@ def run_reader(collection_dir: Path, video_file: str, reader: str, batch_size: i
         make = functools.partial(make_train_loader, corpus, batch_size)
         make = functools.partial(lambda m, seed: m(seed=seed), make)
     setup_s = time.perf_counter() - t0
-    if reader.endswith("features"):
+    if reader.endswith("features"):   # the reads alone, as one "batch" of every video
         store, vids = corpus._features, corpus.split("train").video_ids
-        make = lambda seed: ({"video_ids": [v], "frame_mask": torch.ones(len(store.get(v)))}
-                             for v in vids)
+
+        def make(seed):
+            rows = sum(len(store.get(v)) for v in vids)
+            yield {"video_ids": vids, "frame_mask": torch.ones(rows)}
+
         epochs, dump = 1, None
     runs = [_epoch(make, seed, dump if seed == 0 else None) for seed in range(epochs)]
     ru = resource.getrusage(resource.RUSAGE_SELF)
