@@ -3,11 +3,13 @@ interface.
 
 The file holds one dataset per video id, shaped (frames, D), frames in time order (its row
 order; no video2frames.txt is involved). `H5FeatureStore` indexes every video once when it is
-built (shape, dtype, and where a contiguous dataset's bytes lie) and then:
+built (shape, dtype, and where a contiguous dataset's bytes lie: for plain float32 datasets
+straight from their object headers, `raw_f32_index`, ~6 us a video instead of ~40 us through
+H5Dopen; through HDF5 for the rest) and then:
 
-* reads a contiguous, uncompressed little-endian float32 video with ONE `os.preadv` at the
-  offset HDF5 reports, into a buffer it reuses; the first such read of each process is
-  checked against HDF5's own read (on a mismatch every later read goes through HDF5);
+* reads a contiguous, uncompressed little-endian float32 video with ONE `os.preadv` at its
+  offset, into a buffer it reuses; the first such read of each process is checked against
+  HDF5's own read (on a mismatch every later read goes through HDF5);
 * reads anything else (chunked, compressed, float16/float64, big-endian) through HDF5,
   which converts to float32.
 
