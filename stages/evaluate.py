@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     from prvr.evaluation import evaluate, save_scores_h5
     from prvr.atomic import write_json_atomic
     from prvr.metrics import KS, METRIC_KEYS
-    from prvr.training import eval_loaders
 
     try:
         settings = load_settings(args.params, args.dataset, args.method)
@@ -83,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("read %s: dataset %s, split %s, %s checkpoint %s of %s (epoch %s), device %s",
                  args.params, ds, split, info["kind"], info["path"], method, info.get("epoch"), device)
         corpus = Corpus.from_settings(settings)
-        vloader, qloader = eval_loaders(corpus, split, int(ev["video_batch_size"]),
-                                        int(ev["query_batch_size"]), 0, info["model_config"])
-        metrics, result = evaluate(model, vloader, qloader, device, ks=KS, progress=not args.no_progress)
+        vloader, qloader = _loaders(corpus, split, ev, info, device)
+        metrics, result = evaluate(model, vloader, qloader, device, ks=KS, progress=not args.no_progress,
+                                   **_accel(ev))
         extra = _extra_metrics(model, corpus, list(ev.get("extra_splits") or []), ev, info, device,
                                not args.no_progress)
     except (ConfigError, DataError, CheckpointError, ValueError, KeyError) as exc:
@@ -109,6 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _loaders(corpus, split: str, ev: dict, info: dict, device):
+    """(video loader, query loader) of a split at the evaluate batch sizes (pinned for CUDA)."""
+    from prvr.accel import use_pin_memory
+    from prvr.training import eval_loaders
+
+    return eval_loaders(corpus, split, int(ev["video_batch_size"]), int(ev["query_batch_size"]), 0,
+                        info["model_config"], pin_memory=use_pin_memory("auto", device))
+
+
+def _accel(ev: dict) -> dict:
+    """evaluate()'s precision and memory budget from the `evaluate` settings."""
+    return {"precision": str(ev.get("precision", "fp32")), "memory_budget_mb": ev.get("memory_budget_mb")}
+
+
 def _record(metrics: dict, result, info: dict) -> dict:
     """The test record (numbers only: a DVC metric), printed as one line."""
     from prvr.metrics import METRIC_KEYS
@@ -127,16 +140,15 @@ def _extra_metrics(model, corpus, names: list[str], ev: dict, info: dict, device
     from prvr.data.splits import dense_split_data, read_dense_split
     from prvr.evaluation import encode_videos, score_queries
     from prvr.metrics import KS, METRIC_KEYS, retrieval_metrics
-    from prvr.training import eval_loaders
 
     out: dict[str, float] = {}
     for name in names:
         dense = read_dense_split(corpus.paths, name)
         corpus.add_split(dense_split_data(dense))
-        vloader, qloader = eval_loaders(corpus, name, int(ev["video_batch_size"]),
-                                        int(ev["query_batch_size"]), 0, info["model_config"])
-        result = score_queries(model, encode_videos(model, vloader, device, progress=progress), qloader,
-                               device, progress=progress)
+        vloader, qloader = _loaders(corpus, name, ev, info, device)
+        kw = _accel(ev)
+        bank = encode_videos(model, vloader, device, progress=progress, **kw)
+        result = score_queries(model, bank, qloader, device, progress=progress, **kw)
         gt = dict(zip(dense.query_ids, dense.gt_video_ids))
         m = retrieval_metrics(result.scores, [gt[q] for q in result.query_ids], result.video_ids, ks=KS,
                               query_ids=result.query_ids, absent="miss")

@@ -20,8 +20,11 @@ value the run uses. `resolve()` returns one plain dict that every stage reads:
       "model":    the method's config dataclass as a dict (asdict),
       "optim":    lr, weight_decay, warmup_proportion, grad_clip_norm,
       "train":    seed, epochs, batch_size, patience, hard_negative_start_epoch and the
-                  keys of `train` (device, num_workers, nproc, val_split, ...),
+                  keys of `train` (device, num_workers, nproc, val_split, precision, ...),
       "evaluate": the keys of `evaluate`,
+
+The accelerator keys (train.precision / tf32 / compile / pin_memory, evaluate.precision /
+memory_budget_mb; see prvr.accel) are checked here: a bad value is a ConfigError.
     }
 """
 from __future__ import annotations
@@ -42,6 +45,9 @@ OPTIM_KEYS = {"lr": "lr", "weight_decay": "weight_decay",
               "lr_warmup_proportion": "warmup_proportion", "grad_clip_norm": "grad_clip_norm"}
 DATA_FACTS = ("collection", "feature", "visual_dim", "text_dim")
 DEFAULT_METHOD = "gmmformer_v2"
+# Accelerator settings (prvr.accel): their values are checked here, with the other settings.
+PRECISIONS = ("fp32", "bf16")
+PIN_MEMORY = ("auto", "true", "false")
 
 
 class ConfigError(ValueError):
@@ -131,6 +137,8 @@ def resolve(params: dict[str, Any], dataset: str | None = None, method: str | No
     loop = {k: recipe.pop(k) for k in LOOP_KEYS}
     train_keys = set(_section(params, "train", required=False))
     loop.update({k: recipe.pop(k) for k in list(recipe) if k in train_keys})
+    evaluate = _section(params, "evaluate", required=False)
+    _check_accel(loop, evaluate)
     data = {"visual_dim": int(facts["visual_dim"]), "text_dim": int(facts["text_dim"])}
     try:
         cfg = m.config(recipe, data)
@@ -146,8 +154,57 @@ def resolve(params: dict[str, Any], dataset: str | None = None, method: str | No
         "model": dataclasses.asdict(cfg),
         "optim": optim,
         "train": loop,
-        "evaluate": _section(params, "evaluate", required=False),
+        "evaluate": evaluate,
     }
+
+
+def check_precision(value: Any, key: str = "train.precision") -> str:
+    name = str(value).lower()
+    if name not in PRECISIONS:
+        raise ConfigError(f"params.yaml: {key} {value!r}: expected one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def check_compile(value: Any, key: str = "train.compile") -> str | None:
+    """None (eager) or the torch.compile backend: false, true (= inductor) or a backend name."""
+    if value is None or value is False or str(value).lower() in ("false", "off", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "on"):
+        return "inductor"
+    if not isinstance(value, str) or not value.strip() or " " in value:
+        raise ConfigError(f"params.yaml: {key} {value!r}: expected false, true or a torch.compile "
+                          "backend name")
+    return value
+
+
+def check_pin_memory(value: Any, key: str = "train.pin_memory") -> str:
+    name = str(value).lower()
+    if name not in PIN_MEMORY:
+        raise ConfigError(f"params.yaml: {key} {value!r}: expected auto, true or false")
+    return name
+
+
+def check_budget_mb(value: Any, key: str = "evaluate.memory_budget_mb") -> float:
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        mb = -1.0
+    if not mb > 0:
+        raise ConfigError(f"params.yaml: {key} {value!r}: expected a positive number of megabytes")
+    return mb
+
+
+def _check_accel(train: Mapping[str, Any], evaluate: Mapping[str, Any]) -> None:
+    """The accelerator keys of `train` and `evaluate`, where set, hold usable values."""
+    checks = ((train, "train", "precision", check_precision), (train, "train", "compile", check_compile),
+              (train, "train", "pin_memory", check_pin_memory),
+              (evaluate, "evaluate", "precision", check_precision),
+              (evaluate, "evaluate", "memory_budget_mb", check_budget_mb))
+    for section, name, key, check in checks:
+        if key in section:
+            check(section[key], f"{name}.{key}")
+    if "tf32" in train and not isinstance(train["tf32"], bool):
+        raise ConfigError(f"params.yaml: train.tf32 {train['tf32']!r}: expected true or false")
 
 
 def load_settings(path: str | os.PathLike = "params.yaml", dataset: str | None = None,

@@ -10,6 +10,19 @@ Memory layout (what grows with what):
   are unpacked to (video_chunk, L_block, H) with L_block the longest video IN THE BLOCK, so the
   score's temporaries are bounded by the chunk sizes, not by the split. A method's score never
   depends on how much padding a block carries (each method's tests check it).
+
+Memory budget (`evaluate.memory_budget_mb`, also used by the training's validation): the
+device memory evaluation holds beyond the model. The bank stays on the device while it takes
+at most half of the budget; past that it moves to the host (pinned when the device is CUDA)
+and each block's real rows are copied to the device as it is scored. The chunk sizes are then
+chosen from what is left (`block_plan`): a block's unpacked sequences plus its score
+temporaries, estimated per (query, video) pair as four fp32 tensors over the video's rows and
+the hidden size (the widest intermediate of the methods here: MS-SL's (b, q, H) attention).
+Scores do not depend on the chunking, so any budget gives the same scores. On CPU the bank is
+host memory and is not counted; the blocks are.
+
+Precision: `precision="bf16"` encodes and scores under bf16 autocast; encodings and scores are
+stored as float32 and the metrics computed from them in fp32.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .accel import autocast
 from .atomic import atomic_path
 from .methods import VideoEncoding, unwrap_model
 from .metrics import KS, retrieval_metrics
@@ -32,6 +46,9 @@ log = logging.getLogger(__name__)
 
 # (query (q, D), VideoEncoding of a block) -> (q, b) scores
 ScoreFn = Callable[[torch.Tensor, VideoEncoding], torch.Tensor]
+
+DEFAULT_MEMORY_BUDGET_MB = 2048.0
+_MB = 2 ** 20
 
 
 @dataclass
@@ -51,25 +68,46 @@ class VideoBank:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
+    @property
+    def device(self) -> torch.device:
+        for t in (self.seq, *self.fixed.values()):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
+    @property
+    def host_offsets(self) -> torch.Tensor:
+        """The offsets on the CPU (copied once), for slicing without a device sync per block."""
+        if self.offsets.device.type == "cpu":
+            return self.offsets
+        if getattr(self, "_host_offsets", None) is None:
+            self._host_offsets = self.offsets.cpu()
+        return self._host_offsets
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.seq, self.offsets, *self.fixed.values())
+                   if t is not None)
+
     def block(self, start: int, stop: int, device: torch.device | str | None = None) -> VideoEncoding:
-        """Videos [start, stop) as a VideoEncoding; the sequence zero padded to the longest
-        video in the block."""
-        fixed = {k: v[start:stop] for k, v in self.fixed.items()}
-        seq = mask = None
-        if self.seq is not None:
-            lengths = self.lengths[start:stop]
-            n = stop - start
-            longest = max(int(lengths.max()) if n else 0, 1)
-            pos = torch.arange(longest, device=self.seq.device)
-            mask = pos[None, :] < lengths[:, None]
-            if self.seq.shape[0]:
-                idx = (self.offsets[start:stop, None] + pos[None, :]).clamp_(max=self.seq.shape[0] - 1)
-                seq = self.seq[idx] * mask[..., None].to(self.seq.dtype)
-            else:
-                seq = self.seq.new_zeros(n, longest, self.seq.shape[1])
-        if device is not None:
-            fixed = {k: v.to(device) for k, v in fixed.items()}
-            seq, mask = (None, None) if seq is None else (seq.to(device), mask.to(device))
+        """Videos [start, stop) as a VideoEncoding on `device` (default: the bank's); the
+        sequence zero padded to the longest video in the block. Only the block's real rows are
+        copied (non_blocking: asynchronous from a pinned host bank), then unpacked there."""
+        device = torch.device(device) if device is not None else self.device
+        fixed = {k: v[start:stop].to(device, non_blocking=True) for k, v in self.fixed.items()}
+        if self.seq is None:
+            return VideoEncoding(fixed, None, None)
+        off = self.host_offsets[start:stop + 1]
+        lo, hi, n = int(off[0]), int(off[-1]), stop - start
+        lengths = off[1:] - off[:-1]
+        longest = max(int(lengths.max()) if n else 0, 1)
+        rows = self.seq[lo:hi].to(device, non_blocking=True)
+        pos = torch.arange(longest, device=device)
+        mask = pos[None, :] < lengths.to(device)[:, None]
+        if rows.shape[0]:
+            idx = ((off[:-1] - lo).to(device)[:, None] + pos[None, :]).clamp_(max=rows.shape[0] - 1)
+            seq = rows[idx].mul_(mask[..., None].to(rows.dtype))
+        else:
+            seq = rows.new_zeros(n, longest, self.seq.shape[1])
         return VideoEncoding(fixed, seq, mask)
 
 
@@ -122,50 +160,91 @@ def _batches(loader, desc: str, progress: bool):
     return tqdm(loader, desc=desc, total=total, unit="batch", disable=not progress, dynamic_ncols=True)
 
 
+class _BankBuilder:
+    """Collects a split's encodings on `storage`; once they pass `limit` bytes (None: no limit)
+    on an accelerator, everything held so far moves to the host and the rest goes there."""
+
+    def __init__(self, storage: torch.device, limit: float | None):
+        self.storage, self.limit, self.held = storage, limit, 0
+        self.fixed: dict[str, list[torch.Tensor]] = {}
+        self.seqs: list[torch.Tensor] = []
+        self.lengths: list[torch.Tensor] = []
+
+    def add(self, enc: VideoEncoding) -> None:
+        parts = {k: v.float() for k, v in enc.fixed.items()}
+        rows = lengths = None
+        if enc.seq is not None:
+            mask = enc.seq_mask.to(torch.bool)
+            rows, lengths = enc.seq[mask].float(), mask.sum(dim=1)
+        self.held += sum(t.numel() * 4 for t in (*parts.values(), *([rows] if rows is not None else [])))
+        if self.limit is not None and self.held > self.limit and self.storage.type != "cpu":
+            log.info("video bank past %.0f MB (half the memory budget): kept on the host, streamed "
+                     "to %s block by block", self.limit / _MB, self.storage)
+            self.storage = torch.device("cpu")
+            self.fixed = {k: [t.cpu() for t in v] for k, v in self.fixed.items()}
+            self.seqs, self.lengths = [t.cpu() for t in self.seqs], [t.cpu() for t in self.lengths]
+        for k, v in parts.items():
+            self.fixed.setdefault(k, []).append(v.to(self.storage))
+        if rows is not None:
+            self.seqs.append(rows.to(self.storage))
+            self.lengths.append(lengths.to(self.storage))
+
+    def build(self, ids: list[str], pin: bool) -> VideoBank:
+        pin = pin and self.storage.type == "cpu"
+        cat = (lambda ts: torch.cat(ts).pin_memory()) if pin else torch.cat
+        bank = VideoBank(ids, {k: cat(v) for k, v in self.fixed.items()})
+        if self.seqs:
+            offsets = torch.zeros(len(ids) + 1, dtype=torch.long, device=self.storage)
+            offsets[1:] = torch.cumsum(torch.cat(self.lengths).long(), 0)
+            bank.seq, bank.offsets = cat(self.seqs), offsets
+        return bank
+
+
+def _budget_bytes(memory_budget_mb: float | None) -> float:
+    return float(DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb) * _MB
+
+
 def encode_videos(model: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
-                  storage_device: torch.device | str | None = None, progress: bool = True) -> VideoBank:
+                  storage_device: torch.device | str | None = None, progress: bool = True,
+                  precision: str = "fp32", memory_budget_mb: float | None = None) -> VideoBank:
     """Encode every video batch of `loader` once with `model.encode_videos`; keep the encodings
-    (sequences packed) on `storage_device` (default: `device`)."""
+    (float32, sequences packed) on `storage_device`, by default on `device` while they take at
+    most half of the memory budget, else on the host (pinned for CUDA)."""
     model = unwrap_model(model)
     device = torch.device(device)
     storage = torch.device(storage_device) if storage_device is not None else device
+    limit = _budget_bytes(memory_budget_mb) / 2 if storage_device is None else None
     t0 = time.perf_counter()
     ids: list[str] = []
-    fixed: dict[str, list[torch.Tensor]] = {}
-    seqs, lengths = [], []
+    builder = _BankBuilder(storage, limit)
     with _EvalMode(model):
         for batch in _batches(loader, "encode videos", progress):
-            enc = model.encode_videos({k: _to(v, device) for k, v in batch.items()})
+            with autocast(device, precision):
+                enc = model.encode_videos({k: _to(v, device) for k, v in batch.items()})
             ids.extend(batch["video_ids"])
-            for k, v in enc.fixed.items():
-                fixed.setdefault(k, []).append(v.float().to(storage))
-            if enc.seq is not None:
-                mask = enc.seq_mask.to(torch.bool)
-                seqs.append(enc.seq[mask].float().to(storage))
-                lengths.append(mask.sum(dim=1).to(storage))
+            builder.add(enc)
     if not ids:
         raise ValueError("the video loader yielded no videos")
     if len(set(ids)) != len(ids):
         raise ValueError("the video loader yielded a video id more than once")
-    bank = VideoBank(ids, {k: torch.cat(v) for k, v in fixed.items()})
-    if seqs:
-        offsets = torch.zeros(len(ids) + 1, dtype=torch.long, device=storage)
-        offsets[1:] = torch.cumsum(torch.cat(lengths).long(), 0)
-        bank.seq, bank.offsets = torch.cat(seqs), offsets
-    log.info("encoded %d videos (%d sequence rows) in %.1f s", len(ids),
-             0 if bank.seq is None else bank.seq.shape[0], time.perf_counter() - t0)
+    bank = builder.build(ids, pin=device.type == "cuda")
+    log.info("encoded %d videos (%d sequence rows, %.1f MB on %s) in %.1f s", len(ids),
+             0 if bank.seq is None else bank.seq.shape[0], bank.nbytes() / _MB, bank.device,
+             time.perf_counter() - t0)
     return bank
 
 
 def encode_queries(model: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
-                   progress: bool = True):
-    """(query embeddings (Q, H) on device, query_ids, query_video_ids)."""
+                   progress: bool = True, precision: str = "fp32"):
+    """(query embeddings (Q, H) float32 on device, query_ids, query_video_ids)."""
     model = unwrap_model(model)
     device = torch.device(device)
     embs, qids, qvids = [], [], []
     with _EvalMode(model):
         for batch in _batches(loader, "encode queries", progress):
-            embs.append(model.encode_queries({k: _to(v, device) for k, v in batch.items()}).float())
+            with autocast(device, precision):
+                emb = model.encode_queries({k: _to(v, device) for k, v in batch.items()})
+            embs.append(emb.float())
             qids.extend(batch["query_ids"])
             if "query_video_ids" in batch:
                 qvids.extend(batch["query_video_ids"])
@@ -176,15 +255,58 @@ def encode_queries(model: torch.nn.Module, loader: Iterable[dict], device: torch
     return torch.cat(embs), qids, qvids
 
 
+def block_bytes(bank: VideoBank, longest: int) -> tuple[int, int]:
+    """(bytes per video of an unpacked block, bytes per (query, video) pair of scoring it):
+    the block's fp32 fixed tensors and padded sequence (the gather and its int64 index), and
+    four fp32 temporaries over the video's rows (fixed rows + longest) and the hidden size,
+    plus the pair's score (device and host copy)."""
+    hidden = int(bank.seq.shape[1]) if bank.seq is not None else \
+        max((int(t.shape[-1]) for t in bank.fixed.values()), default=1)
+    fixed_elems = sum(int(t[:1].numel()) for t in bank.fixed.values())
+    fixed_rows = sum(max(int(t[:1].numel()) // hidden, 1) for t in bank.fixed.values())
+    seq_rows = longest if bank.seq is not None else 0
+    per_video = 4 * fixed_elems + seq_rows * (4 * hidden + 8 + 1)
+    per_pair = 16 * (fixed_rows + seq_rows + hidden) + 8
+    return per_video, per_pair
+
+
+def block_plan(bank: VideoBank, n_queries: int, query_dim: int, device: torch.device | str,
+               memory_budget_mb: float | None = None) -> tuple[int, int]:
+    """(video_chunk, query_chunk) whose block fits the memory budget next to what scoring keeps
+    on the device: the bank (when it is there, and not on CPU) and the query embeddings."""
+    device, budget = torch.device(device), _budget_bytes(memory_budget_mb)
+    n_v = len(bank)
+    longest = int(bank.lengths.max()) if bank.seq is not None and n_v else 0
+    per_video, per_pair = block_bytes(bank, longest)
+    resident = 4 * n_queries * query_dim
+    if device.type != "cpu" and bank.device == device:
+        resident += bank.nbytes()
+    avail = budget - resident
+    v = min(n_v, 1024)
+    while v > 1 and v * per_video + min(n_queries, 256) * v * per_pair > avail:
+        v = (v + 1) // 2
+    q = int(max(avail - v * per_video, 0) // (v * per_pair))
+    if q < 1:
+        log.warning("memory budget %.1f MB: %.1f MB resident leaves no room for one block; "
+                    "scoring one query x one video at a time", budget / _MB, resident / _MB)
+    return max(v, 1), min(max(q, 1), max(n_queries, 1))
+
+
 def score_matrix(query: torch.Tensor, bank: VideoBank, score_fn: ScoreFn,
-                 device: torch.device | str | None = None, query_chunk: int = 512,
-                 video_chunk: int = 128, progress: bool = True) -> torch.Tensor:
-    """float32 (Q, V) CPU matrix of score_fn over all (query, video) pairs, block by block."""
+                 device: torch.device | str | None = None, query_chunk: int | None = None,
+                 video_chunk: int | None = None, progress: bool = True, precision: str = "fp32",
+                 memory_budget_mb: float | None = None) -> torch.Tensor:
+    """float32 (Q, V) CPU matrix of score_fn over all (query, video) pairs, block by block.
+    Chunk sizes not given come from the memory budget (block_plan)."""
     device = torch.device(device) if device is not None else query.device
     n_q, n_v = query.shape[0], len(bank)
+    if query_chunk is None or video_chunk is None:
+        v_plan, q_plan = block_plan(bank, n_q, int(query.shape[-1]), device, memory_budget_mb)
+        video_chunk, query_chunk = video_chunk or v_plan, query_chunk or q_plan
+        log.debug("scoring in blocks of %d videos x %d queries", video_chunk, query_chunk)
     scores = torch.empty(n_q, n_v, dtype=torch.float32)
     starts = range(0, n_v, video_chunk)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         for vs in tqdm(starts, desc="score", unit="block", disable=not progress, dynamic_ncols=True):
             ve = min(vs + video_chunk, n_v)
             videos = bank.block(vs, ve, device)
@@ -197,26 +319,32 @@ def score_matrix(query: torch.Tensor, bank: VideoBank, score_fn: ScoreFn,
 
 def score_queries(model: torch.nn.Module, bank: VideoBank, query_loader: Iterable[dict],
                   device: torch.device | str, score_fn: ScoreFn | None = None,
-                  query_chunk: int = 512, video_chunk: int = 128, progress: bool = True) -> ScoreResult:
+                  query_chunk: int | None = None, video_chunk: int | None = None, progress: bool = True,
+                  precision: str = "fp32", memory_budget_mb: float | None = None) -> ScoreResult:
     """Encode every query of `query_loader` and score it against every video of `bank`."""
     model = unwrap_model(model)
     t0 = time.perf_counter()
-    query, qids, qvids = encode_queries(model, query_loader, device, progress=progress)
+    query, qids, qvids = encode_queries(model, query_loader, device, progress=progress, precision=precision)
     fn = score_fn if score_fn is not None else default_score_fn(model)
     with _EvalMode(model):
-        scores = score_matrix(query, bank, fn, device, query_chunk, video_chunk, progress)
+        scores = score_matrix(query, bank, fn, device, query_chunk, video_chunk, progress, precision,
+                              memory_budget_mb)
     log.info("scored %d queries x %d videos in %.1f s", len(qids), len(bank), time.perf_counter() - t0)
     return ScoreResult(scores, qids, list(bank.video_ids), qvids)
 
 
 def evaluate(model: torch.nn.Module, video_loader: Iterable[dict], query_loader: Iterable[dict],
              device: torch.device | str, ks: Iterable[int] = KS,
-             score_fn: ScoreFn | None = None, query_chunk: int = 512, video_chunk: int = 128,
-             storage_device: torch.device | str | None = None, progress: bool = True):
-    """Encode a split, score it, and compute the retrieval metrics: (metrics, ScoreResult)."""
-    bank = encode_videos(model, video_loader, device, storage_device=storage_device, progress=progress)
-    result = score_queries(model, bank, query_loader, device, score_fn=score_fn,
-                           query_chunk=query_chunk, video_chunk=video_chunk, progress=progress)
+             score_fn: ScoreFn | None = None, query_chunk: int | None = None, video_chunk: int | None = None,
+             storage_device: torch.device | str | None = None, progress: bool = True,
+             precision: str = "fp32", memory_budget_mb: float | None = None):
+    """Encode a split, score it, and compute the retrieval metrics: (metrics, ScoreResult).
+    precision: fp32 | bf16 (autocast); memory_budget_mb: see the module docstring."""
+    bank = encode_videos(model, video_loader, device, storage_device=storage_device, progress=progress,
+                         precision=precision, memory_budget_mb=memory_budget_mb)
+    result = score_queries(model, bank, query_loader, device, score_fn=score_fn, query_chunk=query_chunk,
+                           video_chunk=video_chunk, progress=progress, precision=precision,
+                           memory_budget_mb=memory_budget_mb)
     metrics = result.metrics(ks)
     log.info("metrics: %s", ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     return metrics, result

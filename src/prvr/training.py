@@ -61,6 +61,7 @@ def training_settings(settings: dict[str, Any]) -> dict[str, Any]:
     s = copy.deepcopy(settings)
     s.pop("evaluate", None)
     s.pop("data_root", None)  # where the data is comes in through the data source record
+    s.get("train", {}).pop("pin_memory", None)  # where a batch waits on the host: same values
     s.pop("archive", None)
     s.pop("sha256", None)
     return s
@@ -204,25 +205,29 @@ def selection_note(corpus, val_split: str, settings: dict[str, Any]) -> str | No
     return selection_warning(split_overlap(captions(val_split), captions(test)), mode)
 
 
-def train_loader(dataset, batch_size: int, num_workers: int, sampler) -> DataLoader:
+def train_loader(dataset, batch_size: int, num_workers: int, sampler, pin_memory: bool = False
+                 ) -> DataLoader:
+    """The epoch's batches in the sampler's order. Workers (num_workers > 0) give the same
+    batches as the main process (tests/test_gpu_paths.py) and stay up across epochs."""
     from .data.datasets import collate_train
 
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=num_workers, collate_fn=collate_train, drop_last=False,
-                      persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
 
 
 def eval_loaders(corpus, split: str, video_batch_size: int, query_batch_size: int, num_workers: int,
-                 model_config: dict[str, Any]):
+                 model_config: dict[str, Any], pin_memory: bool = False):
     from .data.datasets import make_eval_loaders
 
     return make_eval_loaders(corpus, split, video_batch_size, query_batch_size, num_workers,
-                             **stream_kw(model_config))
+                             pin_memory=pin_memory, **stream_kw(model_config))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-            for k, v in batch.items()}
+    from .accel import to_device as move
+
+    return move(batch, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +280,7 @@ class Run:
     sampler: Any
     val_loaders: tuple | None
     model: torch.nn.Module
-    train_model: torch.nn.Module  # model, or its DDP wrapper
+    train_model: torch.nn.Module  # model, or its DDP wrapper, compiled when train.compile
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     loss_gen: torch.Generator     # negative sampling; the same stream on every rank
@@ -297,6 +302,7 @@ class Run:
 
 def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: dict[str, Any] | None) -> Run:
     """Data, network, loss and optimiser of a fresh run (same init on every rank)."""
+    from .accel import maybe_compile, use_pin_memory
     from .distributed import seed_for_rank
     from .methods import get_method
     from .optim import build_optimizer
@@ -307,14 +313,15 @@ def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: di
     train_split, val_split = data_splits(corpus, tr)
     dataset = train_dataset(corpus, settings, train_split)
     sampler = ctx.train_sampler(dataset, seed=seed, shuffle=True) or EpochShuffleSampler(len(dataset), seed)
-    num_workers = int(tr.get("num_workers", 0))
-    loader = train_loader(dataset, ctx.local_batch_size(int(tr["batch_size"])), num_workers, sampler)
+    num_workers, pin = int(tr.get("num_workers", 0)), use_pin_memory(tr.get("pin_memory", "auto"), ctx.device)
+    loader = train_loader(dataset, ctx.local_batch_size(int(tr["batch_size"])), num_workers, sampler, pin)
     if len(loader) == 0:
         raise TrainingError("the training split has no videos")
     val_loaders = None
     if ctx.is_main:
         val_loaders = eval_loaders(corpus, val_split, int(tr.get("val_video_batch_size", 100)),
-                                   int(tr.get("val_query_batch_size", 50)), num_workers, settings["model"])
+                                   int(tr.get("val_query_batch_size", 50)), num_workers, settings["model"],
+                                   pin)
     seed_everything(seed)
     cfg = method.config_from_dict(settings["model"])
     model = method.build_model(cfg).to(ctx.device)
@@ -324,7 +331,8 @@ def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: di
     loss_gen.manual_seed(seed)
     seed_everything(seed_for_rank(seed, ctx.rank))
     run = Run(settings, method, ctx, Path(ckpt_dir), fingerprint(settings, source), loader, sampler,
-              val_loaders, model, ctx.wrap(model), method.build_loss(cfg), optimizer, loss_gen)
+              val_loaders, model, maybe_compile(ctx.wrap(model), tr.get("compile", False)),
+              method.build_loss(cfg), optimizer, loss_gen)
     run.selection_warning = selection_note(corpus, val_split, settings) if ctx.is_main else None
     return run
 
@@ -393,33 +401,42 @@ def restore(run: Run) -> None:
 
 
 def train_epoch(run: Run, epoch: int, progress: bool = True) -> tuple[dict[str, float], float]:
-    """One pass over the training videos: (mean loss terms over ranks, last learning rate)."""
+    """One pass over the training videos: (mean loss terms over ranks, last learning rate).
+
+    The forward runs under train.precision's autocast, the loss in fp32 outside it, all of it
+    with TF32 matmuls when train.tf32; batch k+1 is moved to the device while k trains. The
+    loss sums stay on the device (float64, the values a Python float sum gives): no host
+    sync per step, only every 10th when the progress bar shows the loss."""
+    from .accel import DevicePrefetcher, autocast, fp32_output, tf32
     from .optim import current_lr
 
     tr, ctx = run.settings["train"], run.ctx
     if hasattr(run.sampler, "set_epoch"):
         run.sampler.set_epoch(epoch)
     hard = epoch >= int(tr["hard_negative_start_epoch"])
-    names = (*run.terms, "total")
-    sums = {t: 0.0 for t in names}
-    n_steps, lr = 0, current_lr(run.optimizer)
+    precision, names = str(tr.get("precision", "fp32")), (*run.terms, "total")
+    sums = {t: torch.zeros((), dtype=torch.float64, device=ctx.device) for t in names}
+    n_steps, lr, show = 0, current_lr(run.optimizer), progress and ctx.is_main
     run.train_model.train()
-    bar = tqdm(run.loader, desc=f"epoch {epoch}/{int(tr['epochs']) - 1}", unit="batch",
-               dynamic_ncols=True, disable=not (progress and ctx.is_main), leave=False)
-    for batch in bar:
-        batch = to_device(batch, ctx.device)
-        out = run.train_model(batch)
-        terms = ctx.compute_loss(run.loss_fn, out, batch["query_labels"], hard, run.loss_gen, run.model)
-        run.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        lr = current_lr(run.optimizer)
-        run.optimizer.step()
-        n_steps += 1
-        for t in names:
-            sums[t] += float(terms[t].detach())
-        bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
+    bar = tqdm(DevicePrefetcher(run.loader, ctx.device), desc=f"epoch {epoch}/{int(tr['epochs']) - 1}",
+               unit="batch", dynamic_ncols=True, disable=not show, leave=False)
+    with tf32(bool(tr.get("tf32", True))):
+        for batch in bar:
+            with autocast(ctx.device, precision):
+                out = run.train_model(batch)
+            terms = ctx.compute_loss(run.loss_fn, fp32_output(out), batch["query_labels"], hard,
+                                     run.loss_gen, run.model)
+            run.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            lr = current_lr(run.optimizer)
+            run.optimizer.step()
+            n_steps += 1
+            for t in names:
+                sums[t] += terms[t].detach().double()
+            if show and n_steps % 10 == 1:
+                bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
     bar.close()
-    return {t: ctx.all_reduce_mean(sums[t] / max(n_steps, 1)) for t in names}, lr
+    return {t: ctx.all_reduce_mean(float(sums[t]) / max(n_steps, 1)) for t in names}, lr
 
 
 def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: float,
@@ -429,7 +446,9 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
     from .evaluation import evaluate
 
     tr, name = run.settings["train"], run.settings["method"]
-    val, _ = evaluate(run.model, run.val_loaders[0], run.val_loaders[1], run.ctx.device, progress=progress)
+    val, _ = evaluate(run.model, run.val_loaders[0], run.val_loaders[1], run.ctx.device, progress=progress,
+                      precision=str(tr.get("precision", "fp32")),
+                      memory_budget_mb=(run.settings.get("evaluate") or {}).get("memory_budget_mb"))
     val = {k: float(val[k]) for k in METRIC_KEYS}
     improved = val["sumr"] > run.best_val["sumr"]
     if improved:

@@ -742,12 +742,14 @@ def make_train_loader(corpus: Corpus, batch_size: int, num_workers: int = 0, see
 def make_eval_loaders(corpus: Corpus, split: str, video_batch_size: int, query_batch_size: int,
                       num_workers: int = 0, pin_memory: bool = False,
                       **stream_kw) -> tuple[DataLoader, DataLoader]:
-    """(video_loader, query_loader) over a split, in split order."""
+    """(video_loader, query_loader) over a split, in split order. With workers, the batches
+    are those of num_workers=0 (each worker opens its own map / HDF5 handles and batch-buffer
+    pool) and the workers stay up between passes (the training validates every epoch)."""
     kw = _stream_kw(stream_kw)
+    common = dict(shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
     videos = DataLoader(VideoDataset(corpus, split, **kw), batch_size=video_batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=collate_videos,
-                        pin_memory=pin_memory)
+                        collate_fn=collate_videos, **common)
     queries = DataLoader(QueryDataset(corpus, split, **kw), batch_size=query_batch_size,
-                         shuffle=False, num_workers=num_workers, collate_fn=collate_queries,
-                         pin_memory=pin_memory)
+                         collate_fn=collate_queries, **common)
     return videos, queries
