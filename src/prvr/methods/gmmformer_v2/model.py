@@ -423,11 +423,13 @@ def pair_scores(query: Tensor, clips: Tensor, frames: Tensor, frame_mask: Tensor
     qn = F.normalize(query, dim=-1)
     clip_raw = torch.einsum("qh,bch->qbc", query, clips).amax(-1)
     clip = torch.einsum("qh,bch->qbc", qn, F.normalize(clips, dim=-1)).amax(-1)
-    neg = torch.finfo(frames.dtype).min
     pad = (~frame_mask)[None]                                  # (1, B, Lf)
     short = (frame_mask.sum(1) < max_frames)[None]             # (1, B): 0 is a candidate
-    fr = torch.einsum("qh,bfh->qbf", query, frames).masked_fill(pad, neg).amax(-1)
-    fn = torch.einsum("qh,bfh->qbf", qn, F.normalize(frames, dim=-1)).masked_fill(pad, neg).amax(-1)
+    fr = torch.einsum("qh,bfh->qbf", query, frames)
+    fn = torch.einsum("qh,bfh->qbf", qn, F.normalize(frames, dim=-1))
+    # the fill is the lowest value of the product's dtype (bf16 under autocast)
+    fr = fr.masked_fill(pad, torch.finfo(fr.dtype).min).amax(-1)
+    fn = fn.masked_fill(pad, torch.finfo(fn.dtype).min).amax(-1)
     frame_raw = torch.where(short, fr.clamp_min(0.0), fr)
     frame = torch.where(short, fn.clamp_min(0.0), fn)
     return clip, clip_raw, frame, frame_raw
