@@ -18,6 +18,11 @@ method contract), `restore` (resume from last.pt), then per epoch `train_epoch` 
   then it starts fresh and says why.
 * Distributed (torchrun): only rank 0 validates, checkpoints and logs; the decision to stop is
   broadcast. All collective calls go through prvr.distributed.DistContext.
+* Accelerator (prvr.accel): `train.precision` bf16 runs the forwards (and the validation's)
+  under bf16 autocast with fp32 weights, losses and metrics; `train.tf32` TF32 matmuls in the
+  steps; `train.compile` compiles the training forward; `train.pin_memory` and a prefetcher
+  overlap the next batch's copy with the current step. Precision, TF32 and compile are in the
+  fingerprint (they change the numbers); pin_memory is not (the same values arrive).
 """
 from __future__ import annotations
 
