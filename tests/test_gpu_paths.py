@@ -369,3 +369,16 @@ def test_cuda_training_epoch_bf16(tiny_workdir, monkeypatch, method, compile_):
     """One epoch on CUDA with bf16, TF32, pinned memory and the prefetcher (inductor for two
     of the methods: compiling all four would not fit the GPU check's five minutes)."""
     _one_bf16_epoch(tiny_workdir, monkeypatch, method, "cuda", compile=compile_, tf32=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_the_gpu_check_stops_clearly_without_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "gpu_check: needs CUDA" in proc.stderr and "nothing was run" in proc.stderr
+    assert not (tmp_path / "out" / "gpu_check.json").exists()
