@@ -30,6 +30,8 @@ checks: `val_is_test` writes the test captions as the validation split too (MS-S
 and every other test video that shows a moment of the same latent event.
 
 CLI: python -m prvr.data.demo --out DIR --preset demo --seed 7 [--scale S] [--dense-gt] [--val-is-test]
+     [--videos TRAIN,VAL,TEST] [--frames LO,HI] [--frames-median M] [--captions LO,HI]
+(the last four: other sizes on the preset's content model, see `custom_preset`)
 """
 from __future__ import annotations
 
@@ -370,7 +372,32 @@ def _write_video(p: Preset, world: _World, seed: int, split: str, i: int, plan, 
     return len(frames), len(captions)
 
 
-def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int = 7,
+def custom_preset(base: str, videos: tuple[int, int, int] | None = None,
+                  frames: tuple[int, int] | None = None, captions: tuple[int, int] | None = None,
+                  frames_median: float | None = None) -> Preset:
+    """Preset `base` with other sizes: (train, val, test) videos (each video then draws its
+    caption count from `captions`, else the base's caps_range), frame-count bounds and median.
+    Without arguments it is the base preset itself (same corpus, byte for byte)."""
+    if base not in PRESETS:
+        raise ValueError(f"unknown preset '{base}' (known: {', '.join(PRESETS)})")
+    p, kw = PRESETS[base], {}
+    if videos is not None:
+        if len(videos) != 3 or min(videos) < 1:
+            raise ValueError(f"videos: expected three counts >= 1 (train, val, test), got {videos}")
+        kw["splits"] = {s: SplitSize(int(n)) for s, n in zip(SPLITS, videos)}
+    for name, pair in (("frames_range", frames), ("caps_range", captions)):
+        if pair is not None:
+            if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
+                raise ValueError(f"{name}: expected LO,HI with 1 <= LO <= HI, got {pair}")
+            kw[name] = (int(pair[0]), int(pair[1]))
+    if frames_median is not None:
+        kw["frames_median"] = float(frames_median)
+    if not kw:
+        return p
+    return Preset(**{**p.__dict__, **kw, "name": f"{base}-custom"})
+
+
+def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", seed: int = 7,
                     scale: float = 1.0, progress: bool = True, dense_gt: bool = False,
                     val_is_test: bool = False, layout: str | None = None,
                     video_file: str | None = None, query_file: str | None = None) -> Path:
@@ -383,9 +410,12 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str = "demo", seed: int 
     Deterministic in (preset, seed, scale, options). Builds in a temporary folder next to the
     target and renames it into place (an existing corpus there is replaced). `dense_gt` and
     `val_is_test`: see the module docstring."""
-    if preset not in PRESETS:
+    if isinstance(preset, Preset):
+        p, preset = preset, preset.name
+    elif preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
-    p = PRESETS[preset]
+    else:
+        p = PRESETS[preset]
     layout = layout or p.extra.get("layout", "bigfile")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
@@ -473,6 +503,13 @@ def oracle_text_to_visual(preset: str = "demo", seed: int = 7) -> np.ndarray:
     return (w.A @ np.linalg.pinv(w.B)).astype(np.float32)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m prvr.data.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="root folder; the corpus goes to OUT/<collection>/")
@@ -486,10 +523,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="write the test captions as the validation split too (as MS-SL's TVR)")
     ap.add_argument("--layout", default=None, choices=LAYOUTS,
                     help="feature layout (default: the preset's; bigfile but for the *-clip presets)")
+    ap.add_argument("--videos", type=_ints, default=None, metavar="TRAIN,VAL,TEST",
+                    help="video counts per split instead of the preset's (captions per video "
+                         "then drawn from --captions or the preset's range)")
+    ap.add_argument("--frames", type=_ints, default=None, metavar="LO,HI", help="frames per video bounds")
+    ap.add_argument("--frames-median", type=float, default=None, help="median frames per video")
+    ap.add_argument("--captions", type=_ints, default=None, metavar="LO,HI", help="captions per video")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        path = generate_corpus(args.out, args.preset, args.seed, args.scale,
+        preset = custom_preset(args.preset, args.videos, args.frames, args.captions, args.frames_median)
+        path = generate_corpus(args.out, preset, args.seed, args.scale,
                                dense_gt=args.dense_gt, val_is_test=args.val_is_test,
                                layout=args.layout)
     except (ValueError, OSError) as exc:
