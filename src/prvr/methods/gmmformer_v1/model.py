@@ -18,10 +18,13 @@ videos it is encoded with (release evaluation: 100 videos a batch, in caption-fi
 `own_length_windows=True` builds each video's windows from its own frame count instead; then
 neither the batch nor its padding changes a video's encoding.
 
-Speed: the four branches of a block run as one batched computation (stacked q/k/v, output and
-LayerNorm parameters); the 3072-d input projections run on real tokens only; the frame stream
-runs in up to four length buckets (videos sorted by length, each bucket padded to its own
-longest video). Exact: padded keys get weight exp(-10000) = 0 and padded rows are never read.
+Speed (the kernels are prvr.kernels'): the four branches of a block run as one batched
+computation (stacked q/k/v, output and LayerNorm parameters); every dense layer (input
+projections, q/k/v, output projections, LayerNorms) runs on packed real tokens only; q/k/v
+are scattered straight into the padded attention layout (`_ScatterBuckets`) and attention
+runs per group: the queries at their longest length, the frame stream in up to four length
+buckets (videos sorted by length, each bucket padded to its own longest video). Exact:
+padded keys get weight exp(-10000) = 0 and padded slots are never read back.
 Parameters that fuse several release tensors carry `release_chunks` (equal row blocks) so the
 optimiser clips gradients per release tensor.
 """
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
-from ...kernels import dropout
+from ...kernels import Tokens, _ScatterBuckets, add_dropout, as_bool, dropout
 from ..layers import InputProjection, PositionEmbedding
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0)
@@ -151,20 +154,37 @@ def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:]), weight.view(shape))
 
 
-def _pool(x: Tensor, mask: Tensor | None, linear: nn.Linear) -> Tensor:
-    """Attention pooling (b, l, H) -> (b, H), padded slots (mask False) excluded."""
-    logits = linear(x).squeeze(-1)                                           # (b, l)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, POOL_FILL)
-    return torch.einsum("bl,blh->bh", torch.softmax(logits, dim=1), x)
+def _pool(x: Tensor, tokens: Tokens, linear: nn.Linear) -> Tensor:
+    """Attention pooling of packed tokens (N, H) -> (B, H), one vector per row of `tokens`;
+    padded slots get logit POOL_FILL (weight exactly 0), as in the release."""
+    B, L = tokens.batch, tokens.length
+    logits = tokens.unpack(linear(x).squeeze(1), fill=POOL_FILL).view(B, L)
+    attn = tokens.pack(torch.softmax(logits, dim=1).unsqueeze(-1))          # (N, 1)
+    rows = tokens.rows if tokens.index is not None \
+        else torch.arange(B, device=x.device).repeat_interleave(L)
+    return x.new_zeros(B, x.shape[1]).index_add(0, rows, attn * x)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
+               p: float, training: bool) -> Tensor:
+    """softmax(scaled q k^T * G + mask) v with dropout on the probabilities; q, k, v (..., l, d),
+    gauss broadcastable to (..., l, l), mask_add to (..., 1, l)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q, k.transpose(-1, -2))
+    if gauss is not None:
+        s = s * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, s, gauss, value=scale)
+    else:
+        s = s * scale if mask_add is None else torch.add(mask_add, s, alpha=scale)
+    return torch.matmul(dropout(torch.softmax(s, dim=-1), p, training), v)
 
 
 # ----------------------------------------------------------------------------- modules
 
 class AttentionBranches(nn.Module):
     """K post-norm self-attention layers without feed-forward, run as one batch:
-    LN_k(x + Dropout(Dense_k(softmax(scaled q_k k_k^T * G_k + mask) v_k))), (K, b, l, H).
-    K = 1 with no window is the query encoder."""
+    LN_k(x + Dropout(Dense_k(softmax(scaled q_k k_k^T * G_k + mask) v_k))). Dense layers run on
+    packed real tokens; attention on padded (b, l) groups. K = 1 with no window is the query
+    encoder."""
 
     def __init__(self, hidden: int, n_heads: int, branches: int, p: float):
         super().__init__()
@@ -177,34 +197,38 @@ class AttentionBranches(nn.Module):
         self.norm_weight = _mark(nn.Parameter(torch.ones(K, H)), K)
         self.norm_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
 
-    def forward(self, x: Tensor, gauss: Tensor | None, mask_add: Tensor | None) -> Tensor:
-        """x (b, l, H); gauss (K, b or 1, 1, l, l) or None; mask_add (b, 1, 1, l) or None."""
+    def forward(self, x: Tensor, groups: Sequence[tuple[int, int, Tokens]],
+                gauss: Sequence[Tensor | None]) -> Tensor:
+        """x packed tokens (N, H); groups [(t0, t1, Tokens)]: contiguous token runs [t0, t1),
+        each one padded attention batch (b, l); gauss[i] (K, b or 1, 1, l, l) or None.
+        Returns (K, N, H)."""
         K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
-        b, l, dh = x.shape[0], x.shape[1], H // nh
         qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        q, k, v = qkv.view(b, l, K, 3, nh, dh).permute(3, 2, 0, 4, 1, 5).unbind(0)  # (K, b, nh, l, dh)
-        scale = 1.0 / math.sqrt(dh)
-        scores = torch.matmul(q, k.transpose(-1, -2))                        # (K, b, nh, l, l)
-        scores = scores * scale if gauss is None else scores * (gauss * scale)
-        if mask_add is not None:
-            scores = scores + mask_add
-        probs = dropout(torch.softmax(scores, dim=-1), self.p, self.training)
-        ctx = torch.matmul(probs, v).permute(0, 1, 3, 2, 4).reshape(K, b * l, H)
+        heads = _ScatterBuckets.apply(qkv.view(-1, K, 3, nh, H // nh),   # (K, b, nh, l, dh) each
+                                      [(t0, t1, *sub.scatter_spec()) for t0, t1, sub in groups])
+        parts = []
+        for i, (_, _, sub) in enumerate(groups):
+            q, k, v = heads[3 * i:3 * i + 3]
+            ctx = _attention(q, k, v, gauss[i], sub.key_mask_add(x.dtype), self.p, self.training)
+            parts.append(sub.from_heads(ctx))                                # (K, n, H)
+        ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         out = torch.baddbmm(self.out_bias.unsqueeze(1), ctx, self.out_weight.transpose(1, 2))
-        out = dropout(out, self.p, self.training) + x.reshape(1, b * l, H)
-        return _branch_layer_norm(out, self.norm_weight, self.norm_bias).view(K, b, l, H)
+        out = add_dropout(x, out, self.p, self.training)
+        return _branch_layer_norm(out, self.norm_weight, self.norm_bias)
 
 
 class GMMBlock(nn.Module):
-    """Mean of the Gaussian-window attention branches: (b, l, H) -> (b, l, H)."""
+    """Mean of the Gaussian-window attention branches, on packed tokens."""
 
     def __init__(self, cfg: GMMFormerV1Config):
         super().__init__()
         self.widths = cfg.widths
         self.attn = AttentionBranches(cfg.hidden_size, cfg.n_heads, len(cfg.widths), cfg.drop)
 
-    def forward(self, x: Tensor, gauss: Tensor, mask_add: Tensor | None) -> Tensor:
-        return self.attn(x, gauss, mask_add).mean(0)
+    def forward(self, x: Tensor, groups: Sequence[tuple[int, int, Tokens]],
+                gauss: Sequence[Tensor | None]) -> Tensor:
+        """packed (N, H) -> (N, H); see AttentionBranches.forward."""
+        return self.attn(x, groups, gauss).mean(0)
 
 
 class GMMFormer(nn.Module):
@@ -243,58 +267,69 @@ class GMMFormer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     # ------------------------------------------------------------------ encoders
-    def encode_query_feats(self, query_feats: Tensor, query_mask: Tensor) -> Tensor:
-        """(Nq, Lq, Dt), (Nq, Lq) -> (Nq, H)"""
-        mask = query_mask > 0.5 if query_mask.dtype != torch.bool else query_mask
+    def encode_query_feats(self, query_feats: Tensor, query_mask: Tensor, copies: int = 1) -> Tensor:
+        """(Nq, Lq, Dt), (Nq, Lq) -> (copies * Nq, H): `copies` encodings of the queries in one
+        pass (each its own dropout draw in training)."""
+        mask = as_bool(query_mask)
         Nq, Lq = mask.shape
-        x, positions, slots = _packed(query_feats, mask)
-        x = self.query_pos(self.query_proj(x), positions)                   # (N, H) real tokens
-        x = _padded(x, slots)                                                # (Nq, Lq, H)
-        mask_add = ((~mask).to(x.dtype) * MASK_ADD)[:, None, None, :]
-        x = self.query_layer(x, None, mask_add).squeeze(0)
-        return _pool(x, mask, self.query_pool)
+        x = Tokens(mask, Nq, Lq, mask.device).pack(query_feats)
+        tokens = Tokens(mask.repeat(copies, 1) if copies > 1 else mask, copies * Nq, Lq, mask.device)
+        x = x.repeat(copies, 1) if copies > 1 else x
+        x = self.query_pos(self.query_proj(x), tokens.positions)            # (N, H) real tokens
+        x = self.query_layer(x, [(0, tokens.count, tokens)], [None]).squeeze(0)
+        return _pool(x, tokens, self.query_pool)
 
     def encode_clips(self, clip_feats: Tensor) -> Tensor:
         """(B, n_clips, Dv) -> (B, n_clips, H); windows for n_clips positions."""
         B, C = clip_feats.shape[:2]
-        positions = torch.arange(C, device=clip_feats.device)
-        x = self.clip_pos(self.clip_proj(clip_feats), positions)
+        tokens = Tokens(None, B, C, clip_feats.device)
+        x = self.clip_pos(self.clip_proj(tokens.pack(clip_feats)), tokens.positions)
         gauss = gaussian_windows(torch.tensor([C], device=x.device), C, self.cfg.widths)
-        gauss = gauss.to(x.dtype)[:, :, None]                                 # (K, 1, 1, C, C)
-        return self.clip_block2(self.clip_block1(x, gauss, None), gauss, None)
+        groups, gauss = [(0, B * C, tokens)], [gauss.to(x.dtype)[:, :, None]]   # (K, 1, 1, C, C)
+        return self.clip_block2(self.clip_block1(x, groups, gauss), groups, gauss).view(B, C, -1)
 
     def encode_frames(self, frame_feats: Tensor, frame_mask: Tensor) -> Tensor:
         """(B, Lf, Dv), (B, Lf) -> (B, H) pooled frame vectors (see the module docstring for
         the windows' batch dependence)."""
-        mask = frame_mask > 0.5 if frame_mask.dtype != torch.bool else frame_mask
+        mask = as_bool(frame_mask)
         B, Lf = mask.shape
         if Lf > self.cfg.max_frames:
             raise ValueError(f"frame_feats has {Lf} frames; the model takes at most {self.cfg.max_frames}")
-        slots = torch.arange(1, Lf + 1, device=mask.device)
-        ends = (mask * slots).amax(1).clamp_min(1)                          # real length per video
-        order = torch.argsort(ends, descending=True, stable=True)
-        ends_host = ends[order].tolist()
-        x, positions, token_slots = _packed(frame_feats, mask)
-        x = self.frame_pos(self.frame_proj(x), positions)                   # (N, H) real tokens
-        x = torch.cat([x, x.new_zeros(1, x.shape[1])])                      # row N: padding
-        L = ends_host[0]                                                     # the batch's length
-        full = None if self.cfg.own_length_windows else gaussian_windows(
-            torch.tensor([L], device=x.device), L, self.cfg.widths).to(x.dtype)
-        vecs = []
-        for a, b in length_buckets(ends_host):
-            idx, l = order[a:b], ends_host[a]
-            h = x[token_slots[idx, :l]]                                     # (b, l, H)
-            m = mask[idx, :l]
-            if full is None:
-                gauss = gaussian_windows(ends[idx], l, self.cfg.widths).to(x.dtype)[:, :, None]
-            else:
-                gauss = full[:, :, None, :l, :l]
-            mask_add = ((~m).to(x.dtype) * MASK_ADD)[:, None, None, :]
-            h = self.frame_block2(self.frame_block1(h, gauss, mask_add), gauss, mask_add)
-            vecs.append(_pool(h, m, self.frame_pool))
+        ends = (mask * torch.arange(1, Lf + 1, device=mask.device)).amax(1).clamp_min(1)
+        order = torch.argsort(ends, descending=True, stable=True)           # longest first
+        ends = ends[order]
+        ends_host = ends.tolist()
+        valid = mask.index_select(0, order)[:, :ends_host[0]]
+        tokens = Tokens(valid, B, ends_host[0], mask.device)
+        rows = tokens.rows if tokens.index is not None \
+            else torch.arange(B, device=mask.device).repeat_interleave(tokens.length)
+        source = order[rows] * Lf + tokens.positions                        # slots in (B, Lf)
+        x = frame_feats.reshape(B * Lf, -1).index_select(0, source)
+        x = self.frame_pos(self.frame_proj(x), tokens.positions)            # (N, H) real tokens
+        groups, gauss = self._frame_groups(valid, ends, ends_host, x.dtype)
+        x = self.frame_block2(self.frame_block1(x, groups, gauss), groups, gauss)
+        vecs = _pool(x, tokens, self.frame_pool)                            # (B, H), sorted
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(B, device=order.device)
-        return torch.cat(vecs).index_select(0, inverse)
+        return vecs.index_select(0, inverse)
+
+    def _frame_groups(self, valid: Tensor, ends: Tensor, ends_host: list[int], dtype: torch.dtype
+                      ) -> tuple[list[tuple[int, int, Tokens]], list[Tensor]]:
+        """Length buckets of the sorted videos (valid (B, L) mask, real lengths descending):
+        [(first token, end token, Tokens of the bucket)] and each bucket's windows."""
+        L = ends_host[0]
+        full = None if self.cfg.own_length_windows else gaussian_windows(
+            torch.tensor([L], device=valid.device), L, self.cfg.widths).to(dtype)
+        starts = [0] + valid.sum(1).cumsum(0).tolist()
+        groups, gauss = [], []
+        for a, b in length_buckets(ends_host):
+            l = ends_host[a]
+            groups.append((starts[a], starts[b], Tokens(valid[a:b, :l], b - a, l, valid.device)))
+            if full is None:
+                gauss.append(gaussian_windows(ends[a:b], l, self.cfg.widths).to(dtype)[:, :, None])
+            else:
+                gauss.append(full[:, :, None, :l, :l])
+        return groups, gauss
 
     # ------------------------------------------------------------------ the method contract
     def encode_queries(self, batch: Mapping[str, Any]) -> Tensor:
@@ -324,7 +359,7 @@ class GMMFormer(nn.Module):
         dropout draw; here in the same pass) for the query-diverse loss: queries["query_aux"]."""
         feats, mask = batch["query_feats"], batch["query_mask"]
         if self.training:
-            both = self.encode_query_feats(torch.cat([feats, feats]), torch.cat([mask, mask]))
+            both = self.encode_query_feats(feats, mask, copies=2)
             queries = dict(zip(("query", "query_aux"), both.chunk(2)))
         else:
             queries = {"query": self.encode_query_feats(feats, mask)}
@@ -340,25 +375,6 @@ class GMMFormer(nn.Module):
                 (no_decay if name.endswith("bias") or "norm" in name else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ----------------------------------------------------------------------------- layout
-
-def _packed(feats: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Real tokens of (n, L, D) under mask (n, L): tokens (N, D), their positions (N,) and
-    slots (n, L) = index of each slot's token, N at padded slots."""
-    n, L = mask.shape
-    flat = mask.reshape(-1)
-    index = flat.nonzero().squeeze(1)
-    slots = torch.full((n * L,), index.numel(), dtype=torch.long, device=mask.device)
-    slots[index] = torch.arange(index.numel(), device=mask.device)
-    tokens = feats.reshape(n * L, -1).index_select(0, index)
-    return tokens, index % L, slots.view(n, L)
-
-
-def _padded(x: Tensor, slots: Tensor) -> Tensor:
-    """Tokens (N, H) -> (n, L, H) by slots from `_packed`, zeros at padded slots."""
-    return torch.cat([x, x.new_zeros(1, x.shape[1])])[slots]
 
 
 # ----------------------------------------------------------------------------- scores
