@@ -284,6 +284,42 @@ def test_a_tiny_memory_budget_gives_the_same_scores_in_smaller_blocks(corpus_dir
     torch.testing.assert_close(s_tiny, s_big, rtol=0, atol=1e-6)
 
 
+def test_the_cuda_probe_turns_allocator_peaks_into_block_sizes(corpus_dir, monkeypatch):
+    """measured_block_bytes' arithmetic and probe block, with torch.cuda's memory counters
+    replaced by a scripted allocator (the real one is checked by the CUDA budget test)."""
+    from prvr import evaluation
+
+    model, _, cfg = _model("msssl")
+    vl, ql = make_eval_loaders(_corpus(corpus_dir), "test", 16, 20, 0, **stream_kw(cfg))
+    bank = encode_videos(model, vl, "cpu", progress=False)
+    query, _, _ = encode_queries(model, ql, "cpu", progress=False)
+    state = {"now": 5_000, "peak": 5_000}
+    seen = []
+
+    def score(q, videos):                       # scoring adds 6,400 bytes on top of the block
+        seen.append((q.shape[0], videos.seq.shape[1]))
+        state["peak"] = max(state["peak"], state["now"] + 6_400)
+        return model.score(q, videos)["score"]
+
+    real_block = evaluation.VideoBank.block
+
+    def block(self, start, stop, device=None):  # building a block: 1,200 peak, 1,000 kept
+        state["peak"] = max(state["peak"], state["now"] + 1_200)
+        state["now"] += 1_000
+        return real_block(self, start, stop, device)
+
+    monkeypatch.setattr(evaluation.VideoBank, "block", block)
+    for name, fn in {"synchronize": lambda d=None: None, "memory_allocated": lambda d=None: state["now"],
+                     "max_memory_allocated": lambda d=None: state["peak"],
+                     "reset_peak_memory_stats": lambda d=None: state.update(peak=state["now"])}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    per_video, per_pair = evaluation.measured_block_bytes(bank, query, score, torch.device("cpu"), 4, 8)
+    assert seen == [(8, int(bank.lengths.max()))]            # the probe holds the longest video
+    assert per_video == int(1.1 * 1_200 / 4) + 1 and per_pair == int(1.1 * 6_400 / 32) + 1
+    v, q = block_plan(bank, 59, query.shape[1], "cpu", 0.05, sizes=(per_video, per_pair))
+    assert v * per_video + v * q * per_pair + 4 * 59 * query.shape[1] <= 0.05 * 2 ** 20
+
+
 def test_a_budget_smaller_than_one_block_still_scores_everything(corpus_dir, caplog):
     model, _, cfg = _model("meanpool")
     with caplog.at_level(logging.WARNING, logger="prvr.evaluation"):

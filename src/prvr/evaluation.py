@@ -16,8 +16,9 @@ device memory evaluation holds beyond the model. The bank stays on the device wh
 at most half of the budget; past that it moves to the host (pinned when the device is CUDA)
 and each block's real rows are copied to the device as it is scored. The chunk sizes are then
 chosen from what is left (`block_plan`): a block's unpacked sequences plus its score
-temporaries, estimated per (query, video) pair as four fp32 tensors over the video's rows and
-the hidden size (the widest intermediate of the methods here: MS-SL's (b, q, H) attention).
+temporaries per (query, video) pair. On CUDA both are measured on a small probe block (the
+allocator's peak); elsewhere they are estimated (`block_bytes`: four fp32 tensors per pair over
+the video's rows and the hidden size).
 Scores do not depend on the chunking, so any budget gives the same scores. On CPU the bank is
 host memory and is not counted; the blocks are.
 
@@ -270,14 +271,40 @@ def block_bytes(bank: VideoBank, longest: int) -> tuple[int, int]:
     return per_video, per_pair
 
 
+def measured_block_bytes(bank: VideoBank, query: torch.Tensor, score_fn: ScoreFn, device: torch.device,
+                         v0: int, q0: int) -> tuple[int, int]:
+    """CUDA: (bytes per video, bytes per pair) as the allocator counts them, on a probe block of
+    v0 videos (around the longest, so at the split's longest padding) x q0 queries, 10% added:
+    the method's real temporaries, whatever its score does (MS-SL's 528 proposals). Per video:
+    the peak while the block is built; per pair: what scoring adds on top of the block."""
+    n_v = len(bank)
+    top = int(bank.lengths.argmax()) if bank.seq is not None else 0
+    start = min(max(top - v0 // 2, 0), n_v - v0)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        videos = bank.block(start, start + v0, device)
+        q = query[:q0].to(device)
+        torch.cuda.synchronize(device)
+        built, held = (torch.cuda.max_memory_allocated(device) - base, torch.cuda.memory_allocated(device) - base)
+        score_fn(q, videos)
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del videos, q
+    return int(1.1 * built / v0) + 1, int(1.1 * max(peak - held, 0) / (v0 * q0)) + 1
+
+
 def block_plan(bank: VideoBank, n_queries: int, query_dim: int, device: torch.device | str,
-               memory_budget_mb: float | None = None) -> tuple[int, int]:
+               memory_budget_mb: float | None = None, sizes: tuple[int, int] | None = None
+               ) -> tuple[int, int]:
     """(video_chunk, query_chunk) whose block fits the memory budget next to what scoring keeps
-    on the device: the bank (when it is there, and not on CPU) and the query embeddings."""
+    on the device: the bank (when it is there, and not on CPU) and the query embeddings.
+    sizes: (bytes per video, bytes per pair), measured; default the estimate (block_bytes)."""
     device, budget = torch.device(device), _budget_bytes(memory_budget_mb)
     n_v = len(bank)
     longest = int(bank.lengths.max()) if bank.seq is not None and n_v else 0
-    per_video, per_pair = block_bytes(bank, longest)
+    per_video, per_pair = sizes or block_bytes(bank, longest)
     resident = 4 * n_queries * query_dim
     if device.type != "cpu" and bank.device == device:
         resident += bank.nbytes()
@@ -301,7 +328,12 @@ def score_matrix(query: torch.Tensor, bank: VideoBank, score_fn: ScoreFn,
     device = torch.device(device) if device is not None else query.device
     n_q, n_v = query.shape[0], len(bank)
     if query_chunk is None or video_chunk is None:
-        v_plan, q_plan = block_plan(bank, n_q, int(query.shape[-1]), device, memory_budget_mb)
+        sizes = None
+        if device.type == "cuda" and n_v and n_q:   # probe at most half the budget, 16 x 64
+            v0, q0 = block_plan(bank, n_q, int(query.shape[-1]), device, _budget_bytes(memory_budget_mb) / 2 / _MB)
+            with autocast(device, precision):
+                sizes = measured_block_bytes(bank, query, score_fn, device, min(v0, 16), min(q0, 64))
+        v_plan, q_plan = block_plan(bank, n_q, int(query.shape[-1]), device, memory_budget_mb, sizes)
         video_chunk, query_chunk = video_chunk or v_plan, query_chunk or q_plan
         log.debug("scoring in blocks of %d videos x %d queries", video_chunk, query_chunk)
     scores = torch.empty(n_q, n_v, dtype=torch.float32)
