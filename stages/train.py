@@ -130,4 +130,7 @@ def _write_outputs(out: dict[str, Path], settings: dict, result, tracker, ctx) -
 
 
 if __name__ == "__main__":
+    from prvr.kernels import reexec_with_allocator_env
+
+    reexec_with_allocator_env()  # the CPU allocator settings of prvr.kernels.ALLOCATOR_ENV
     sys.exit(main())

@@ -43,3 +43,35 @@ def test_demo_cli_takes_the_size_flags(tmp_path):
                       "--frames", "20,30", "--captions", "1,3"]) == 0
     lines = (tmp_path / "demo" / "TextData" / "demotest.caption.txt").read_text().splitlines()
     assert len({line.split("#", 1)[0] for line in lines}) == 2
+
+
+def _run(code: str, env: dict) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=120, check=True).stdout
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PRVR_MALLOC"))}
+    env.pop("GLIBC_TUNABLES", None)
+    return {**env, **extra}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_train_stage_restarts_itself_once_with_the_allocator_settings():
+    from prvr.kernels import ALLOCATOR_ENV, allocator_env_needed
+
+    if not allocator_env_needed(_clean_env()):
+        pytest.skip("not glibc")
+    code = ("import atexit, os, runpy, sys; print('start', flush=True); "
+            "atexit.register(lambda: print('ENV', *(os.environ.get(k) for k in %r)));"
+            "sys.argv = ['stages/train.py', '--help']; runpy.run_path('stages/train.py', run_name='__main__')"
+            % (sorted(ALLOCATOR_ENV),))
+    out = _run(code, _clean_env())
+    assert out.count("start") == 2  # one re-exec, no loop
+    assert f"ENV {' '.join(ALLOCATOR_ENV[k] for k in sorted(ALLOCATOR_ENV))}" in out
+    # opted out, or settings of the caller's own: no restart, nothing changed
+    for env, expect in ((_clean_env(PRVR_MALLOC="system"), "ENV None None None"),
+                        (_clean_env(MALLOC_MMAP_MAX_="7"), "ENV 7 None None")):  # MMAP_MAX, TOP_PAD, TRIM
+        out = _run(code, env)
+        assert out.count("start") == 1
+        assert expect in out
