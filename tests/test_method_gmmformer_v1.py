@@ -342,3 +342,83 @@ def test_training_steps_are_deterministic_on_cpu():
 
     (l1, p1), (l2, p2) = run(), run()
     assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+# ----------------------------------------------------------------------------- speed kernels
+
+def reference_query(model, feats, mask):
+    """The query encoder on the padded layout, query by query (no packing, no kernels)."""
+    a = model.query_layer
+    H, nh = model.cfg.hidden_size, a.n_heads
+    dh = H // nh
+    out = []
+    for i in range(feats.shape[0]):
+        n = int(mask[i].sum())
+        x = model.query_pos(model.query_proj(feats[i, :n]), torch.arange(n))
+        q, k, v = (x @ a.qkv_weight[0].t() + a.qkv_bias[0]).split(H, -1)
+        ctx = torch.cat([torch.softmax(q[:, s] @ k[:, s].t() / math.sqrt(dh), -1) @ v[:, s]
+                         for s in (slice(h * dh, (h + 1) * dh) for h in range(nh))], -1)
+        x = F.layer_norm(ctx @ a.out_weight[0].t() + a.out_bias[0] + x, (H,), a.norm_weight[0], a.norm_bias[0])
+        out.append(torch.softmax(model.query_pool(x).squeeze(-1), 0) @ x)
+    return torch.stack(out)
+
+
+def test_packed_kernels_match_plain_loops_in_value_and_gradient():
+    """Packing, the q/k/v scatter into length buckets, the packed head gather and pooling
+    (prvr.kernels) give the plain per-video / per-query computation's outputs AND gradients
+    (float64, eval mode), for every parameter the streams use."""
+    torch.manual_seed(0)
+    model = M.build_model(small_cfg()).double().eval()
+    lengths = [5, 9, 2, 9, 1, 6, 3]
+    b = video_batch(lengths, pad_to=11)
+    frames, fmask = b["frame_feats"].double(), b["frame_mask"]
+    qb = train_batch()
+    qfeats, qmask = qb["query_feats"].double(), qb["query_mask"]
+    g = torch.Generator().manual_seed(5)
+    wf = torch.randn(len(lengths), 16, generator=g, dtype=torch.float64)
+    wq = torch.randn(qfeats.shape[0], 16, generator=g, dtype=torch.float64)
+
+    def grads(fast: bool):
+        model.zero_grad()
+        if fast:
+            f, q = model.encode_frames(frames, fmask), model.encode_query_feats(qfeats, qmask)
+        else:
+            f = []
+            for i, n in enumerate(lengths):
+                x = model.frame_pos(model.frame_proj(frames[i, :n]), torch.arange(n))
+                for block in (model.frame_block1, model.frame_block2):
+                    x = reference_block(block, x, n, max(lengths)).double()
+                f.append(torch.softmax(model.frame_pool(x).squeeze(-1), 0) @ x)
+            f, q = torch.stack(f), reference_query(model, qfeats, qmask)
+        ((f * wf).sum() + (q * wq).sum()).backward()
+        return f.detach(), q.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    f1, q1, g1 = grads(True)
+    f0, q0, g0 = grads(False)
+    torch.testing.assert_close(f1, f0, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(q1, q0, rtol=1e-10, atol=1e-10)
+    assert set(g1) == set(g0) and any(n.startswith("frame_block2") for n in g1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-10, msg=n)
+
+
+def test_unscaled_input_dropout_is_dropout_with_the_scale_in_the_weight():
+    """kernels.dropout_unscaled: the same draw as kernels.dropout, zeroed in place, keep scale
+    returned for the next weight; its gradient is the dropout's (float64)."""
+    from prvr.kernels import dropout, dropout_unscaled
+
+    x = torch.randn(50, 40, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 40, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    y_ref = F.linear(dropout(x * 1.0, 0.3, True), w)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref.square().sum(), (x, w))
+    torch.manual_seed(3)
+    h, scale = dropout_unscaled(x * 1.0, 0.3, True)
+    assert scale == pytest.approx(1 / 0.7) and 0.5 < float((h == 0).double().mean()) / 0.3 < 1.5
+    y = F.linear(h, w * scale)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-12, atol=1e-12)
+    h_eval, s_eval = dropout_unscaled(x, 0.3, False)
+    assert h_eval is x and s_eval == 1.0

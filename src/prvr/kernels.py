@@ -370,3 +370,72 @@ class _ScatterBuckets(torch.autograd.Function):
         return grad, None
 
 
+# ----------------------------------------------------------------------------- GMMFormer v1 additions
+
+def dropout_unscaled(x: Tensor, p: float, training: bool) -> tuple[Tensor, float]:
+    """(h, s) with s * h == dropout(x): the dropped entries of x zeroed, not rescaled; the
+    caller folds the keep scale s into the next linear map's weight (a small tensor) instead
+    of passing over the large h. On CPU in training, x is overwritten and only the bool keep
+    mask is kept for backward: pass a fresh result whose backward does not need it (e.g. a
+    LayerNorm output)."""
+    if not training or p <= 0.0:
+        return x, 1.0
+    if p >= 1.0:
+        return torch.zeros_like(x), 1.0
+    if not cpu_kernels(x):
+        return F.dropout(x, p, True), 1.0
+    keep, scale = _keep_mask(x, p)
+    return _DroppedInPlace.apply(x, keep.logical_not_()), scale
+
+
+class _DroppedInPlace(torch.autograd.Function):
+    """x with the entries where `drop` is True zeroed, IN PLACE; backward zeroes the same
+    entries of the incoming gradient (in place when autograd hands over a fresh one)."""
+
+    @staticmethod
+    def forward(ctx, x, drop):
+        x.masked_fill_(drop, 0.0)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(drop)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        drop, = ctx.saved_tensors
+        if grad.is_contiguous() and grad.shape == drop.shape and not grad.requires_grad:
+            return grad.masked_fill_(drop, 0.0), None
+        return grad.masked_fill(drop, 0.0), None
+
+
+def gather_heads(x: Tensor, tokens: "Tokens") -> Tensor:
+    """`tokens.from_heads(x)` for x (K, B, n_heads, L, dh) -> packed (K, N, n_heads * dh), whose
+    backward writes each token's gradient once into its slot (autograd's generic path
+    accumulates into a zero tensor, a serial pass on CPU)."""
+    if tokens.index is None:
+        return tokens.from_heads(x)
+    rows, positions, pad_rows, pad_positions, _, _ = tokens.scatter_spec()
+    return _GatherHeads.apply(x, rows, positions, pad_rows, pad_positions)
+
+
+class _GatherHeads(torch.autograd.Function):
+    """(K, B, nh, L, dh) -> (K, N, nh * dh) at the valid (row, position) slots; backward puts
+    the gradient back at those slots and zeros at the padded ones (no accumulation: every
+    slot is written at most once)."""
+
+    @staticmethod
+    def forward(ctx, x, rows, positions, pad_rows, pad_positions):
+        K, _, nh, _, dh = x.shape
+        ctx.save_for_backward(rows, positions, pad_rows, pad_positions)
+        ctx.shape = x.shape
+        return x.transpose(2, 3)[:, rows, positions].reshape(K, rows.numel(), nh * dh)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, positions, pad_rows, pad_positions = ctx.saved_tensors
+        K, B, nh, L, dh = ctx.shape
+        out = grad.new_empty(ctx.shape)
+        view = out.transpose(2, 3)                                          # (K, B, L, nh, dh)
+        view[:, rows, positions] = grad.reshape(K, -1, nh, dh)
+        if pad_rows.numel():
+            view[:, pad_rows, pad_positions] = 0.0
+        return out, None, None, None, None

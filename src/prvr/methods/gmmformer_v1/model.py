@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
-from ...kernels import Tokens, _ScatterBuckets, add_dropout, as_bool, dropout
+from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, dropout, dropout_unscaled,
+                       gather_heads)
 from ..layers import InputProjection, PositionEmbedding
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0)
@@ -154,6 +155,15 @@ def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:]), weight.view(shape))
 
 
+def _project(proj: InputProjection, x: Tensor) -> Tensor:
+    """proj(x) (LayerNorm -> Dropout -> Linear -> ReLU) with the dropout's keep scale folded
+    into the Linear's weight and the drop applied in place on the fresh LayerNorm output."""
+    h = F.layer_norm(x, x.shape[-1:], proj.norm.weight, proj.norm.bias, proj.norm.eps)
+    h, scale = dropout_unscaled(h, proj.p, proj.training)
+    w = proj.linear.weight if scale == 1.0 else proj.linear.weight * scale
+    return F.relu(F.linear(h, w, proj.linear.bias), inplace=True)
+
+
 def _pool(x: Tensor, tokens: Tokens, linear: nn.Linear) -> Tensor:
     """Attention pooling of packed tokens (N, H) -> (B, H), one vector per row of `tokens`;
     padded slots get logit POOL_FILL (weight exactly 0), as in the release."""
@@ -210,7 +220,7 @@ class AttentionBranches(nn.Module):
         for i, (_, _, sub) in enumerate(groups):
             q, k, v = heads[3 * i:3 * i + 3]
             ctx = _attention(q, k, v, gauss[i], sub.key_mask_add(x.dtype), self.p, self.training)
-            parts.append(sub.from_heads(ctx))                                # (K, n, H)
+            parts.append(gather_heads(ctx, sub))                             # (K, n, H)
         ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         out = torch.baddbmm(self.out_bias.unsqueeze(1), ctx, self.out_weight.transpose(1, 2))
         out = add_dropout(x, out, self.p, self.training)
@@ -275,7 +285,7 @@ class GMMFormer(nn.Module):
         x = Tokens(mask, Nq, Lq, mask.device).pack(query_feats)
         tokens = Tokens(mask.repeat(copies, 1) if copies > 1 else mask, copies * Nq, Lq, mask.device)
         x = x.repeat(copies, 1) if copies > 1 else x
-        x = self.query_pos(self.query_proj(x), tokens.positions)            # (N, H) real tokens
+        x = self.query_pos(_project(self.query_proj, x), tokens.positions)            # (N, H) real tokens
         x = self.query_layer(x, [(0, tokens.count, tokens)], [None]).squeeze(0)
         return _pool(x, tokens, self.query_pool)
 
@@ -283,7 +293,7 @@ class GMMFormer(nn.Module):
         """(B, n_clips, Dv) -> (B, n_clips, H); windows for n_clips positions."""
         B, C = clip_feats.shape[:2]
         tokens = Tokens(None, B, C, clip_feats.device)
-        x = self.clip_pos(self.clip_proj(tokens.pack(clip_feats)), tokens.positions)
+        x = self.clip_pos(_project(self.clip_proj, tokens.pack(clip_feats)), tokens.positions)
         gauss = gaussian_windows(torch.tensor([C], device=x.device), C, self.cfg.widths)
         groups, gauss = [(0, B * C, tokens)], [gauss.to(x.dtype)[:, :, None]]   # (K, 1, 1, C, C)
         return self.clip_block2(self.clip_block1(x, groups, gauss), groups, gauss).view(B, C, -1)
@@ -305,7 +315,7 @@ class GMMFormer(nn.Module):
             else torch.arange(B, device=mask.device).repeat_interleave(tokens.length)
         source = order[rows] * Lf + tokens.positions                        # slots in (B, Lf)
         x = frame_feats.reshape(B * Lf, -1).index_select(0, source)
-        x = self.frame_pos(self.frame_proj(x), tokens.positions)            # (N, H) real tokens
+        x = self.frame_pos(_project(self.frame_proj, x), tokens.positions)            # (N, H) real tokens
         groups, gauss = self._frame_groups(valid, ends, ends_host, x.dtype)
         x = self.frame_block2(self.frame_block1(x, groups, gauss), groups, gauss)
         vecs = _pool(x, tokens, self.frame_pool)                            # (B, H), sorted
