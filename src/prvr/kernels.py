@@ -119,8 +119,23 @@ def dropout(x: Tensor, p: float, training: bool, relu: bool = False) -> Tensor:
     keep, scale = _keep_mask(x, p)
     if relu:
         keep &= x > 0
-    # one multiply by a {0, 1/(1-p)} tensor; autograd keeps only that tensor for backward
-    return x * keep.to(x.dtype).mul_(scale)
+    return _Dropped.apply(x, keep, scale)
+
+
+class _Dropped(torch.autograd.Function):
+    """x * keep * scale with a bool keep mask, which is all backward keeps (1 byte an entry,
+    not the 4 of a float mask autograd would save for a plain multiply)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.mul(x, keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(ctx.scale), None, None
 
 
 def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
@@ -132,12 +147,30 @@ def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     of 2^-16 (0.2 -> 0.199997) and the scale uses that same rate.
     """
     if not SWITCHES.fast_dropout:
-        return torch.rand(x.shape, dtype=x.dtype) >= p, 1.0 / (1.0 - p)
+        return _uniform_at_least(x.shape, x.dtype, p), 1.0 / (1.0 - p)
     n = x.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
     bits = words.view(torch.int16)[:n].view(x.shape)
     cut = min(max(int(round(p * 65536)), 1), 65535)
     return bits >= cut - 32768, 65536.0 / (65536 - cut)
+
+
+_MASK_CHUNK = 1 << 18
+
+
+def _uniform_at_least(shape, dtype: torch.dtype, p: float) -> Tensor:
+    """torch.rand(shape, dtype=dtype) >= p, the same draws in the same order (the CPU
+    generator fills serially), made through a small reused buffer in chunks: no float
+    tensor of the full size (for an FFN activation, hundreds of MB) is ever allocated."""
+    keep = torch.empty(shape, dtype=torch.bool)
+    flat, n = keep.view(-1), keep.numel()
+    if n <= _MASK_CHUNK:
+        return torch.ge(torch.rand(shape, dtype=dtype), p, out=keep)
+    buf = torch.empty(_MASK_CHUNK, dtype=dtype)
+    for i in range(0, n, _MASK_CHUNK):
+        m = min(_MASK_CHUNK, n - i)
+        torch.ge(torch.rand(m, dtype=dtype, out=buf[:m]), p, out=flat[i:i + m])
+    return keep
 
 
 class _DroppedRelu(torch.autograd.Function):
@@ -181,19 +214,20 @@ def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
     if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):
         return x + dropout(y, p, training)
     keep, scale = _keep_mask(y, p)
-    return _AddDropped.apply(x, y, keep.to(y.dtype), scale)
+    return _AddDropped.apply(x, y, keep, scale)
 
 
 class _AddDropped(torch.autograd.Function):
-    """x + y * keep * scale (keep a {0, 1} float tensor); backward: y's gradient is
-    grad * keep * scale, the second multiply in place."""
+    """x + y * keep * scale (keep a bool tensor, all that backward keeps); backward: y's
+    gradient is grad * keep * scale, the second multiply in place."""
 
     @staticmethod
     def forward(ctx, x, y, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
         ctx.x_shape = x.shape
-        return torch.addcmul(x, y, keep, value=scale)
+        out = torch.mul(y, keep).mul_(scale)
+        return out.add_(x) if torch.broadcast_shapes(x.shape, out.shape) == out.shape else out + x
 
     @staticmethod
     def backward(ctx, grad):
@@ -203,6 +237,112 @@ class _AddDropped(torch.autograd.Function):
             gx = grad if grad.shape == ctx.x_shape else grad.sum_to_size(ctx.x_shape)
         gy = (grad * keep).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
         return gx, gy, None, None
+
+
+def branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim of (K, N, H) with per-branch affine parameters (K, H).
+
+    Backward keeps the normalised input and 1/std only; plain layer_norm + addcmul would
+    keep the input as well (a (K, N, H) tensor per call, ~100 MB on a TVR frame batch)."""
+    if x.dim() != 3 or weight.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"branch_layer_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    return _BranchLayerNorm.apply(x, weight, bias, eps)
+
+
+class _BranchLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        # in the parameters' dtype: under bf16 autocast x arrives in bf16, and a layer norm runs
+        # in fp32 there (autocast's own policy); its input gradient goes back in x's dtype
+        ctx.x_dtype = x.dtype
+        normed, _, rstd = torch.native_layer_norm(x.to(weight.dtype), x.shape[-1:], None, None, eps)
+        ctx.save_for_backward(normed, rstd, weight)
+        return torch.addcmul(bias.unsqueeze(1), normed, weight.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensors
+        grad_w = torch.linalg.vecdot(grad, normed, dim=1) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(1) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of LN: rstd * (g - mean(g) - normed * mean(g * normed)), g = grad * weight
+            g = grad * weight.unsqueeze(1)
+            c = torch.linalg.vecdot(g, normed, dim=-1).div_(g.shape[-1]).unsqueeze(-1)
+            grad_x = g.sub_(g.mean(-1, keepdim=True)).sub_(normed * c).mul_(rstd).to(ctx.x_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def norm_dropout_linear(x: Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear, p: float,
+                        training: bool) -> Tensor:
+    """linear(dropout(norm(x))) on input features (x needs no gradient), as one autograd node
+    on CPU in training: backward keeps x, the bool keep mask and the norm statistics, and
+    recomputes the dropped normalised input for the weight gradient, instead of keeping it
+    (an (N, D_in) float tensor, ~100 MB for a TVR frame batch). Same draws as `dropout`."""
+    if not training or p <= 0.0 or p >= 1.0 or x.requires_grad or not cpu_kernels(x):
+        return linear(dropout(norm(x), p, training))
+    keep, scale = _keep_mask(x, p)
+    return _NormDropLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, keep, scale,
+                                 norm.eps)
+
+
+class _NormDropLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w, b, keep, scale, eps):
+        z, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)
+        ctx.save_for_backward(x, mean, rstd, keep, ln_w, ln_b, w)
+        ctx.scale = scale
+        return torch.addmm(b, z.mul_(keep).mul_(scale), w.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, keep, ln_w, ln_b, w = ctx.saved_tensors
+        xhat = (x - mean).mul_(rstd)
+        dropped = torch.addcmul(ln_b, xhat, ln_w).mul_(keep).mul_(ctx.scale)
+        grad_w = grad.t().mm(dropped)
+        del dropped
+        grad_z = grad.mm(w).mul_(keep).mul_(ctx.scale)                     # (N, D_in)
+        grad_ln_b = grad_z.sum(0)
+        grad_ln_w = torch.linalg.vecdot(grad_z, xhat, dim=0)
+        return None, grad_ln_w, grad_ln_b, grad_w, grad.sum(0), None, None, None
+
+
+def pool_tokens(weights: Tensor, x: Tensor, tokens: "Tokens") -> Tensor:
+    """Weighted sums of each video's tokens: weights (K, B, L, h) over the padded slots,
+    x (K, N, H) packed -> (K * B, h, H), i.e. bmm(weights^T, unpack(x)).
+
+    The padded copy of x is made for the matmul and dropped; backward makes it again
+    instead of keeping it (a (K, B * L, H) tensor, ~200 MB on a TVR frame batch)."""
+    K, B, L, h = weights.shape
+    w = weights.reshape(K * B, L, h).transpose(1, 2)
+    if tokens.index is None:
+        return torch.bmm(w, x.reshape(K * B, L, x.shape[-1]))
+    return _PoolPacked.apply(w, x, tokens.index, B * L)
+
+
+class _PoolPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, x, index, slots):
+        ctx.save_for_backward(w, x, index)
+        ctx.slots = slots
+        return torch.bmm(w, _padded(x, index, slots, w.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, x, index = ctx.saved_tensors
+        grad_w = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.bmm(grad, _padded(x, index, ctx.slots, w.shape[0]).transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            g = torch.bmm(w.transpose(1, 2), grad)                           # (KB, L, H)
+            grad_x = g.view(x.shape[0], ctx.slots, -1).index_select(1, index)
+        return grad_w, grad_x, None, None
+
+
+def _padded(x: Tensor, index: Tensor, slots: int, kb: int) -> Tensor:
+    """packed (K, N, H) -> (K * B, L, H), zeros at the padded slots."""
+    out = x.new_zeros(x.shape[0], slots, x.shape[-1]).index_copy_(1, index, x)
+    return out.view(kb, slots * x.shape[0] // kb, x.shape[-1])
 
 
 class Tokens:
@@ -368,6 +508,8 @@ class _ScatterBuckets(torch.autograd.Function):
                 if g is not None:
                     grad[t0:t1, :, j] = g.permute(1, 3, 0, 2, 4)[rows, positions]
         return grad, None
+
+
 
 
 # ----------------------------------------------------------------------------- GMMFormer v1 additions

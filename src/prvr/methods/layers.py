@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import dropout
+from ..kernels import dropout, norm_dropout_linear
 
 
 def mark_release_chunks(param: nn.Parameter, chunks: int) -> nn.Parameter:
@@ -26,7 +26,7 @@ class InputProjection(nn.Module):
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.linear(dropout(self.norm(x), self.p, self.training)))
+        return F.relu(norm_dropout_linear(x, self.norm, self.linear, self.p, self.training))
 
 
 class PositionEmbedding(nn.Module):

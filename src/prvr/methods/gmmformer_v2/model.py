@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, dropout,
-                        relu_dropout_unscaled)
+from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, cpu_kernels,
+                        dropout, pool_tokens, relu_dropout_unscaled)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding
 
@@ -117,6 +117,8 @@ def gaussian_matrix(length: int, width: float | None) -> Tensor:
 
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """LayerNorm of (K, N, H) with per-branch affine parameters (K, H)."""
+    if cpu_kernels(x):
+        return branch_layer_norm(x, weight, bias)
     return torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), weight.unsqueeze(1))
 
 
@@ -238,8 +240,7 @@ class WeightTokenAttention(nn.Module):
         fill = torch.finfo(scores.dtype).min
         scores = tokens.unpack(scores, dim=1, fill=fill).view(K, B, L, nh)
         probs = dropout(torch.softmax(scores, dim=2), self.p, self.training)  # (K, B, L, nh)
-        seq = tokens.unpack(branches, dim=1).view(K * B, L, H)
-        pooled = torch.bmm(probs.view(K * B, L, nh).transpose(1, 2), seq)     # (KB, nh, H)
+        pooled = pool_tokens(probs, branches, tokens)                         # (KB, nh, H)
         # values: W_v applied after pooling; the bias is weighted by the kept probability mass.
         ctx = torch.einsum("nhc,hdc->nhd", pooled, w_v) + probs.sum(2).view(K * B, nh, 1) * b_v
         t = self.norm1(add_dropout(token, ctx.reshape(K, B, H), self.p, self.training))

@@ -1,0 +1,68 @@
+"""The memory-saving kernels compute what plain PyTorch computes (values and gradients)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prvr import kernels
+from prvr.kernels import Tokens, branch_layer_norm, dropout, norm_dropout_linear, pool_tokens
+
+
+def test_chunked_keep_mask_is_the_plain_draw():
+    for n in (10, kernels._MASK_CHUNK + 7, 3 * kernels._MASK_CHUNK):
+        torch.manual_seed(3)
+        plain = torch.rand(n) >= 0.2
+        torch.manual_seed(3)
+        assert torch.equal(kernels._uniform_at_least((n,), torch.float32, 0.2), plain)
+
+
+def test_dropout_keeps_the_rate_scale_and_gradient():
+    x = torch.randn(64, 300, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.2, True)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] * 1.25)
+    assert abs(kept.float().mean().item() - 0.8) < 0.02
+    g, = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g, kept.float() * 1.25)
+
+
+def test_branch_layer_norm_matches_layer_norm_and_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    ref = torch.addcmul(b.unsqueeze(1), F.layer_norm(x, (8,)), w.unsqueeze(1))
+    assert torch.allclose(branch_layer_norm(x, w, b), ref)
+    assert torch.autograd.gradcheck(branch_layer_norm, (x, w, b))
+
+
+def test_pool_tokens_is_bmm_over_the_padded_layout():
+    torch.manual_seed(0)
+    K, B, L, h, H = 3, 4, 5, 2, 6
+    mask = torch.rand(B, L) > 0.3
+    mask[:, 0] = True
+    for tokens in (Tokens(mask, B, L, torch.device("cpu")), Tokens(None, B, L, torch.device("cpu"))):
+        w = torch.rand(K, B, L, h, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(K, tokens.count, H, dtype=torch.float64, requires_grad=True)
+        ref = torch.bmm(w.view(K * B, L, h).transpose(1, 2), tokens.unpack(x, dim=1).reshape(K * B, L, H))
+        assert torch.allclose(pool_tokens(w, x, tokens), ref)
+        assert torch.autograd.gradcheck(lambda w, x, t=tokens: pool_tokens(w, x, t), (w, x))
+
+
+def test_norm_dropout_linear_is_the_unfused_chain():
+    torch.manual_seed(0)
+    norm, lin = nn.LayerNorm(40).double(), nn.Linear(40, 7).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(30, 40, dtype=torch.float64)
+    outs = []
+    for f in (lambda: norm_dropout_linear(x, norm, lin, 0.2, True), lambda: lin(dropout(norm(x), 0.2, True))):
+        torch.manual_seed(5)
+        y = f()
+        outs.append((y, torch.autograd.grad((y * torch.arange(7.0)).sum(), list(norm.parameters()) + list(lin.parameters()))))
+    (y1, g1), (y2, g2) = outs
+    assert torch.allclose(y1, y2)
+    assert all(torch.allclose(a, b) for a, b in zip(g1, g2))
