@@ -48,13 +48,13 @@ def corpus_args(args) -> dict:
 
 def ensure_corpus(root: Path, spec: dict) -> Path:
     """ROOT/data/tvr, generated unless a corpus of the same spec is there."""
-    from prvr.data.demo import custom_preset, generate_corpus
-
     data = root / "data"
     stamp = data / "bench_corpus.json"
     spec = json.loads(json.dumps(spec))  # tuples as the lists the stamp holds
     if stamp.is_file() and json.loads(stamp.read_text()) == spec and (data / "tvr").is_dir():
         return data
+    from prvr.data.demo import custom_preset, generate_corpus
+
     t0 = time.perf_counter()
     preset = custom_preset(spec["preset"], tuple(spec["videos"]), tuple(spec["frames"]), tuple(spec["captions"]))
     generate_corpus(data, preset, seed=spec["seed"], progress=False)
