@@ -96,8 +96,9 @@ def reexec_with_allocator_env() -> None:
 
 
 def cpu_kernels(x: Tensor) -> bool:
-    """True when x takes the CPU kernels (on CPU and not forced portable)."""
-    return x.device.type == "cpu" and not SWITCHES.portable
+    """True when x takes the CPU kernels (on CPU, not forced portable, and not under autocast:
+    a bf16 forward takes the portable path, the one CUDA runs, whose ops autocast handles)."""
+    return x.device.type == "cpu" and not SWITCHES.portable and not torch.is_autocast_enabled("cpu")
 
 
 def as_bool(mask: Tensor) -> Tensor:
@@ -329,13 +330,16 @@ class _PoolPacked(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w, x, index = ctx.saved_tensors
+        w0, x0, index = ctx.saved_tensors
+        # under autocast the forward's bmm ran in grad's dtype (bf16): so does the backward's,
+        # and each gradient goes back in its input's dtype
+        w, x = w0.to(grad.dtype), x0.to(grad.dtype)
         grad_w = grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.bmm(grad, _padded(x, index, ctx.slots, w.shape[0]).transpose(1, 2))
+            grad_w = torch.bmm(grad, _padded(x, index, ctx.slots, w.shape[0]).transpose(1, 2)).to(w0.dtype)
         if ctx.needs_input_grad[1]:
             g = torch.bmm(w.transpose(1, 2), grad)                           # (KB, L, H)
-            grad_x = g.view(x.shape[0], ctx.slots, -1).index_select(1, index)
+            grad_x = g.view(x.shape[0], ctx.slots, -1).index_select(1, index).to(x0.dtype)
         return grad_w, grad_x, None, None
 
 
