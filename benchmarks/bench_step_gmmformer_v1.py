@@ -151,7 +151,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--release", type=Path, help="a copy of the public GMMFormer (v1) release")
     ap.add_argument("--seed", type=int, default=9527)
+    ap.add_argument("--allocator-env", action="store_true",
+                    help="re-exec under prvr.kernels.ALLOCATOR_ENV (glibc malloc settings), as the train "
+                         "stage runs; both implementations share the process, so both get them")
     args = ap.parse_args(argv)
+    if args.allocator_env:
+        from prvr.kernels import allocator_env_needed, reexec_with_allocator_env
+
+        reexec_with_allocator_env()  # returns when the settings are already in place
+        print(f"allocator settings: {'missing' if allocator_env_needed() else 'in place'}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
