@@ -469,10 +469,6 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
            **{f"loss_{t}": v for t, v in losses.items()}, **{f"val_{k}": val[k] for k in METRIC_KEYS}}
     run.history.append(row)
     run.finished = stop or epoch + 1 >= int(tr["epochs"])
-    extra = {"state_version": STATE_VERSION, "fingerprint": run.fp, "rng": rng_state(run.loss_gen),
-             "best_epoch": run.best_epoch, "best_val": run.best_val, "es_count": run.es_count,
-             "finished": run.finished, "stopped_early": stop, "history": run.history, "run_id": run.run_id}
-    save_checkpoint(run.ckpt_dir / LAST, run.model, name, run.optimizer, epoch, val, run.settings, extra)
     if history_csv is not None:
         write_history_csv(history_csv, run.history, run.terms)
     log.info("epoch %d: loss %.4f (%.1f s) | val %s | %s", epoch, losses["total"], row["epoch_time_s"],
@@ -483,6 +479,12 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
                              **{f"val_{k}": val[k] for k in METRIC_KEYS},
                              "val_best_sumr": run.best_val["sumr"], "epoch_time_s": row["epoch_time_s"],
                              "hard_negatives": float(row["hard_negatives"])}, step=epoch)
+    # last.pt is the epoch's commit point: written after the history and the MLflow metrics, so
+    # a crash after it has lost nothing (one before it reruns the epoch)
+    extra = {"state_version": STATE_VERSION, "fingerprint": run.fp, "rng": rng_state(run.loss_gen),
+             "best_epoch": run.best_epoch, "best_val": run.best_val, "es_count": run.es_count,
+             "finished": run.finished, "stopped_early": stop, "history": run.history, "run_id": run.run_id}
+    save_checkpoint(run.ckpt_dir / LAST, run.model, name, run.optimizer, epoch, val, run.settings, extra)
     if stop:
         log.info("early stop: best validation SumR %.2f at epoch %d has not improved for %d epochs",
                  run.best_val["sumr"], run.best_epoch, run.es_count)
