@@ -32,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,28 +133,10 @@ def child_ours(args) -> int:
 
 
 def _shim_release_imports() -> None:
-    import torch
+    from release_shim import cuda_as_noop, shim_missing
 
-    for mod in ("ipdb", "easydict", "seaborn", "matplotlib", "matplotlib.pyplot"):  # imported, unused
-        try:
-            __import__(mod)
-        except ImportError:
-            shim = types.ModuleType(mod)
-
-            class EasyDict(dict):
-                def __getattr__(self, k):
-                    try:
-                        return self[k]
-                    except KeyError:
-                        raise AttributeError(k) from None
-
-                def __setattr__(self, k, v):
-                    self[k] = v
-            shim.EasyDict = EasyDict
-            sys.modules[mod] = shim
-    if not torch.cuda.is_available():  # the release hard-codes .cuda()
-        torch.Tensor.cuda = lambda self, *a, **k: self
-        torch.nn.Module.cuda = lambda self, *a, **k: self
+    shim_missing("ipdb", "easydict", "seaborn", "matplotlib", "matplotlib.pyplot")  # imported, unused
+    cuda_as_noop(modules=True)  # the release hard-codes .cuda()
 
 
 def child_release(args) -> int:

@@ -17,11 +17,11 @@ import argparse
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
+from release_shim import cuda_as_noop, shim_missing
 from prvr.methods import get_method
 from prvr.methods.gmmformer_v1.release import to_release_state_dict
 from prvr.optim import build_optimizer
@@ -54,25 +54,8 @@ def import_release(root: Path):
     src = Path(root) / "src"
     if not (src / "Models" / "gmmformer" / "model.py").is_file():
         raise SystemExit(f"--release {root}: no src/Models/gmmformer/model.py there")
-    for mod in ("ipdb", "easydict"):
-        try:
-            __import__(mod)
-        except ImportError:
-            shim = types.ModuleType(mod)
-
-            class EasyDict(dict):
-                def __getattr__(self, k):
-                    try:
-                        return self[k]
-                    except KeyError:
-                        raise AttributeError(k) from None
-
-                def __setattr__(self, k, v):
-                    self[k] = v
-            shim.EasyDict = EasyDict
-            sys.modules[mod] = shim
-    if not torch.cuda.is_available():
-        torch.Tensor.cuda = lambda self, *a, **k: self  # the release hard-codes .cuda()
+    shim_missing("ipdb", "easydict")
+    cuda_as_noop()  # the release hard-codes .cuda()
     sys.path.insert(0, str(src))
     from easydict import EasyDict
     from Losses.loss import loss as ReleaseLoss

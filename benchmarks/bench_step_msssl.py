@@ -20,11 +20,11 @@ import argparse
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
+from release_shim import shim_missing
 from prvr.methods import get_method
 from prvr.methods.msssl.model import MSSLConfig
 from prvr.methods.msssl.release import to_release_state_dict
@@ -76,22 +76,7 @@ class Release:
     def __init__(self, root: Path, cfg: MSSLConfig, weights: dict):
         if not (root / "method" / "model.py").is_file():
             raise SystemExit(f"--release {root}: no method/model.py there")
-        try:
-            import easydict  # noqa: F401
-        except ImportError:
-            shim = types.ModuleType("easydict")
-
-            class EasyDict(dict):
-                def __getattr__(self, k):
-                    try:
-                        return self[k]
-                    except KeyError:
-                        raise AttributeError(k) from None
-
-                def __setattr__(self, k, v):
-                    self[k] = v
-            shim.EasyDict = EasyDict
-            sys.modules["easydict"] = shim
+        shim_missing("easydict")
         sys.path.insert(0, str(root))
         from easydict import EasyDict
         from method.model import MS_SL_Net

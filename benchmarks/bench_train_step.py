@@ -19,11 +19,11 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
+from release_shim import cuda_as_noop, shim_missing
 from prvr.kernels import SWITCHES, switches
 from prvr.methods import get_method
 from prvr.methods.gmmformer_v2 import GMMFormerConfig
@@ -99,25 +99,8 @@ class Release:
         src = root / "src"
         if not (src / "Models" / "gmmformerV2" / "model.py").is_file():
             raise SystemExit(f"--release {root}: no src/Models/gmmformerV2/model.py there")
-        for mod in ("ipdb", "easydict"):
-            try:
-                __import__(mod)
-            except ImportError:
-                shim = types.ModuleType(mod)
-
-                class EasyDict(dict):
-                    def __getattr__(self, k):
-                        try:
-                            return self[k]
-                        except KeyError:
-                            raise AttributeError(k) from None
-
-                    def __setattr__(self, k, v):
-                        self[k] = v
-                shim.EasyDict = EasyDict
-                sys.modules[mod] = shim
-        if not torch.cuda.is_available():
-            torch.Tensor.cuda = lambda self, *a, **k: self  # the release hard-codes .cuda()
+        shim_missing("ipdb", "easydict")
+        cuda_as_noop()  # the release hard-codes .cuda()
         sys.path.insert(0, str(src))
         from easydict import EasyDict
         from Losses.loss import loss as ReleaseLoss
