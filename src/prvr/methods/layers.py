@@ -1,8 +1,12 @@
 """Building blocks the method networks share (the releases share them too): the input
 projection and the learned position embedding of every stream, and the `release_chunks` mark
-of a parameter that fuses several release tensors."""
+of a parameter that fuses several release tensors, and the (Gaussian-windowed) masked
+attention of the GMMFormer blocks."""
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -103,3 +107,19 @@ def check_release_layout(sd, layout, cfg, what: str = "release state dict") -> N
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
         raise ValueError(f"{what}: unexpected tensors {extra[:5]}{more}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
+              p: float, training: bool) -> Tensor:
+    """softmax((q k^T / sqrt(d)) * G + mask) @ v, with dropout on the probabilities.
+
+    q, k, v: (..., L, d); gauss broadcastable to (..., L, L); mask_add to (..., 1, L).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if gauss is not None:
+        scores = scores * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, scores, gauss, value=scale)
+    else:
+        scores = scores * scale if mask_add is None else torch.add(mask_add, scores, alpha=scale)
+    probs = dropout(torch.softmax(scores, dim=-1), p, training)
+    return torch.matmul(probs, v)

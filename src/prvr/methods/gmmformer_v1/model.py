@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, dropout, dropout_unscaled,
                        gather_heads)
-from ..layers import InputProjection, PositionEmbedding
+from ..layers import InputProjection, PositionEmbedding, attention
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0)
 MASK_ADD = -10000.0  # the release's additive key mask
@@ -175,19 +175,6 @@ def _pool(x: Tensor, tokens: Tokens, linear: nn.Linear) -> Tensor:
     return x.new_zeros(B, x.shape[1]).index_add(0, rows, attn * x)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
-               p: float, training: bool) -> Tensor:
-    """softmax(scaled q k^T * G + mask) v with dropout on the probabilities; q, k, v (..., l, d),
-    gauss broadcastable to (..., l, l), mask_add to (..., 1, l)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s = torch.matmul(q, k.transpose(-1, -2))
-    if gauss is not None:
-        s = s * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, s, gauss, value=scale)
-    else:
-        s = s * scale if mask_add is None else torch.add(mask_add, s, alpha=scale)
-    return torch.matmul(dropout(torch.softmax(s, dim=-1), p, training), v)
-
-
 # ----------------------------------------------------------------------------- modules
 
 class AttentionBranches(nn.Module):
@@ -219,7 +206,7 @@ class AttentionBranches(nn.Module):
         parts = []
         for i, (_, _, sub) in enumerate(groups):
             q, k, v = heads[3 * i:3 * i + 3]
-            ctx = _attention(q, k, v, gauss[i], sub.key_mask_add(x.dtype), self.p, self.training)
+            ctx = attention(q, k, v, gauss[i], sub.key_mask_add(x.dtype), self.p, self.training)
             parts.append(gather_heads(ctx, sub))                             # (K, n, H)
         ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         out = torch.baddbmm(self.out_bias.unsqueeze(1), ctx, self.out_weight.transpose(1, 2))

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, cpu_kernels,
                         dropout, pool_tokens, relu_dropout_unscaled)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
-from ..layers import InputProjection, PositionEmbedding
+from ..layers import InputProjection, PositionEmbedding, attention
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
 
@@ -122,22 +122,6 @@ def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), weight.unsqueeze(1))
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
-               p: float, training: bool) -> Tensor:
-    """softmax((q k^T / sqrt(d)) * G + mask) @ v, with dropout on the probabilities.
-
-    q, k, v: (..., L, d); gauss broadcastable to (..., L, L); mask_add to (..., 1, L).
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    if gauss is not None:
-        scores = scores * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, scores, gauss, value=scale)
-    else:
-        scores = scores * scale if mask_add is None else torch.add(mask_add, scores, alpha=scale)
-    probs = dropout(torch.softmax(scores, dim=-1), p, training)
-    return torch.matmul(probs, v)
-
-
 # ----------------------------------------------------------------------------- modules
 
 class EncoderLayer(nn.Module):
@@ -155,7 +139,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
         q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(self.qkv(x), 1, self.n_heads))
-        ctx = _attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
+        ctx = attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)
         x = self.norm1(add_dropout(x, ctx, self.p, self.training))
         h, keep_scale = relu_dropout_unscaled(self.ffn_in(x), self.p, self.training)
@@ -199,7 +183,7 @@ class GaussianBranches(nn.Module):
         parts = []
         for (q, k, v), (_, _, sub) in zip(heads, groups):                 # each (K, b, nh, l, dh)
             gauss = self.gauss[:, None, None, :sub.length, :sub.length]
-            ctx = _attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
+            ctx = attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
             parts.append(sub.from_heads(ctx))                              # (K, n, H)
         ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)         # (K, N, H)
         y = _branch_layer_norm(add_dropout(x, ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
