@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +95,20 @@ def tiny_demo(params_path: Path = REPO / "params.yaml") -> dict:
 
 
 TINY_DEMO = tiny_demo()
+
+
+def assert_same_batches(a, b) -> None:
+    """The two batch sequences (lists or loaders) are equal, tensor by tensor, bit for bit
+    and dtype for dtype, and not empty."""
+    a, b = list(a), list(b)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
 
 
 def free_port() -> int:

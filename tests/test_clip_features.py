@@ -20,6 +20,7 @@ from prvr.data.fetch import fetch
 from prvr.data.h5features import H5FeatureStore, raw_f32_index
 from prvr.data.layout import CollectionPaths, DataError, default_h5_feature, default_query_feature, locate
 from prvr.data.validate import validate, validate_collection
+from conftest import assert_same_batches
 
 VIDEO_FILE = default_h5_feature("demo")            # new_clip_vit_32_demo_vid_features.hdf5
 QUERY_FILE = default_query_feature("demo", "hdf5")  # clip_ViT_B_32_demo_query_feat.hdf5
@@ -46,27 +47,17 @@ def _h5_paths(cdir: Path) -> CollectionPaths:
     return CollectionPaths(cdir, "demo", VIDEO_FILE, "hdf5", QUERY_FILE)
 
 
-def _same_batches(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            if torch.is_tensor(x[k]):
-                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
-            else:
-                assert x[k] == y[k], k
-
-
 # ---------------------------------------------------------------------------------- the store
 
 @pytest.mark.parametrize("max_frames", [128, 16])
 def test_hdf5_store_gives_the_bigfile_batches_bit_for_bit(both, max_frames):
     big, h5 = Corpus(both, "demo_feats"), _h5_corpus(both)
     kw = {"n_clips": 32, "max_frames": max_frames, "max_query_len": 30}
-    _same_batches(make_train_loader(big, batch_size=7, seed=3, **kw),
-                  make_train_loader(h5, batch_size=7, seed=3, **kw))
+    assert_same_batches(make_train_loader(big, batch_size=7, seed=3, **kw),
+                        make_train_loader(h5, batch_size=7, seed=3, **kw))
     for split in ("val", "test"):
         for lb, lh in zip(make_eval_loaders(big, split, 5, 9, **kw), make_eval_loaders(h5, split, 5, 9, **kw)):
-            _same_batches(lb, lh)
+            assert_same_batches(lb, lh)
     store = h5.features
     # every video went through the one-read path, checked once against HDF5's read
     assert len(store._offset) == len(store) and store._checked and store._fast
@@ -78,9 +69,9 @@ def test_hdf5_store_gives_the_bigfile_batches_bit_for_bit(both, max_frames):
 def test_item_path_and_batched_path_agree_on_hdf5(both):
     corpus = _h5_corpus(both)
     ds = TrainVideoDataset(corpus)
-    _same_batches([collate_train([ds[i] for i in range(6)])], [collate_train(ds.__getitems__(range(6)))])
+    assert_same_batches([collate_train([ds[i] for i in range(6)])], [collate_train(ds.__getitems__(range(6)))])
     vds = VideoDataset(corpus, "test")
-    _same_batches([collate_videos([vds[i] for i in range(4)])], [collate_videos(vds.__getitems__(range(4)))])
+    assert_same_batches([collate_videos([vds[i] for i in range(4)])], [collate_videos(vds.__getitems__(range(4)))])
 
 
 @pytest.mark.parametrize("how", ["chunked+gzip", "float64", "big-endian", "float16"])
@@ -118,7 +109,7 @@ def test_a_wrong_offset_is_caught_by_the_first_read_and_hdf5_reads_instead(both)
 def test_the_store_survives_pickling_into_a_worker(both):
     corpus = _h5_corpus(both)
     serial = list(make_train_loader(corpus, batch_size=8, seed=1))
-    _same_batches(serial, list(make_train_loader(corpus, batch_size=8, seed=1, num_workers=2)))
+    assert_same_batches(serial, list(make_train_loader(corpus, batch_size=8, seed=1, num_workers=2)))
 
 
 # ---------------------------------------------------------------------------------- header index
@@ -196,7 +187,7 @@ def test_an_index_that_disagrees_with_hdf5_is_dropped_and_batches_stay_the_same(
     with h5py.File(both / "TextData" / QUERY_FILE, "r") as f:
         assert raw_f32_index(f, both / "TextData" / QUERY_FILE) == {}
     corpus = _h5_corpus(both)
-    _same_batches(truth, make_train_loader(corpus, batch_size=16, seed=2))
+    assert_same_batches(truth, make_train_loader(corpus, batch_size=16, seed=2))
     assert corpus.text._raw == {} and len(corpus.features._offset) == len(corpus.features)
 
 

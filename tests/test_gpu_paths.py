@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_RECIPE, TINY_SCALE
+from conftest import TINY_RECIPE, TINY_SCALE, assert_same_batches
 from prvr.accel import (Compiled, DevicePrefetcher, autocast, fp32_output, maybe_compile, tf32,
                         use_pin_memory)
 from prvr.config import ConfigError, load_params, load_settings, resolve
@@ -63,17 +63,6 @@ def _scores(model, cdir: Path, cfg: dict, device="cpu", **kw):
 
 def _batches(loader) -> list[dict]:
     return [{k: (v.clone() if torch.is_tensor(v) else list(v)) for k, v in b.items()} for b in loader]
-
-
-def _same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if torch.is_tensor(x[k]):
-                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
-            else:
-                assert x[k] == y[k], k
 
 
 # ------------------------------------------------------------------------------ settings
@@ -232,7 +221,7 @@ def test_the_prefetcher_is_a_pass_through_on_cpu(corpus_dir):
     loader = make_train_loader(_corpus(corpus_dir), 20, seed=0)   # a new loader: the same order
     fetched = list(DevicePrefetcher(loader, "cpu"))
     assert len(DevicePrefetcher(loader, "cpu")) == len(loader)
-    _same(plain, fetched)
+    assert_same_batches(plain, fetched)
     batch = next(iter(loader))
     moved = next(iter(DevicePrefetcher([batch], torch.device("cpu"))))
     assert all(moved[k] is batch[k] for k in batch)   # the very same tensors
@@ -257,10 +246,10 @@ def test_workers_give_the_training_loops_batches_bit_for_bit(corpus_dir, hdf5):
         got[workers] = (epochs, _batches(vl), _batches(ql))
     (e0, v0, q0), (e2, v2, q2) = got[0], got[2]
     for a, b in zip(e0, e2):
-        _same(a, b)
+        assert_same_batches(a, b)
     assert [b["video_ids"] for b in e0[0]] != [b["video_ids"] for b in e0[1]]   # reshuffled
-    _same(v0, v2)
-    _same(q0, q2)
+    assert_same_batches(v0, v2)
+    assert_same_batches(q0, q2)
 
 
 # ------------------------------------------------------------------------------ memory budget
@@ -380,7 +369,7 @@ def test_cuda_prefetcher_gives_the_cpu_batches(corpus_dir):
     loader = make_train_loader(_corpus(corpus_dir), 20, seed=0, pin_memory=True)
     fetched = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()}
                for b in DevicePrefetcher(loader, "cuda")]
-    _same(plain, fetched)
+    assert_same_batches(plain, fetched)
 
 
 def _one_bf16_epoch(work: Path, monkeypatch, method: str, device: str, **train_kw):
