@@ -2,7 +2,6 @@
 
     python benchmarks/bench_train_step.py                       # ours, CPU (+ CUDA when present)
     python benchmarks/bench_train_step.py --release /tmp/GMMFormer_v2   # + the release, same batches
-    python benchmarks/bench_train_step.py --fast-dropout        # CPU masks from 16-bit draws
 
 Synthetic batches at the TVR configuration (visual 3072, text 768, hidden 384): B videos,
 each with 1-8 captions of 8-30 tokens and 20-128 frames (uniform, fixed seed). `--release`
@@ -10,7 +9,6 @@ points at a checkout of the public release (the folder holding `src/Models/gmmfo
 its model, loss (src/Losses/loss.py) and BertAdam (src/Opts/optimization.py) are imported
 from there as they are, with `ipdb`/`easydict` shimmed when missing and `.cuda()` made a
 no-op on a machine without CUDA. Nothing of the release is needed without the flag.
-`--fast-dropout` turns on the `fast_dropout` kernel switch (prvr.kernels) for our runs.
 """
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ from pathlib import Path
 import torch
 
 from release_shim import cuda_as_noop, shim_missing
-from prvr.kernels import SWITCHES, switches
 from prvr.methods import get_method
 from prvr.methods.gmmformer_v2 import GMMFormerConfig
 from prvr.methods.gmmformer_v2.release import to_release_state_dict
@@ -191,11 +188,7 @@ def main(argv=None) -> int:
                     help="all = CPU, plus CUDA when present")
     ap.add_argument("--release", type=Path, help="a checkout of the public GMMFormer v2 release")
     ap.add_argument("--seed", type=int, default=9527)
-    ap.add_argument("--fast-dropout", action="store_true",
-                    help="CPU dropout masks from 16-bit draws (the kernels' fast_dropout switch)")
-    args = ap.parse_args(argv)
-    with switches(fast_dropout=args.fast_dropout):
-        return run(args)
+    return run(ap.parse_args(argv))
 
 
 def run(args) -> int:
@@ -209,7 +202,7 @@ def run(args) -> int:
         return 1
     cfg = GMMFormerConfig()  # TVR
     for device in devices:
-        print(f"\n## {device.type}: {machine_info(device)}, fast_dropout {'on' if SWITCHES.fast_dropout else 'off'}")
+        print(f"\n## {device.type}: {machine_info(device)}")
         print("wall seconds per step (median, min) and process CPU seconds per step (median); "
               "speed-up = release / ours (median wall; CPU)")
         print(f"{'videos':>6} {'queries':>7} {'frames':>6} | {'impl':>7} | {'step s':>7} {'fwd+loss':>8} "

@@ -1,6 +1,9 @@
 """The memory-saving kernels compute what plain PyTorch computes (values and gradients)."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,12 +12,22 @@ from prvr import kernels
 from prvr.kernels import Tokens, branch_layer_norm, dropout, norm_dropout_linear, pool_tokens
 
 
-def test_chunked_keep_mask_is_the_plain_draw():
+def test_keep_mask_is_the_plain_sfc64_draw_and_follows_the_torch_seed():
+    """Chunked drawing gives exactly the words of one plain SFC64 draw, compared with
+    ceil(p * 2^32); the seed comes from torch's generator, so torch.manual_seed fixes it."""
     for n in (10, kernels._MASK_CHUNK + 7, 3 * kernels._MASK_CHUNK):
-        torch.manual_seed(3)
-        plain = torch.rand(n) >= 0.2
-        torch.manual_seed(3)
-        assert torch.equal(kernels._uniform_at_least((n,), torch.float32, 0.2), plain)
+        words = np.random.SFC64(12345).random_raw((n + 1) // 2).view(np.uint32)[:n]
+        plain = torch.from_numpy(words >= np.uint32(math.ceil(0.2 * 2 ** 32)))
+        assert torch.equal(kernels.keep_bits((n,), 0.2, 12345), plain)
+    x = torch.empty(4, 5000)
+    torch.manual_seed(3)
+    a, scale = kernels._keep_mask(x, 0.2)
+    torch.manual_seed(3)
+    b, _ = kernels._keep_mask(x, 0.2)
+    c, _ = kernels._keep_mask(x, 0.2)  # the generator moved on: a new draw
+    assert a.shape == x.shape and a.dtype == torch.bool and scale == 1.25
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    assert abs(a.float().mean().item() - 0.8) < 0.02
 
 
 def test_dropout_keeps_the_rate_scale_and_gradient():

@@ -145,6 +145,8 @@ def test_no_gradient_reaches_padded_frames():
     model = small_model().train()
     batch = make_inputs(model.cfg, [5, 12], [3, 4])
     frames = batch["frame_feats"].requires_grad_(True)
+    # hidden 8: about one dropout draw in 50 zeroes a whole frame vector; seed one that does not
+    torch.manual_seed(0)
     out = model({**batch, "frame_feats": frames})
     (out.scores["frame"].sum() + out.scores["frame_raw"].sum() + out.scores["clip"].sum()).backward()
     assert frames.grad[0, 5:].abs().max() == 0
@@ -314,24 +316,20 @@ def _kernel_output(kind: str, x: Tensor, p: float) -> Tensor:
     return add_dropout(torch.zeros_like(x), x, p, True)
 
 
-@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("kind", ["dropout", "relu_dropout", "relu_dropout_unscaled", "add_dropout"])
-def test_cpu_dropout_keeps_the_rate_and_scale_of_f_dropout(kind, fast):
+def test_cpu_dropout_keeps_the_rate_and_scale_of_f_dropout(kind):
     """Each CPU dropout kernel drops a share p of its entries and scales the kept ones by
     1 / (1 - p), as F.dropout (the portable path) does; the backward is the same mask.
     n = 2^20 draws: one binomial sigma of the drop share is 4e-4, the tolerance 10 sigma
     (and the seed is fixed), so the check cannot flake."""
     p, n = 0.2, 2 ** 20
     tol = 10 * math.sqrt(p * (1 - p) / n)
-    # fast_dropout draws 16-bit integers: the rate is p rounded to a multiple of 2^-16
-    cut = round(p * 65536)
-    rate = {False: p, True: cut / 65536}[fast]
-    scale = {False: 1.0 / (1.0 - p), True: 65536.0 / (65536 - cut)}[fast]
+    scale = 1.0 / (1.0 - p)
     results = {}
     for portable in (False, True):
         torch.manual_seed(0)
         x = torch.ones(n, requires_grad=True)
-        with switches(portable=portable, fast_dropout=fast):
+        with switches(portable=portable):
             y = _kernel_output(kind, x, p)
         y.sum().backward()
         kept = y.detach() != 0
@@ -343,7 +341,6 @@ def test_cpu_dropout_keeps_the_rate_and_scale_of_f_dropout(kind, fast):
     assert ref.numel() == 1 and ref.item() == pytest.approx(1.0 / (1.0 - p), rel=1e-6)
     assert results[False].numel() == 1 and results[False].item() == pytest.approx(scale, rel=1e-6)
     assert results[False].item() == pytest.approx(ref.item(), rel=1e-5)
-    assert rate == pytest.approx(p, abs=2 ** -16)
 
 
 def test_cpu_relu_dropout_zeroes_negatives_like_relu_then_f_dropout():

@@ -14,8 +14,6 @@ pays its page faults:
 Switches (module state, `SWITCHES`, or the `switches(...)` context manager):
 * `portable`: take the path every other device takes (F.dropout, plain ops) also on CPU, so the
   tests run the CUDA code path on CPU.
-* `fast_dropout` (off by default): draw CPU dropout masks from 16-bit chunks of random words
-  (rate p rounded to a multiple of 2^-16). benchmarks/README.md gives what it saves.
 Each kernel stays only while benchmarks/README.md shows it paying.
 """
 from __future__ import annotations
@@ -24,6 +22,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,7 +33,6 @@ _MASK_ADD = -10000.0  # additive key mask of the release's attention
 @dataclass
 class Switches:
     portable: bool = False
-    fast_dropout: bool = False
 
 
 SWITCHES = Switches()
@@ -142,36 +140,31 @@ class _Dropped(torch.autograd.Function):
 def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     """CPU dropout draw for x: (bool tensor, True = kept, the 1/(1-p) keep scale), 0 < p < 1.
 
-    Default: a float uniform per entry, kept when >= p (the rate and scale of F.dropout).
-    With SWITCHES.fast_dropout: 16-bit uniform integers, four per 64-bit random word (the CPU
-    generator is serial, so this quarters its cost); the rate is then p rounded to a multiple
-    of 2^-16 (0.2 -> 0.199997) and the scale uses that same rate.
+    One uniform 32-bit integer per entry, kept when >= ceil(p * 2^32): the rate is p to within
+    2^-32 (torch.rand's float32 draws resolve 2^-24). The integers come from numpy's SFC64
+    generator, seeded by one 64-bit draw of torch's default CPU generator, so a torch seed fixes
+    every mask; SFC64 fills about 5x faster than torch's serial Mersenne Twister, which was the
+    largest single-threaded cost of a CPU training step (benchmarks/README.md).
     """
-    if not SWITCHES.fast_dropout:
-        return _uniform_at_least(x.shape, x.dtype, p), 1.0 / (1.0 - p)
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None)
-    bits = words.view(torch.int16)[:n].view(x.shape)
-    cut = min(max(int(round(p * 65536)), 1), 65535)
-    return bits >= cut - 32768, 65536.0 / (65536 - cut)
+    seed = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62))
+    return keep_bits(x.shape, p, seed), 1.0 / (1.0 - p)
 
 
-_MASK_CHUNK = 1 << 18
+_MASK_CHUNK = 1 << 20
 
 
-def _uniform_at_least(shape, dtype: torch.dtype, p: float) -> Tensor:
-    """torch.rand(shape, dtype=dtype) >= p, the same draws in the same order (the CPU
-    generator fills serially), made through a small reused buffer in chunks: no float
-    tensor of the full size (for an FFN activation, hundreds of MB) is ever allocated."""
-    keep = torch.empty(shape, dtype=torch.bool)
-    flat, n = keep.view(-1), keep.numel()
-    if n <= _MASK_CHUNK:
-        return torch.ge(torch.rand(shape, dtype=dtype), p, out=keep)
-    buf = torch.empty(_MASK_CHUNK, dtype=dtype)
-    for i in range(0, n, _MASK_CHUNK):
-        m = min(_MASK_CHUNK, n - i)
-        torch.ge(torch.rand(m, dtype=dtype, out=buf[:m]), p, out=flat[i:i + m])
-    return keep
+def keep_bits(shape, p: float, seed: int) -> Tensor:
+    """uint32 words of SFC64(seed), in order, compared with ceil(p * 2^32): a bool tensor of
+    `shape`, True where kept. Drawn through 4 MiB chunks, so no full-size integer tensor is
+    ever allocated; the chunking does not change the draws."""
+    cut = min(max(math.ceil(p * 2.0 ** 32), 1), 2 ** 32 - 1)
+    gen = np.random.SFC64(seed)
+    keep = np.empty(math.prod(shape), dtype=np.bool_)
+    for i in range(0, keep.size, _MASK_CHUNK):
+        m = min(_MASK_CHUNK, keep.size - i)
+        words = gen.random_raw((m + 1) // 2).view(np.uint32)[:m]
+        np.greater_equal(words, np.uint32(cut), out=keep[i:i + m])
+    return torch.from_numpy(keep).view(shape)
 
 
 class _DroppedRelu(torch.autograd.Function):
