@@ -2,6 +2,8 @@
 
     python benchmarks/bench_step_gmmformer_v1.py                          # ours only
     python benchmarks/bench_step_gmmformer_v1.py --release /tmp/GMMFormer # + the release
+    python benchmarks/bench_step_gmmformer_v1.py --release /tmp/GMMFormer --as-shipped 2
+        # each in its own process as its users run it (ours under the stage's malloc settings)
 
 TVR configuration (visual 3072, text 768, hidden 384, 4 heads, dropout 0.2): B videos, each
 with 5 captions (TVR's count) of 8-30 tokens and 20-128 frames (uniform, fixed seed); frames
@@ -14,7 +16,10 @@ layout) and alternate step by step on the same batch, so both see the same machi
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,7 +142,17 @@ def main(argv=None) -> int:
     ap.add_argument("--allocator-env", action="store_true",
                     help="re-exec under prvr.kernels.ALLOCATOR_ENV (glibc malloc settings), as the train "
                          "stage runs; both implementations share the process, so both get them")
+    ap.add_argument("--as-shipped", type=int, metavar="ROUNDS", default=0,
+                    help="each as its users run it, in its own process: ours under the train stage's "
+                         "malloc settings, the release under glibc's defaults; ROUNDS alternating rounds "
+                         "of --reps steps each (needs --release)")
+    ap.add_argument("--only", choices=["ours", "release"], help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)  # per-step times, for --as-shipped
     args = ap.parse_args(argv)
+    if args.as_shipped:
+        if args.release is None:
+            raise SystemExit("--as-shipped needs --release")
+        return as_shipped(args)
     if args.allocator_env:
         from prvr.kernels import allocator_env_needed, reexec_with_allocator_env
 
@@ -152,6 +167,8 @@ def main(argv=None) -> int:
     if args.release is not None:
         weights = to_release_state_dict(runners[0][0].model.state_dict(), cfg)
         runners.append((Release(args.release, cfg, weights), release_batch(batch)))
+    if args.only:
+        runners = [r for r in runners if r[0].name == args.only]
     times = {r.name: [] for r, _ in runners}  # (wall, CPU) seconds per timed step
     for i in range(args.warmup + args.reps):
         for runner, b in runners:
@@ -162,16 +179,48 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.videos} videos, "
           f"{len(batch['query_labels'])} queries, {int(batch['frame_mask'].sum())} real frames "
           f"of {batch['frame_mask'].numel()} slots; {args.reps} timed steps each")
+    if args.json:
+        args.json.write_text(json.dumps(times))
+    report(times)
+    return 0
+
+
+def report(times: dict) -> None:
     stats = {}
     for name, ts in times.items():
         wall, cpu = [t[0] for t in ts], [t[1] for t in ts]
         stats[name] = (min(wall), statistics.median(wall), min(cpu), statistics.median(cpu))
         print(f"{name:>8}: wall min {stats[name][0]:.3f} s, median {stats[name][1]:.3f} s; "
               f"CPU min {stats[name][2]:.3f} s, median {stats[name][3]:.3f} s per step")
-    if "release" in stats:
+    if "release" in stats and "ours" in stats:
         r = [a / b for a, b in zip(stats["release"], stats["ours"])]
         print(f"release / ours: wall x{r[0]:.2f} (min), x{r[1]:.2f} (median); "
               f"CPU x{r[2]:.2f} (min), x{r[3]:.2f} (median)")
+
+
+def as_shipped(args) -> int:
+    """Alternate child runs: ours with the stage's malloc settings, the release without."""
+    from prvr.kernels import ALLOCATOR_ENV
+    import tempfile
+
+    plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "GLIBC_TUNABLES"}
+    times = {"ours": [], "release": []}
+    base = [sys.executable, str(Path(__file__).resolve()), "--videos", str(args.videos), "--reps",
+            str(args.reps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+            "--seed", str(args.seed), "--release", str(args.release)]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "times.json"
+        for rnd in range(args.as_shipped):
+            for name, extra, env in (("ours", ["--allocator-env"], plain),
+                                     ("release", [], {**plain, "PRVR_MALLOC": "system"})):
+                subprocess.run(base + extra + ["--only", name, "--json", str(out)], env=env, check=True,
+                               stdout=subprocess.DEVNULL)
+                got = json.loads(out.read_text())[name]
+                times[name] += got
+                print(f"  round {rnd + 1} {name}: wall " + ", ".join(f"{w:.3f}" for w, _ in got) + " s",
+                      flush=True)
+    print("as shipped: ours under the train stage's malloc settings, the release under glibc's defaults")
+    report(times)
     return 0
 
 
