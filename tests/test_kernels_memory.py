@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prvr import kernels
-from prvr.kernels import Tokens, branch_layer_norm, dropout, norm_dropout_linear, pool_tokens
+from prvr.kernels import (Tokens, branch_layer_norm, dropout, norm_dropout_linear, pool_tokens,
+                          softmax_dropout_matmul)
 
 
 def test_keep_mask_is_the_plain_sfc64_draw_and_follows_the_torch_seed():
@@ -79,3 +80,60 @@ def test_norm_dropout_linear_is_the_unfused_chain():
     (y1, g1), (y2, g2) = outs
     assert torch.allclose(y1, y2)
     assert all(torch.allclose(a, b) for a, b in zip(g1, g2))
+
+
+def test_norm_dropout_linear_gathers_rows_inside_the_node():
+    """With an index, the node equals the chain on x[index] (same draws, same gradients) and
+    keeps x itself, not a gathered copy."""
+    torch.manual_seed(0)
+    norm, lin = nn.LayerNorm(40).double(), nn.Linear(40, 7).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(30, 40, dtype=torch.float64)
+    index = torch.tensor([29, 3, 3, 0, 17, 8])
+    params = list(norm.parameters()) + list(lin.parameters())
+    outs = []
+    for f in (lambda: norm_dropout_linear(x, norm, lin, 0.2, True, index),
+              lambda: lin(dropout(norm(x.index_select(0, index)), 0.2, True))):
+        torch.manual_seed(5)
+        y = f()
+        outs.append((y, torch.autograd.grad((y * torch.arange(7.0)).sum(), params)))
+    (y1, g1), (y2, g2) = outs
+    assert y1.shape == (6, 7) and torch.allclose(y1, y2)
+    assert all(torch.allclose(a, b) for a, b in zip(g1, g2))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm_dropout_linear(x, norm, lin, 0.2, True, index)
+    sizes = {tuple(t.shape) for t in saved}
+    assert (30, 40) in sizes and (6, 40) in {tuple(t.shape) for t in saved if t.dtype == torch.bool}
+    assert not any(t.shape == (6, 40) and t.dtype == torch.float64 for t in saved)
+
+
+def test_softmax_dropout_matmul_equals_the_plain_ops_and_keeps_no_dropped_probabilities():
+    """dropout(softmax(s)) @ v in one node: bit-identical output and gradients to the plain ops
+    with the same seed, float64 gradcheck, and no saved float tensor besides probs and v."""
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 6, 6, requires_grad=True)
+    v = torch.randn(2, 3, 6, 5, requires_grad=True)
+    g = torch.randn(2, 3, 6, 5)
+    res = []
+    for f in (lambda: softmax_dropout_matmul(s, v, 0.3, True),
+              lambda: torch.matmul(dropout(torch.softmax(s, -1), 0.3, True), v)):
+        torch.manual_seed(9)
+        out = f()
+        res.append((out, *torch.autograd.grad(out, (s, v), g)))
+    assert all(torch.equal(a, b) for a, b in zip(*res))
+    assert (res[0][0] != torch.matmul(torch.softmax(s, -1), v)).any()  # dropout took place
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        softmax_dropout_matmul(s, v, 0.3, True)
+    assert sorted(t.dtype == torch.bool for t in saved) == [False, False, True]
+    sd, vd = s.detach().double().requires_grad_(), v.detach().double().requires_grad_()
+
+    def fixed_draw(a, b):
+        torch.manual_seed(4)
+        return softmax_dropout_matmul(a, b, 0.3, True)
+
+    assert torch.autograd.gradcheck(fixed_draw, (sd, vd))
+    assert torch.equal(softmax_dropout_matmul(s, v, 0.3, False), torch.matmul(torch.softmax(s, -1), v))

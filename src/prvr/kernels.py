@@ -137,8 +137,44 @@ class _Dropped(torch.autograd.Function):
         return torch.mul(grad, keep).mul_(ctx.scale), None, None
 
 
-def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
-    """CPU dropout draw for x: (bool tensor, True = kept, the 1/(1-p) keep scale), 0 < p < 1.
+def softmax_dropout_matmul(scores: Tensor, v: Tensor, p: float, training: bool) -> Tensor:
+    """dropout(softmax(scores, -1)) @ v, the end of an attention (scores (..., L, L), v (..., L, d)
+    with the same leading dimensions).
+
+    In CPU training this is one autograd node that keeps the probabilities, the bool keep mask
+    and v, and remakes the dropped probabilities in backward: autograd would keep the dropped
+    probabilities as well (one more float (..., L, L) tensor per attention). The mask is the
+    same draw `dropout` makes at this point, so values and gradients equal the plain ops'.
+    """
+    if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(scores) \
+            or scores.shape[:-2] != v.shape[:-2]:
+        return torch.matmul(dropout(torch.softmax(scores, dim=-1), p, training), v)
+    probs = torch.softmax(scores.detach(), dim=-1)
+    keep, scale = _keep_mask(probs, p)
+    return _SoftmaxDropMatmul.apply(scores, probs, keep, scale, v)
+
+
+class _SoftmaxDropMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, probs, keep, scale, v):
+        ctx.save_for_backward(probs, keep, v)
+        ctx.scale = scale
+        return torch.matmul(torch.mul(probs, keep).mul_(scale), v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, keep, v = ctx.saved_tensors
+        grad_v = None
+        if ctx.needs_input_grad[4]:
+            grad_v = torch.matmul(torch.mul(probs, keep).mul_(ctx.scale).transpose(-1, -2), grad)
+        grad_probs = torch.matmul(grad, v.transpose(-1, -2)).mul_(keep).mul_(ctx.scale)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        return grad_scores, None, None, None, grad_v
+
+
+def _keep_mask(x: Tensor | tuple, p: float) -> tuple[Tensor, float]:
+    """CPU dropout draw for x (a tensor or a shape): (bool tensor, True = kept, the 1/(1-p)
+    keep scale), 0 < p < 1.
 
     One uniform 32-bit integer per entry, kept when >= ceil(p * 2^32): the rate is p to within
     2^-32 (torch.rand's float32 draws resolve 2^-24). The integers come from numpy's SFC64
@@ -147,7 +183,7 @@ def _keep_mask(x: Tensor, p: float) -> tuple[Tensor, float]:
     largest single-threaded cost of a CPU training step (benchmarks/README.md).
     """
     seed = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62))
-    return keep_bits(x.shape, p, seed), 1.0 / (1.0 - p)
+    return keep_bits(x.shape if isinstance(x, Tensor) else tuple(x), p, seed), 1.0 / (1.0 - p)
 
 
 _MASK_CHUNK = 1 << 20
@@ -268,37 +304,39 @@ class _BranchLayerNorm(torch.autograd.Function):
 
 
 def norm_dropout_linear(x: Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear, p: float,
-                        training: bool) -> Tensor:
-    """linear(dropout(norm(x))) on input features (x needs no gradient), as one autograd node
-    on CPU in training: backward keeps x, the bool keep mask and the norm statistics, and
-    recomputes the dropped normalised input for the weight gradient, instead of keeping it
-    (an (N, D_in) float tensor, ~100 MB for a TVR frame batch). Same draws as `dropout`."""
+                        training: bool, index: Tensor | None = None) -> Tensor:
+    """linear(dropout(norm(x[index]))) on input features (x needs no gradient; index None = all
+    rows), as one autograd node on CPU in training: backward keeps x, the index, the bool keep
+    mask and the norm statistics, and remakes the gathered rows and the dropped normalised
+    input for the weight gradient instead of keeping them (two (N, D_in) float tensors, ~100 MB
+    each for a TVR frame batch; x itself is the caller's batch). Same draws as `dropout`."""
     if not training or p <= 0.0 or p >= 1.0 or x.requires_grad or not cpu_kernels(x):
-        return linear(dropout(norm(x), p, training))
-    keep, scale = _keep_mask(x, p)
-    return _NormDropLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, keep, scale,
-                                 norm.eps)
+        return linear(dropout(norm(x if index is None else x.index_select(0, index)), p, training))
+    keep, scale = _keep_mask(x if index is None else (index.shape[0], x.shape[1]), p)
+    return _NormDropLinear.apply(x, index, norm.weight, norm.bias, linear.weight, linear.bias, keep,
+                                 scale, norm.eps)
 
 
 class _NormDropLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, ln_w, ln_b, w, b, keep, scale, eps):
-        z, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)
-        ctx.save_for_backward(x, mean, rstd, keep, ln_w, ln_b, w)
+    def forward(ctx, x, index, ln_w, ln_b, w, b, keep, scale, eps):
+        rows = x if index is None else x.index_select(0, index)
+        z, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], ln_w, ln_b, eps)
+        ctx.save_for_backward(x, index, mean, rstd, keep, ln_w, ln_b, w)
         ctx.scale = scale
         return torch.addmm(b, z.mul_(keep).mul_(scale), w.t())
 
     @staticmethod
     def backward(ctx, grad):
-        x, mean, rstd, keep, ln_w, ln_b, w = ctx.saved_tensors
-        xhat = (x - mean).mul_(rstd)
+        x, index, mean, rstd, keep, ln_w, ln_b, w = ctx.saved_tensors
+        xhat = (x if index is None else x.index_select(0, index)).sub(mean).mul_(rstd)
         dropped = torch.addcmul(ln_b, xhat, ln_w).mul_(keep).mul_(ctx.scale)
         grad_w = grad.t().mm(dropped)
         del dropped
         grad_z = grad.mm(w).mul_(keep).mul_(ctx.scale)                     # (N, D_in)
         grad_ln_b = grad_z.sum(0)
         grad_ln_w = torch.linalg.vecdot(grad_z, xhat, dim=0)
-        return None, grad_ln_w, grad_ln_b, grad_w, grad.sum(0), None, None, None
+        return None, None, grad_ln_w, grad_ln_b, grad_w, grad.sum(0), None, None, None
 
 
 def pool_tokens(weights: Tensor, x: Tensor, tokens: "Tokens") -> Tensor:

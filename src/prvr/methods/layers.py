@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import dropout, norm_dropout_linear
+from ..kernels import dropout, norm_dropout_linear, softmax_dropout_matmul
 
 
 def mark_release_chunks(param: nn.Parameter, chunks: int) -> nn.Parameter:
@@ -29,8 +29,10 @@ class InputProjection(nn.Module):
         self.linear = nn.Linear(in_dim, hidden)
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(norm_dropout_linear(x, self.norm, self.linear, self.p, self.training))
+    def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """x (N, D_in), or with `index` the rows x[index] (gathered inside the node, so training
+        keeps x, not the gathered copy)."""
+        return F.relu(norm_dropout_linear(x, self.norm, self.linear, self.p, self.training, index))
 
 
 class PositionEmbedding(nn.Module):
@@ -121,5 +123,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: T
         scores = scores * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, scores, gauss, value=scale)
     else:
         scores = scores * scale if mask_add is None else torch.add(mask_add, scores, alpha=scale)
-    probs = dropout(torch.softmax(scores, dim=-1), p, training)
-    return torch.matmul(probs, v)
+    return softmax_dropout_matmul(scores, v, p, training)

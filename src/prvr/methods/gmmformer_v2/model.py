@@ -305,7 +305,8 @@ class GMMFormer(nn.Module):
         """(Nq, Lq, Dt), (Nq, Lq) -> (Nq, H)"""
         Nq, Lq = query_mask.shape
         tokens = Tokens(as_bool(query_mask), Nq, Lq, query_feats.device)
-        x = self.query_proj(tokens.pack(query_feats))
+        flat = query_feats.reshape(Nq * Lq, -1)
+        x = self.query_proj(flat, tokens.index)                           # (N, H) real tokens
         x = self.query_pos(x, tokens.positions)
         x = self.query_layer(x, tokens)                                   # (N, H)
         logits = tokens.unpack(self.query_pool(x).squeeze(1), fill=-1e10).view(Nq, Lq)
@@ -340,8 +341,8 @@ class GMMFormer(nn.Module):
         rows = frame_tokens.rows if frame_tokens.index is not None \
             else torch.arange(B, device=valid.device).repeat_interleave(L)
         source = order[rows] * Lf + frame_tokens.positions                # slots in (B, Lf)
-        f = frame_feats.reshape(B * Lf, -1).index_select(0, source)
-        f = self.frame_pos(self.frame_proj(f), frame_tokens.positions)
+        f = self.frame_proj(frame_feats.reshape(B * Lf, -1), source)      # (N, H) real tokens
+        f = self.frame_pos(f, frame_tokens.positions)
         f = self.frame_consolidation(f, token, frame_tokens)
         frames = f.new_zeros(B * Lf, f.shape[-1]).index_copy(0, source, f).view(B, Lf, -1)
         return clips, frames, frame_mask
