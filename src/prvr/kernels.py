@@ -239,6 +239,63 @@ def relu_dropout_unscaled(x: Tensor, p: float, training: bool) -> tuple[Tensor, 
     return _DroppedRelu.apply(x, keep), scale
 
 
+def branch_ffn(y: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor, p: float,
+               training: bool) -> Tensor:
+    """Per-branch feed-forward Linear -> ReLU -> Dropout -> Linear of y (K, N, H), weights
+    w_in (K, F, H), w_out (K, H, F), biases (K, F), (K, H) -> (K, N, H).
+
+    In CPU training one autograd node that keeps neither the hidden layer (K, N, F) (~0.5 GB
+    on a TVR frame batch of GMMFormer v2) nor its dropout mask: backward remakes both, one
+    branch at a time (the mask from the seed of the same draw `dropout` makes here), at the
+    cost of the first matmul once more. Values equal the plain ops'.
+    """
+    if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):
+        h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))
+        h, scale = relu_dropout_unscaled(h, p, training)
+        w = w_out if scale == 1.0 else w_out * scale
+        return torch.baddbmm(b_out.unsqueeze(1), h, w.transpose(1, 2))
+    seed = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62))    # as _keep_mask draws
+    return _BranchFFN.apply(y, w_in, b_in, w_out, b_out, p, seed)
+
+
+_FFN_CHUNK = 2  # branches per backward chunk of _BranchFFN
+
+
+class _BranchFFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, w_in, b_in, w_out, b_out, p, seed):
+        scale = 1.0 / (1.0 - p)
+        h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))       # (K, N, F)
+        keep = keep_bits(h.shape, p, seed)
+        torch.where(keep, h, h.new_zeros(()), out=h).relu_()
+        del keep
+        out = torch.baddbmm(b_out.unsqueeze(1), h, (w_out * scale).transpose(1, 2))
+        ctx.save_for_backward(y, w_in, b_in, w_out)
+        ctx.p, ctx.seed, ctx.scale = p, seed, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, w_in, b_in, w_out = ctx.saved_tensors
+        keep = keep_bits((*y.shape[:2], w_in.shape[1]), ctx.p, ctx.seed)   # the forward's draw
+        grad_y, grad_w_in, grad_b_in = torch.empty_like(y), torch.empty_like(w_in), torch.empty_like(b_in)
+        grad_w_out = torch.empty_like(w_out)
+        step = _FFN_CHUNK
+        for a in range(0, y.shape[0], step):  # a few branches' hidden layer at a time (memory)
+            b = min(a + step, y.shape[0])
+            h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))   # (k, N, F)
+            torch.where(keep[a:b], h, h.new_zeros(()), out=h).relu_()
+            g = grad[a:b]
+            torch.bmm(g.transpose(1, 2), h, out=grad_w_out[a:b]).mul_(ctx.scale)
+            gh = torch.bmm(g, w_out[a:b] * ctx.scale)
+            gh = torch.ops.aten.threshold_backward.grad_input(gh, h, 0.0, grad_input=gh)
+            del h
+            torch.sum(gh, 1, out=grad_b_in[a:b])
+            torch.bmm(gh.transpose(1, 2), y[a:b], out=grad_w_in[a:b])
+            torch.bmm(gh, w_in[a:b], out=grad_y[a:b])
+        return grad_y, grad_w_in, grad_b_in, grad_w_out, grad.sum(1), None, None
+
+
 def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
     """x + dropout(y) in one fused pass (addcmul) on CPU."""
     if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):

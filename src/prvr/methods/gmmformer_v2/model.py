@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, cpu_kernels,
-                        dropout, pool_tokens, relu_dropout_unscaled)
+from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_ffn, branch_layer_norm,
+                        cpu_kernels, dropout, pool_tokens, relu_dropout_unscaled)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
@@ -187,10 +187,8 @@ class GaussianBranches(nn.Module):
             parts.append(sub.from_heads(ctx))                              # (K, n, H)
         ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)         # (K, N, H)
         y = _branch_layer_norm(add_dropout(x, ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
-        h = torch.baddbmm(self.ffn_in_bias.unsqueeze(1), y, self.ffn_in_weight.transpose(1, 2))
-        h, keep_scale = relu_dropout_unscaled(h, self.p, self.training)
-        w_out = self.ffn_out_weight if keep_scale == 1.0 else self.ffn_out_weight * keep_scale
-        f = torch.baddbmm(self.ffn_out_bias.unsqueeze(1), h, w_out.transpose(1, 2))
+        f = branch_ffn(y, self.ffn_in_weight, self.ffn_in_bias, self.ffn_out_weight, self.ffn_out_bias,
+                       self.p, self.training)
         return _branch_layer_norm(add_dropout(y, f, self.p, self.training), self.norm2_weight, self.norm2_bias)
 
 
