@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,7 +202,6 @@ def report(times: dict) -> None:
 def as_shipped(args) -> int:
     """Alternate child runs: ours with the stage's malloc settings, the release without."""
     from prvr.kernels import ALLOCATOR_ENV
-    import tempfile
 
     plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "GLIBC_TUNABLES"}
     times = {"ours": [], "release": []}

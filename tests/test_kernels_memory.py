@@ -65,13 +65,18 @@ def test_pool_tokens_is_bmm_over_the_padded_layout():
         assert torch.autograd.gradcheck(lambda w, x, t=tokens: pool_tokens(w, x, t), (w, x))
 
 
-def test_norm_dropout_linear_is_the_unfused_chain():
+def _norm_linear_and_rows():
+    """A float64 LayerNorm(40) with non-trivial affine parameters, a Linear(40, 7), x (30, 40)."""
     torch.manual_seed(0)
     norm, lin = nn.LayerNorm(40).double(), nn.Linear(40, 7).double()
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
-    x = torch.randn(30, 40, dtype=torch.float64)
+    return norm, lin, torch.randn(30, 40, dtype=torch.float64)
+
+
+def test_norm_dropout_linear_is_the_unfused_chain():
+    norm, lin, x = _norm_linear_and_rows()
     outs = []
     for f in (lambda: norm_dropout_linear(x, norm, lin, 0.2, True), lambda: lin(dropout(norm(x), 0.2, True))):
         torch.manual_seed(5)
@@ -85,12 +90,7 @@ def test_norm_dropout_linear_is_the_unfused_chain():
 def test_norm_dropout_linear_gathers_rows_inside_the_node():
     """With an index, the node equals the chain on x[index] (same draws, same gradients) and
     keeps x itself, not a gathered copy."""
-    torch.manual_seed(0)
-    norm, lin = nn.LayerNorm(40).double(), nn.Linear(40, 7).double()
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
-    x = torch.randn(30, 40, dtype=torch.float64)
+    norm, lin, x = _norm_linear_and_rows()
     index = torch.tensor([29, 3, 3, 0, 17, 8])
     params = list(norm.parameters()) + list(lin.parameters())
     outs = []

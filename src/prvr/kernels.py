@@ -182,8 +182,12 @@ def _keep_mask(x: Tensor | tuple, p: float) -> tuple[Tensor, float]:
     every mask; SFC64 fills about 5x faster than torch's serial Mersenne Twister, which was the
     largest single-threaded cost of a CPU training step (benchmarks/README.md).
     """
-    seed = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62))
-    return keep_bits(x.shape if isinstance(x, Tensor) else tuple(x), p, seed), 1.0 / (1.0 - p)
+    return keep_bits(x.shape if isinstance(x, Tensor) else tuple(x), p, _mask_seed()), 1.0 / (1.0 - p)
+
+
+def _mask_seed() -> int:
+    """The one draw of torch's default generator that seeds a dropout mask's SFC64 words."""
+    return int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62))
 
 
 _MASK_CHUNK = 1 << 20
@@ -245,17 +249,16 @@ def branch_ffn(y: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tens
     w_in (K, F, H), w_out (K, H, F), biases (K, F), (K, H) -> (K, N, H).
 
     In CPU training one autograd node that keeps neither the hidden layer (K, N, F) (~0.5 GB
-    on a TVR frame batch of GMMFormer v2) nor its dropout mask: backward remakes both, one
-    branch at a time (the mask from the seed of the same draw `dropout` makes here), at the
-    cost of the first matmul once more. Values equal the plain ops'.
+    on a TVR frame batch of GMMFormer v2) nor its dropout mask: backward remakes both,
+    _FFN_CHUNK branches at a time (the mask from the seed of the same draw `dropout` makes
+    here), at the cost of the first matmul once more. Values equal the plain ops'.
     """
     if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):
         h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))
         h, scale = relu_dropout_unscaled(h, p, training)
         w = w_out if scale == 1.0 else w_out * scale
         return torch.baddbmm(b_out.unsqueeze(1), h, w.transpose(1, 2))
-    seed = int(torch.empty((), dtype=torch.int64).random_(0, 2 ** 62))    # as _keep_mask draws
-    return _BranchFFN.apply(y, w_in, b_in, w_out, b_out, p, seed)
+    return _BranchFFN.apply(y, w_in, b_in, w_out, b_out, p, _mask_seed())
 
 
 _FFN_CHUNK = 2  # branches per backward chunk of _BranchFFN
