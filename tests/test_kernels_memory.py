@@ -31,6 +31,17 @@ def test_keep_mask_is_the_plain_sfc64_draw_and_follows_the_torch_seed():
     assert abs(a.float().mean().item() - 0.8) < 0.02
 
 
+def test_keep_stream_pieces_are_the_one_draw():
+    """A mask drawn in pieces (odd sizes and chunk-crossing ones included) is, concatenated,
+    the one keep_bits draw of the total size: what lets the FFN draw its mask per branch."""
+    sizes = (3, 8, kernels._MASK_CHUNK + 1, 5, 0, 2 * kernels._MASK_CHUNK - 3, 1)
+    whole = kernels.keep_bits((sum(sizes),), 0.3, 777)
+    stream = kernels.KeepStream(0.3, 777)
+    pieces = torch.cat([stream.take((n,)) for n in sizes])
+    assert torch.equal(pieces, whole)
+    assert torch.equal(kernels.KeepStream(0.3, 777).take((2, 4, 3)), whole[:24].view(2, 4, 3))
+
+
 def test_dropout_keeps_the_rate_scale_and_gradient():
     x = torch.randn(64, 300, requires_grad=True)
     torch.manual_seed(0)

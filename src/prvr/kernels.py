@@ -197,14 +197,34 @@ def keep_bits(shape, p: float, seed: int) -> Tensor:
     """uint32 words of SFC64(seed), in order, compared with ceil(p * 2^32): a bool tensor of
     `shape`, True where kept. Drawn through 4 MiB chunks, so no full-size integer tensor is
     ever allocated; the chunking does not change the draws."""
-    cut = min(max(math.ceil(p * 2.0 ** 32), 1), 2 ** 32 - 1)
-    gen = np.random.SFC64(seed)
-    keep = np.empty(math.prod(shape), dtype=np.bool_)
-    for i in range(0, keep.size, _MASK_CHUNK):
-        m = min(_MASK_CHUNK, keep.size - i)
-        words = gen.random_raw((m + 1) // 2).view(np.uint32)[:m]
-        np.greater_equal(words, np.uint32(cut), out=keep[i:i + m])
-    return torch.from_numpy(keep).view(shape)
+    return KeepStream(p, seed).take(shape)
+
+
+class KeepStream:
+    """keep_bits(shape, p, seed) drawn in consecutive pieces: `take(s1)`, `take(s2)`, ... are,
+    flattened and concatenated, exactly keep_bits of the total size (so a node can draw its
+    mask a slice of the leading dimension at a time and never hold the whole mask)."""
+
+    def __init__(self, p: float, seed: int):
+        self.cut = np.uint32(min(max(math.ceil(p * 2.0 ** 32), 1), 2 ** 32 - 1))
+        self.gen = np.random.SFC64(seed)
+        self.spare = None  # the unused upper word of the last 64-bit draw, if any
+
+    def take(self, shape) -> Tensor:
+        shape = tuple(shape)
+        keep = np.empty(math.prod(shape), dtype=np.bool_)
+        i = 0
+        if keep.size and self.spare is not None:
+            keep[0] = self.spare >= self.cut
+            self.spare, i = None, 1
+        while i < keep.size:
+            m = min(_MASK_CHUNK, keep.size - i)
+            words = self.gen.random_raw((m + 1) // 2).view(np.uint32)
+            np.greater_equal(words[:m], self.cut, out=keep[i:i + m])
+            if m % 2:
+                self.spare = words[m]
+            i += m
+        return torch.from_numpy(keep).view(shape)
 
 
 class _DroppedRelu(torch.autograd.Function):
@@ -248,10 +268,11 @@ def branch_ffn(y: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tens
     """Per-branch feed-forward Linear -> ReLU -> Dropout -> Linear of y (K, N, H), weights
     w_in (K, F, H), w_out (K, H, F), biases (K, F), (K, H) -> (K, N, H).
 
-    In CPU training one autograd node that keeps neither the hidden layer (K, N, F) (~0.5 GB
-    on a TVR frame batch of GMMFormer v2) nor its dropout mask: backward remakes both,
-    _FFN_CHUNK branches at a time (the mask from the seed of the same draw `dropout` makes
-    here), at the cost of the first matmul once more. Values equal the plain ops'.
+    In CPU training one autograd node that never holds the whole hidden layer (K, N, F) (~0.5 GB
+    on a TVR frame batch of GMMFormer v2) nor its dropout mask: forward makes them _FFN_CHUNK
+    branches at a time and keeps neither; backward remakes them the same way (the mask from
+    the seed of the same draw `dropout` makes here, through KeepStream), at the cost of the
+    first matmul once more. Values equal the plain ops'.
     """
     if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):
         h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))
@@ -261,18 +282,23 @@ def branch_ffn(y: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tens
     return _BranchFFN.apply(y, w_in, b_in, w_out, b_out, p, _mask_seed())
 
 
-_FFN_CHUNK = 2  # branches per backward chunk of _BranchFFN
+_FFN_CHUNK = 2  # branches per chunk of _BranchFFN (forward and backward)
 
 
 class _BranchFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, w_in, b_in, w_out, b_out, p, seed):
         scale = 1.0 / (1.0 - p)
-        h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))       # (K, N, F)
-        keep = keep_bits(h.shape, p, seed)
-        torch.where(keep, h, h.new_zeros(()), out=h).relu_()
-        del keep
-        out = torch.baddbmm(b_out.unsqueeze(1), h, (w_out * scale).transpose(1, 2))
+        K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
+        w_out_scaled = w_out * scale
+        out = y.new_empty(K, N, w_out.shape[1])
+        stream = KeepStream(p, seed)
+        for a in range(0, K, _FFN_CHUNK):  # the hidden layer a few branches at a time (memory)
+            b = min(a + _FFN_CHUNK, K)
+            h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))  # (k, N, F)
+            torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
+            torch.baddbmm(b_out[a:b].unsqueeze(1), h, w_out_scaled[a:b].transpose(1, 2), out=out[a:b])
+            del h
         ctx.save_for_backward(y, w_in, b_in, w_out)
         ctx.p, ctx.seed, ctx.scale = p, seed, scale
         return out
@@ -280,14 +306,14 @@ class _BranchFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, w_in, b_in, w_out = ctx.saved_tensors
-        keep = keep_bits((*y.shape[:2], w_in.shape[1]), ctx.p, ctx.seed)   # the forward's draw
+        K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
+        stream = KeepStream(ctx.p, ctx.seed)                                # the forward's draw
         grad_y, grad_w_in, grad_b_in = torch.empty_like(y), torch.empty_like(w_in), torch.empty_like(b_in)
         grad_w_out = torch.empty_like(w_out)
-        step = _FFN_CHUNK
-        for a in range(0, y.shape[0], step):  # a few branches' hidden layer at a time (memory)
-            b = min(a + step, y.shape[0])
+        for a in range(0, K, _FFN_CHUNK):
+            b = min(a + _FFN_CHUNK, K)
             h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))   # (k, N, F)
-            torch.where(keep[a:b], h, h.new_zeros(()), out=h).relu_()
+            torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
             g = grad[a:b]
             torch.bmm(g.transpose(1, 2), h, out=grad_w_out[a:b]).mul_(ctx.scale)
             gh = torch.bmm(g, w_out[a:b] * ctx.scale)
