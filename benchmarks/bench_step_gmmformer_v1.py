@@ -105,7 +105,7 @@ class Ours:
         loss = self.loss(self.model(batch), batch["query_labels"], False, self.gen)["total"]
         loss.backward()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=False)  # as the train stage (and the release) zero them
         return time.perf_counter() - t0, time.process_time() - c0
 
 

@@ -86,7 +86,7 @@ class Ours:
     def update(self, loss):
         loss.backward()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=False)  # as the train stage (and the release) zero them
 
 
 class Release:

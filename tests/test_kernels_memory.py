@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prvr import kernels
-from prvr.kernels import (Tokens, branch_ffn, branch_layer_norm, dropout, norm_dropout_linear, pool_tokens,
+from prvr.kernels import (Tokens, branch_layer_norm, branch_norm_ffn, dropout, norm_dropout_linear, pool_tokens,
                           softmax_dropout_matmul)
 
 
@@ -150,37 +150,48 @@ def test_softmax_dropout_matmul_equals_the_plain_ops_and_keeps_no_dropped_probab
     assert torch.equal(softmax_dropout_matmul(s, v, 0.3, False), torch.matmul(torch.softmax(s, -1), v))
 
 
-def test_branch_ffn_is_the_plain_chain_and_keeps_no_hidden_layer():
-    """The per-branch FFN node equals Linear -> ReLU -> Dropout -> Linear with the same draw
-    (values and every gradient), passes a float64 gradcheck, and keeps no (K, N, F) tensor."""
+def test_branch_norm_ffn_is_the_plain_chain_and_keeps_only_the_norm():
+    """LayerNorm -> (Linear -> ReLU -> Dropout -> Linear) as one node equals the plain chain
+    with the same draw (y, the FFN output and every gradient, with gradients flowing into both
+    outputs), passes a float64 gradcheck, and keeps neither y nor any (K, N, F) tensor."""
     torch.manual_seed(0)
     K, N, H, Fd = 3, 11, 6, 24
-    y = torch.randn(K, N, H, dtype=torch.float64, requires_grad=True)
-    params = [torch.randn(K, Fd, H, dtype=torch.float64, requires_grad=True),
+    x = torch.randn(K, N, H, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(K, H, dtype=torch.float64, requires_grad=True),
+              torch.randn(K, H, dtype=torch.float64, requires_grad=True),
+              torch.randn(K, Fd, H, dtype=torch.float64, requires_grad=True),
               torch.randn(K, Fd, dtype=torch.float64, requires_grad=True),
               torch.randn(K, H, Fd, dtype=torch.float64, requires_grad=True),
               torch.randn(K, H, dtype=torch.float64, requires_grad=True)]
-    w_in, b_in, w_out, b_out = params
-    g = torch.randn(K, N, H, dtype=torch.float64)
+    ln_w, ln_b, w_in, b_in, w_out, b_out = params
+    g_y, g_f = torch.randn(K, N, H, dtype=torch.float64), torch.randn(K, N, H, dtype=torch.float64)
 
     def plain():
+        y = torch.addcmul(ln_b.unsqueeze(1), F.layer_norm(x, (H,)), ln_w.unsqueeze(1))
         h = torch.relu(torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2)))
-        return torch.baddbmm(b_out.unsqueeze(1), dropout(h, 0.3, True), w_out.transpose(1, 2))
+        return y, torch.baddbmm(b_out.unsqueeze(1), dropout(h, 0.3, True), w_out.transpose(1, 2))
 
     res = []
-    for f in (lambda: branch_ffn(y, *params, 0.3, True), plain):
+    for f in (lambda: branch_norm_ffn(x, *params, 0.3, True), plain):
         torch.manual_seed(7)
-        out = f()
-        res.append((out, *torch.autograd.grad(out, [y, *params], g)))
+        y, out = f()
+        res.append((y, out, *torch.autograd.grad([y, out], [x, *params], [g_y, g_f])))
     for a, b in zip(*res):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(7)
+    _, out = branch_norm_ffn(x, *params, 0.3, True)          # only the FFN output used
+    torch.manual_seed(7)
+    _, ref = plain()
+    for a, b in zip(torch.autograd.grad(out, [x, *params], g_f), torch.autograd.grad(ref, [x, *params], g_f)):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        branch_ffn(y, *params, 0.3, True)
+        branch_norm_ffn(x, *params, 0.3, True)
+    assert [t.shape for t in saved].count((K, N, H)) == 1              # the normalised x only
     assert all(t.numel() < K * N * Fd for t in saved)
 
     def fixed_draw(*a):
         torch.manual_seed(2)
-        return branch_ffn(*a, 0.3, True)
+        return branch_norm_ffn(*a, 0.3, True)
 
-    assert torch.autograd.gradcheck(fixed_draw, (y, *params))
+    assert torch.autograd.gradcheck(fixed_draw, (x, *params))

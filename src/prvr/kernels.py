@@ -266,28 +266,40 @@ def relu_dropout_unscaled(x: Tensor, p: float, training: bool) -> tuple[Tensor, 
 def branch_ffn(y: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor, p: float,
                training: bool) -> Tensor:
     """Per-branch feed-forward Linear -> ReLU -> Dropout -> Linear of y (K, N, H), weights
-    w_in (K, F, H), w_out (K, H, F), biases (K, F), (K, H) -> (K, N, H).
+    w_in (K, F, H), w_out (K, H, F), biases (K, F), (K, H) -> (K, N, H), plain ops (the path
+    every device but the CPU in training takes; there `branch_norm_ffn` fuses it)."""
+    h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))
+    h, scale = relu_dropout_unscaled(h, p, training)
+    w = w_out if scale == 1.0 else w_out * scale
+    return torch.baddbmm(b_out.unsqueeze(1), h, w.transpose(1, 2))
 
-    In CPU training one autograd node that never holds the whole hidden layer (K, N, F) (~0.5 GB
-    on a TVR frame batch of GMMFormer v2) nor its dropout mask: forward makes them _FFN_CHUNK
-    branches at a time and keeps neither; backward remakes them the same way (the mask from
-    the seed of the same draw `dropout` makes here, through KeepStream), at the cost of the
+
+def branch_norm_ffn(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+                    b_out: Tensor, p: float, training: bool, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """(y, ffn(y)) for y = branch_layer_norm(x, ln_w, ln_b) and ffn the per-branch `branch_ffn`
+    (x (K, N, H), LN parameters (K, H)): the first LayerNorm of a post-norm layer and its FFN.
+
+    In CPU training one autograd node that keeps only what the LayerNorm keeps (the normalised
+    x and 1/std): neither y (backward remakes it with one multiply-add) nor the hidden layer
+    (K, N, F) nor its dropout mask, ~0.5 GB on a TVR frame batch of GMMFormer v2. Forward and
+    backward make the hidden layer _FFN_CHUNK branches at a time; backward draws the mask
+    again from the seed of the same draw `dropout` makes here (KeepStream), at the cost of the
     first matmul once more. Values equal the plain ops'.
     """
-    if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(y):
-        h = torch.baddbmm(b_in.unsqueeze(1), y, w_in.transpose(1, 2))
-        h, scale = relu_dropout_unscaled(h, p, training)
-        w = w_out if scale == 1.0 else w_out * scale
-        return torch.baddbmm(b_out.unsqueeze(1), h, w.transpose(1, 2))
-    return _BranchFFN.apply(y, w_in, b_in, w_out, b_out, p, _mask_seed())
+    if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(x):
+        y = branch_layer_norm(x, ln_w, ln_b, eps)
+        return y, branch_ffn(y, w_in, b_in, w_out, b_out, p, training)
+    return _BranchNormFFN.apply(x, ln_w, ln_b, w_in, b_in, w_out, b_out, p, _mask_seed(), eps)
 
 
-_FFN_CHUNK = 2  # branches per chunk of _BranchFFN (forward and backward)
+_FFN_CHUNK = 2  # branches per chunk of _BranchNormFFN's hidden layer (forward and backward)
 
 
-class _BranchFFN(torch.autograd.Function):
+class _BranchNormFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, w_in, b_in, w_out, b_out, p, seed):
+    def forward(ctx, x, ln_w, ln_b, w_in, b_in, w_out, b_out, p, seed, eps):
+        normed, rstd = _layer_norm_stats(x, ln_w.dtype, eps)
+        y = torch.addcmul(ln_b.unsqueeze(1), normed, ln_w.unsqueeze(1))
         scale = 1.0 / (1.0 - p)
         K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
         w_out_scaled = w_out * scale
@@ -299,16 +311,17 @@ class _BranchFFN(torch.autograd.Function):
             torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
             torch.baddbmm(b_out[a:b].unsqueeze(1), h, w_out_scaled[a:b].transpose(1, 2), out=out[a:b])
             del h
-        ctx.save_for_backward(y, w_in, b_in, w_out)
-        ctx.p, ctx.seed, ctx.scale = p, seed, scale
-        return out
+        ctx.save_for_backward(normed, rstd, ln_w, ln_b, w_in, b_in, w_out)
+        ctx.p, ctx.seed, ctx.scale, ctx.x_dtype = p, seed, scale, x.dtype
+        return y, out
 
     @staticmethod
-    def backward(ctx, grad):
-        y, w_in, b_in, w_out = ctx.saved_tensors
+    def backward(ctx, grad_y, grad):
+        normed, rstd, ln_w, ln_b, w_in, b_in, w_out = ctx.saved_tensors
+        y = torch.addcmul(ln_b.unsqueeze(1), normed, ln_w.unsqueeze(1))       # remade
         K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
         stream = KeepStream(ctx.p, ctx.seed)                                # the forward's draw
-        grad_y, grad_w_in, grad_b_in = torch.empty_like(y), torch.empty_like(w_in), torch.empty_like(b_in)
+        gy, grad_w_in, grad_b_in = torch.empty_like(y), torch.empty_like(w_in), torch.empty_like(b_in)
         grad_w_out = torch.empty_like(w_out)
         for a in range(0, K, _FFN_CHUNK):
             b = min(a + _FFN_CHUNK, K)
@@ -321,8 +334,13 @@ class _BranchFFN(torch.autograd.Function):
             del h
             torch.sum(gh, 1, out=grad_b_in[a:b])
             torch.bmm(gh.transpose(1, 2), y[a:b], out=grad_w_in[a:b])
-            torch.bmm(gh, w_in[a:b], out=grad_y[a:b])
-        return grad_y, grad_w_in, grad_b_in, grad_w_out, grad.sum(1), None, None
+            torch.bmm(gh, w_in[a:b], out=gy[a:b])
+        del y
+        if grad_y is not None:
+            gy.add_(grad_y)
+        grad_x, grad_ln_w, grad_ln_b = _layer_norm_backward(gy, normed, rstd, ln_w, ctx.x_dtype)
+        return (grad_x, grad_ln_w, grad_ln_b, grad_w_in, grad_b_in, grad_w_out, grad.sum(1),
+                None, None, None)
 
 
 def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
@@ -358,35 +376,52 @@ class _AddDropped(torch.autograd.Function):
 def branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dim of (K, N, H) with per-branch affine parameters (K, H).
 
-    Backward keeps the normalised input and 1/std only; plain layer_norm + addcmul would
-    keep the input as well (a (K, N, H) tensor per call, ~100 MB on a TVR frame batch)."""
+    On CPU one autograd node whose backward keeps the normalised input and 1/std only; plain
+    layer_norm + addcmul (the path elsewhere) would keep the input as well (a (K, N, H) tensor
+    per call, ~100 MB on a TVR frame batch)."""
     if x.dim() != 3 or weight.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"branch_layer_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if not cpu_kernels(x):
+        return torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:], eps=eps), weight.unsqueeze(1))
     return _BranchLayerNorm.apply(x, weight, bias, eps)
 
 
 class _BranchLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        # in the parameters' dtype: under bf16 autocast x arrives in bf16, and a layer norm runs
-        # in fp32 there (autocast's own policy); its input gradient goes back in x's dtype
-        ctx.x_dtype = x.dtype
-        normed, _, rstd = torch.native_layer_norm(x.to(weight.dtype), x.shape[-1:], None, None, eps)
+        normed, rstd = _layer_norm_stats(x, weight.dtype, eps)
         ctx.save_for_backward(normed, rstd, weight)
+        ctx.x_dtype = x.dtype
         return torch.addcmul(bias.unsqueeze(1), normed, weight.unsqueeze(1))
 
     @staticmethod
     def backward(ctx, grad):
         normed, rstd, weight = ctx.saved_tensors
-        grad_w = torch.linalg.vecdot(grad, normed, dim=1) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(1) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # d/dx of LN: rstd * (g - mean(g) - normed * mean(g * normed)), g = grad * weight
-            g = grad * weight.unsqueeze(1)
-            c = torch.linalg.vecdot(g, normed, dim=-1).div_(g.shape[-1]).unsqueeze(-1)
-            grad_x = g.sub_(g.mean(-1, keepdim=True)).sub_(normed * c).mul_(rstd).to(ctx.x_dtype)
+        grad_x, grad_w, grad_b = _layer_norm_backward(grad, normed, rstd, weight, ctx.x_dtype,
+                                                      ctx.needs_input_grad[:3])
         return grad_x, grad_w, grad_b, None
+
+
+def _layer_norm_stats(x: Tensor, dtype: torch.dtype, eps: float) -> tuple[Tensor, Tensor]:
+    """(normalised x, 1/std) over the last dim, computed in `dtype`, the affine parameters'
+    (under bf16 autocast x arrives in bf16, and a layer norm runs in fp32 there: autocast's
+    own policy; its input gradient goes back in x's dtype)."""
+    normed, _, rstd = torch.native_layer_norm(x.to(dtype), x.shape[-1:], None, None, eps)
+    return normed, rstd
+
+
+def _layer_norm_backward(grad: Tensor, normed: Tensor, rstd: Tensor, weight: Tensor, x_dtype,
+                         needs=(True, True, True)) -> tuple:
+    """Gradients (x in x_dtype, weight, bias) of addcmul(bias, normed, weight) per branch."""
+    grad_w = torch.linalg.vecdot(grad, normed, dim=1) if needs[1] else None
+    grad_b = grad.sum(1) if needs[2] else None
+    grad_x = None
+    if needs[0]:
+        # d/dx of LN: rstd * (g - mean(g) - normed * mean(g * normed)), g = grad * weight
+        g = grad * weight.unsqueeze(1)
+        c = torch.linalg.vecdot(g, normed, dim=-1).div_(g.shape[-1]).unsqueeze(-1)
+        grad_x = g.sub_(g.mean(-1, keepdim=True)).sub_(normed * c).mul_(rstd).to(x_dtype)
+    return grad_x, grad_w, grad_b
 
 
 def norm_dropout_linear(x: Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear, p: float,

@@ -431,7 +431,9 @@ def train_epoch(run: Run, epoch: int, progress: bool = True) -> tuple[dict[str, 
                 out = run.train_model(batch)
             terms = ctx.compute_loss(run.loss_fn, fp32_output(out), batch["query_labels"], hard,
                                      run.loss_gen, run.model)
-            run.optimizer.zero_grad(set_to_none=True)
+            # zeroed, not freed, as the release's zero_grad() (torch 1.9) does: the gradient
+            # buffers stay where they are instead of being allocated afresh every step
+            run.optimizer.zero_grad(set_to_none=False)
             terms["total"].backward()
             lr = current_lr(run.optimizer)
             run.optimizer.step()

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_ffn, branch_layer_norm,
-                        cpu_kernels, dropout, pool_tokens, relu_dropout_unscaled)
+from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, branch_norm_ffn,
+                        dropout, pool_tokens, relu_dropout_unscaled)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
@@ -115,13 +115,6 @@ def gaussian_matrix(length: int, width: float | None) -> Tensor:
     return torch.exp(-(d2 - d2.min(dim=1, keepdim=True).values) / (2.0 * sigma ** 2))
 
 
-def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """LayerNorm of (K, N, H) with per-branch affine parameters (K, H)."""
-    if cpu_kernels(x):
-        return branch_layer_norm(x, weight, bias)
-    return torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), weight.unsqueeze(1))
-
-
 # ----------------------------------------------------------------------------- modules
 
 class EncoderLayer(nn.Module):
@@ -186,10 +179,10 @@ class GaussianBranches(nn.Module):
             ctx = attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
             parts.append(sub.from_heads(ctx))                              # (K, n, H)
         ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)         # (K, N, H)
-        y = _branch_layer_norm(add_dropout(x, ctx, self.p, self.training), self.norm1_weight, self.norm1_bias)
-        f = branch_ffn(y, self.ffn_in_weight, self.ffn_in_bias, self.ffn_out_weight, self.ffn_out_bias,
-                       self.p, self.training)
-        return _branch_layer_norm(add_dropout(y, f, self.p, self.training), self.norm2_weight, self.norm2_bias)
+        y, f = branch_norm_ffn(add_dropout(x, ctx, self.p, self.training), self.norm1_weight, self.norm1_bias,
+                               self.ffn_in_weight, self.ffn_in_bias, self.ffn_out_weight, self.ffn_out_bias,
+                               self.p, self.training)                      # LN1 and the FFN
+        return branch_layer_norm(add_dropout(y, f, self.p, self.training), self.norm2_weight, self.norm2_bias)
 
 
 class WeightTokenAttention(nn.Module):
@@ -370,12 +363,14 @@ class GMMFormer(nn.Module):
         return {"clip": clip, "clip_raw": clip_raw, "frame": frame, "frame_raw": frame_raw}
 
     def forward(self, batch: Mapping[str, Any]) -> TrainOutput:
-        """Training forward. As the release does, the queries are encoded a second time (own
-        dropout draw) for the query-diverse and matching losses: queries["query_aux"]."""
+        """Training forward, in the release's order: the videos (clips, then frames), then the
+        queries, encoded a second time (own dropout draw) for the query-diverse and matching
+        losses: queries["query_aux"]. (The order also lets the queries' small tensors reuse
+        the memory the frame stream's large ones leave free.)"""
+        videos = self.encode_videos(batch)
         queries = {"query": self.encode_queries(batch)}
         if self.training:
             queries["query_aux"] = self.encode_queries(batch)
-        videos = self.encode_videos(batch)
         return TrainOutput(queries, videos, self.train_scores(queries, videos))
 
     # ------------------------------------------------------------------ optimiser
