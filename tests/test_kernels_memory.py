@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prvr import kernels
-from prvr.kernels import (Tokens, branch_layer_norm, branch_norm_ffn, dropout, norm_dropout_linear, pool_tokens,
-                          softmax_dropout_matmul)
+from prvr.kernels import (Tokens, branch_layer_norm, branch_norm_ffn, dropout, norm_dropout_linear, norm_ffn,
+                          pool_tokens, softmax_dropout_matmul)
 
 
 def test_keep_mask_is_the_plain_sfc64_draw_and_follows_the_torch_seed():
@@ -195,3 +195,35 @@ def test_branch_norm_ffn_is_the_plain_chain_and_keeps_only_the_norm():
         return branch_norm_ffn(*a, 0.3, True)
 
     assert torch.autograd.gradcheck(fixed_draw, (x, *params))
+
+
+def test_norm_ffn_node_is_the_plain_modules():
+    """The query encoder's LayerNorm + FFN through the one-branch node gives what its plain
+    nn.LayerNorm / nn.Linear chain gives with the same dropout draw, values and gradients, and
+    keeps no (N, F) hidden layer."""
+    torch.manual_seed(0)
+    N, H = 13, 8
+    norm, ffn_in, ffn_out = nn.LayerNorm(H).double(), nn.Linear(H, 4 * H).double(), nn.Linear(4 * H, H).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    params = [x, norm.weight, norm.bias, ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias]
+    g_y, g_f = torch.randn(N, H, dtype=torch.float64), torch.randn(N, H, dtype=torch.float64)
+
+    def plain():
+        y = norm(x)
+        return y, ffn_out(dropout(torch.relu(ffn_in(y)), 0.25, True))
+
+    res = []
+    for f in (lambda: norm_ffn(x, norm, ffn_in, ffn_out, 0.25, True), plain):
+        torch.manual_seed(5)
+        y, out = f()
+        res.append((y, out, *torch.autograd.grad([y, out], params, [g_y, g_f])))
+    for a, b in zip(*res):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(res[0][1], norm_ffn(x, norm, ffn_in, ffn_out, 0.25, False)[1])  # dropout acted
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm_ffn(x, norm, ffn_in, ffn_out, 0.25, True)
+    assert not [t for t in saved if t.shape[-2:] == (N, 4 * H)]        # no hidden layer kept

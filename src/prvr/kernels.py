@@ -292,6 +292,20 @@ def branch_norm_ffn(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_in: Tensor, b_in: T
     return _BranchNormFFN.apply(x, ln_w, ln_b, w_in, b_in, w_out, b_out, p, _mask_seed(), eps)
 
 
+def norm_ffn(x: Tensor, norm: torch.nn.LayerNorm, ffn_in: torch.nn.Linear, ffn_out: torch.nn.Linear,
+             p: float, training: bool) -> tuple[Tensor, Tensor]:
+    """(y, ffn_out(dropout(relu(ffn_in(y))))) for y = norm(x), on tokens x (N, H): a post-norm
+    layer's first LayerNorm and its FFN. In CPU training `branch_norm_ffn`'s node with one
+    branch, which keeps neither y nor the (N, F) hidden layer; elsewhere the plain modules."""
+    if training and 0.0 < p < 1.0 and cpu_kernels(x):
+        y, f = branch_norm_ffn(x[None], norm.weight[None], norm.bias[None], ffn_in.weight[None],
+                               ffn_in.bias[None], ffn_out.weight[None], ffn_out.bias[None], p, True, norm.eps)
+        return y[0], f[0]
+    y = norm(x)
+    h, scale = relu_dropout_unscaled(ffn_in(y), p, training)
+    return y, F.linear(h, ffn_out.weight if scale == 1.0 else ffn_out.weight * scale, ffn_out.bias)
+
+
 _FFN_CHUNK = 2  # branches per chunk of _BranchNormFFN's hidden layer (forward and backward)
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, branch_norm_ffn,
-                        dropout, pool_tokens, relu_dropout_unscaled)
+                        dropout, norm_ffn, pool_tokens)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
@@ -134,10 +134,9 @@ class EncoderLayer(nn.Module):
         q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(self.qkv(x), 1, self.n_heads))
         ctx = attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)
-        x = self.norm1(add_dropout(x, ctx, self.p, self.training))
-        h, keep_scale = relu_dropout_unscaled(self.ffn_in(x), self.p, self.training)
-        w_out = self.ffn_out.weight if keep_scale == 1.0 else self.ffn_out.weight * keep_scale
-        return self.norm2(add_dropout(x, F.linear(h, w_out, self.ffn_out.bias), self.p, self.training))
+        y, f = norm_ffn(add_dropout(x, ctx, self.p, self.training), self.norm1, self.ffn_in, self.ffn_out,
+                        self.p, self.training)                             # norm1 and the FFN
+        return self.norm2(add_dropout(y, f, self.p, self.training))
 
 
 class GaussianBranches(nn.Module):
