@@ -309,22 +309,31 @@ def norm_ffn(x: Tensor, norm: torch.nn.LayerNorm, ffn_in: torch.nn.Linear, ffn_o
 _FFN_CHUNK = 2  # branches per chunk of _BranchNormFFN's hidden layer (forward and backward)
 
 
+def _hidden_chunks(y: Tensor, w_in: Tensor, b_in: Tensor, p: float, seed: int):
+    """(a, b, h) for branches a:b, _FFN_CHUNK at a time: h = relu(y W_in^T + b_in) with the
+    dropped entries zeroed, not rescaled, the mask drawn in order from KeepStream(p, seed).
+    The caller deletes its h before asking for the next chunk."""
+    K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
+    stream = KeepStream(p, seed)
+    for a in range(0, K, _FFN_CHUNK):
+        b = min(a + _FFN_CHUNK, K)
+        h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))  # (k, N, F)
+        torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
+        yield a, b, h
+        del h
+
+
 class _BranchNormFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, w_in, b_in, w_out, b_out, p, seed, eps):
         normed, rstd = _layer_norm_stats(x, ln_w.dtype, eps)
         y = torch.addcmul(ln_b.unsqueeze(1), normed, ln_w.unsqueeze(1))
         scale = 1.0 / (1.0 - p)
-        K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
         w_out_scaled = w_out * scale
-        out = y.new_empty(K, N, w_out.shape[1])
-        stream = KeepStream(p, seed)
-        for a in range(0, K, _FFN_CHUNK):  # the hidden layer a few branches at a time (memory)
-            b = min(a + _FFN_CHUNK, K)
-            h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))  # (k, N, F)
-            torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
+        out = y.new_empty(*y.shape[:2], w_out.shape[1])
+        for a, b, h in _hidden_chunks(y, w_in, b_in, p, seed):
             torch.baddbmm(b_out[a:b].unsqueeze(1), h, w_out_scaled[a:b].transpose(1, 2), out=out[a:b])
-            del h
+            del h  # before the next chunk is made: one chunk alive at a time
         ctx.save_for_backward(normed, rstd, ln_w, ln_b, w_in, b_in, w_out)
         ctx.p, ctx.seed, ctx.scale, ctx.x_dtype = p, seed, scale, x.dtype
         return y, out
@@ -333,14 +342,9 @@ class _BranchNormFFN(torch.autograd.Function):
     def backward(ctx, grad_y, grad):
         normed, rstd, ln_w, ln_b, w_in, b_in, w_out = ctx.saved_tensors
         y = torch.addcmul(ln_b.unsqueeze(1), normed, ln_w.unsqueeze(1))       # remade
-        K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
-        stream = KeepStream(ctx.p, ctx.seed)                                # the forward's draw
         gy, grad_w_in, grad_b_in = torch.empty_like(y), torch.empty_like(w_in), torch.empty_like(b_in)
         grad_w_out = torch.empty_like(w_out)
-        for a in range(0, K, _FFN_CHUNK):
-            b = min(a + _FFN_CHUNK, K)
-            h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))   # (k, N, F)
-            torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
+        for a, b, h in _hidden_chunks(y, w_in, b_in, ctx.p, ctx.seed):      # the forward's draw
             g = grad[a:b]
             torch.bmm(g.transpose(1, 2), h, out=grad_w_out[a:b]).mul_(ctx.scale)
             gh = torch.bmm(g, w_out[a:b] * ctx.scale)
