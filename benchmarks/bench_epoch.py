@@ -111,7 +111,8 @@ class PhaseClock:
         status = Path("/proc/self/status").read_text()
         peak = re.search(r"VmHWM:\s+(\d+) kB", status)
         out = {"phases": self.phases, "train_epochs": self.epochs, "vm_hwm_kb": int(peak.group(1)) if peak else None,
-               "env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "PRVR_"))}}
+               "env": {k: v for k, v in os.environ.items()
+                       if k.startswith(("MALLOC_", "PRVR_", "GOMP_", "OPENBLAS_", "OMP_"))}}
         path.write_text(json.dumps(out, indent=1))
 
 

@@ -51,27 +51,35 @@ def _run(code: str, env: dict) -> str:
 
 
 def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PRVR_MALLOC"))}
+    from prvr.kernels import THREAD_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "PRVR_MALLOC"))
+           and k not in THREAD_ENV and k != "OMP_WAIT_POLICY"}
     env.pop("GLIBC_TUNABLES", None)
     return {**env, **extra}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_train_stage_restarts_itself_once_with_the_allocator_settings():
-    from prvr.kernels import ALLOCATOR_ENV, allocator_env_needed
+    from prvr.kernels import ALLOCATOR_ENV, THREAD_ENV, allocator_env_needed
 
     if not allocator_env_needed(_clean_env()):
         pytest.skip("not glibc")
+    keys = sorted(ALLOCATOR_ENV) + sorted(THREAD_ENV)
     code = ("import atexit, os, runpy, sys; print('start', flush=True); "
             "atexit.register(lambda: print('ENV', *(os.environ.get(k) for k in %r)));"
             "sys.argv = ['stages/train.py', '--help']; runpy.run_path('stages/train.py', run_name='__main__')"
-            % (sorted(ALLOCATOR_ENV),))
+            % (keys,))
     out = _run(code, _clean_env())
     assert out.count("start") == 2  # one re-exec, no loop
-    assert f"ENV {' '.join(ALLOCATOR_ENV[k] for k in sorted(ALLOCATOR_ENV))}" in out
+    assert f"ENV {' '.join({**ALLOCATOR_ENV, **THREAD_ENV}[k] for k in keys)}" in out
     # opted out, or settings of the caller's own: no restart, nothing changed
-    for env, expect in ((_clean_env(PRVR_MALLOC="system"), "ENV None None None"),
-                        (_clean_env(MALLOC_MMAP_MAX_="7"), "ENV 7 None None")):  # MMAP_MAX, TOP_PAD, TRIM
-        out = _run(code, env)
+    threads = " ".join(THREAD_ENV[k] for k in sorted(THREAD_ENV))
+    for env, expect in ((_clean_env(PRVR_MALLOC="system", **THREAD_ENV), f"ENV None None None {threads}"),
+                        (_clean_env(MALLOC_MMAP_MAX_="7", **THREAD_ENV), f"ENV 7 None None {threads}")):
+        out = _run(code, env)  # (MMAP_MAX, TOP_PAD, TRIM, then GOMP_SPINCOUNT, OPENBLAS_THREAD_TIMEOUT)
         assert out.count("start") == 1
         assert expect in out
+    # thread waits of the caller's own (OMP_WAIT_POLICY stands for GOMP_SPINCOUNT): kept
+    out = _run(code, _clean_env(PRVR_MALLOC="system", OMP_WAIT_POLICY="PASSIVE", OPENBLAS_THREAD_TIMEOUT="9"))
+    assert out.count("start") == 1 and "ENV None None None None 9" in out

@@ -227,3 +227,57 @@ def test_norm_ffn_node_is_the_plain_modules():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         norm_ffn(x, norm, ffn_in, ffn_out, 0.25, True)
     assert not [t for t in saved if t.shape[-2:] == (N, 4 * H)]        # no hidden layer kept
+
+
+def test_matmul_is_torch_matmul_with_either_blas():
+    """kernels.matmul (numpy's OpenBLAS when found, torch's otherwise) gives the product of
+    2-d and batched operands, transposed views included, with a broadcast bias, into `out`."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(5, 4, 6, dtype=torch.float64, generator=g)    # used as w^T, a strided view
+    bias = torch.randn(5, 1, 4, dtype=torch.float64, generator=g)
+    want = torch.baddbmm(bias, a, w.transpose(1, 2))
+    for numpy_blas in (True, False):
+        with kernels.switches(numpy_blas=numpy_blas):
+            out = torch.empty(5, 7, 4, dtype=torch.float64)
+            got = kernels.matmul(a, w.transpose(1, 2), out=out, bias=bias)
+            assert got.data_ptr() == out.data_ptr()
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+            x2, y2 = a[0].t(), torch.randn(7, 3, dtype=torch.float64, generator=g)
+            assert torch.allclose(kernels.matmul(x2, y2), x2 @ y2, rtol=1e-12, atol=1e-12)
+    with kernels.switches(numpy_blas=False):                       # off: torch's own kernels, bit for bit
+        assert torch.equal(kernels.matmul(a, w.transpose(1, 2), bias=bias), want)
+
+
+def test_numpy_blas_follows_torch_thread_count():
+    """Where numpy's OpenBLAS is used, its thread count is set to torch's before each use."""
+    x = torch.randn(3, 3)
+    if not kernels.numpy_blas_active(x):
+        assert not kernels._OPENBLAS.ready()
+        return
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        kernels.matmul(x, x)
+        assert kernels._OPENBLAS.threads == 1
+    finally:
+        torch.set_num_threads(before)
+    kernels.matmul(x, x)
+    assert kernels._OPENBLAS.threads == before
+    with kernels.switches(numpy_blas=False):
+        assert not kernels.numpy_blas_active(x)
+
+
+def test_linear_node_is_f_linear_and_gradchecks():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = kernels.linear(x, w, b)
+    assert torch.allclose(y, F.linear(x, w, b), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(kernels.linear, (x, w, b))
+    assert torch.autograd.gradcheck(lambda w_: kernels.linear(x.detach(), w_, None), (w,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.linear(x, w, b)
+    assert sorted(tuple(t.shape) for t in saved) == [(4, 6), (9, 6)]   # x and the weight, as F.linear

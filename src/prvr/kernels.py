@@ -33,6 +33,7 @@ _MASK_ADD = -10000.0  # additive key mask of the release's attention
 @dataclass
 class Switches:
     portable: bool = False
+    numpy_blas: bool = True
 
 
 SWITCHES = Switches()
@@ -78,14 +79,34 @@ def allocator_env_needed(env=None) -> dict[str, str]:
     return dict(ALLOCATOR_ENV)
 
 
+# Thread waits, when both torch's OpenMP pool and numpy's OpenBLAS pool (see `matmul`) run on
+# the same cores: by default each pool's idle workers spin after a call (libgomp ~300k
+# iterations, OpenBLAS up to 2^28 cycles) and steal the cores from the other pool's next call.
+# Short waits: a B=128 TVR step 16.6 -> 14.3 s (benchmarks/README.md). Read at process start
+# only; a variable the caller set (or OMP_WAIT_POLICY) is left as it is.
+THREAD_ENV = {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "4"}
+
+
+def thread_env_needed(env=None) -> dict[str, str]:
+    """The THREAD_ENV entries missing from `env` (os.environ)."""
+    import os
+
+    env = os.environ if env is None else env
+    missing = {k: v for k, v in THREAD_ENV.items() if k not in env}
+    if "OMP_WAIT_POLICY" in env:
+        missing.pop("GOMP_SPINCOUNT", None)
+    return missing
+
+
 def reexec_with_allocator_env() -> None:
-    """Re-execute this process (same pid, same command line) once with ALLOCATOR_ENV set,
-    when it is missing (see allocator_env_needed); otherwise return. For a stage's
-    `__main__`, before any work: malloc reads these variables only at start-up."""
+    """Re-execute this process (same pid, same command line) once with ALLOCATOR_ENV and
+    THREAD_ENV set, when any of them is missing (see allocator_env_needed, thread_env_needed);
+    otherwise return. For a stage's `__main__`, before any work: malloc, libgomp and OpenBLAS
+    read these variables only at start-up."""
     import os
     import sys
 
-    missing = allocator_env_needed()
+    missing = {**allocator_env_needed(), **thread_env_needed()}
     if not missing or not getattr(sys, "orig_argv", None):
         return
     sys.stdout.flush()
@@ -306,6 +327,103 @@ def norm_ffn(x: Tensor, norm: torch.nn.LayerNorm, ffn_in: torch.nn.Linear, ffn_o
     return y, F.linear(h, ffn_out.weight if scale == 1.0 else ffn_out.weight * scale, ffn_out.bias)
 
 
+# ----------------------------------------------------------------------------- BLAS
+# torch's CPU wheel runs float matmuls through oneMKL, which on an AMD (Zen 4) CPU takes a
+# slower path than its Intel one: 120-165 GFLOP/s on the FFN's shapes on this project's 2-core
+# box, against 170-195 GFLOP/s for numpy's OpenBLAS (SkylakeX kernels) on the same arrays
+# (benchmarks/README.md). The large matmuls of the CPU nodes below go through `matmul`, which
+# hands the arrays (zero-copy views) to numpy when numpy's OpenBLAS is found and can be told
+# torch's thread count; otherwise, and under the `numpy_blas=False` switch, torch's own.
+
+
+class _OpenBLAS:
+    """numpy's bundled OpenBLAS, found lazily (no work at import): its thread count is kept
+    equal to torch.get_num_threads(), so the two never oversubscribe the cores."""
+
+    def __init__(self):
+        self.probed, self.set_threads, self.threads = False, None, None
+
+    def _probe(self) -> None:
+        import ctypes
+        import glob
+        import os
+
+        self.probed = True
+        try:
+            if np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"] != "scipy-openblas":
+                return
+            libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                          "libscipy_openblas*"))
+            for path in libs:
+                lib = ctypes.CDLL(path)
+                for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+                    if hasattr(lib, name):
+                        self.set_threads = getattr(lib, name)
+                        self.set_threads.argtypes = [ctypes.c_int]
+                        return
+        except (OSError, KeyError, TypeError, AttributeError):
+            self.set_threads = None
+
+    def ready(self) -> bool:
+        if not self.probed:
+            self._probe()
+        if self.set_threads is None:
+            return False
+        n = torch.get_num_threads()
+        if n != self.threads:
+            self.set_threads(n)
+            self.threads = n
+        return True
+
+
+_OPENBLAS = _OpenBLAS()
+
+
+def numpy_blas_active(x: Tensor) -> bool:
+    """True when `matmul` hands x's matmuls to numpy's OpenBLAS."""
+    return (SWITCHES.numpy_blas and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and _OPENBLAS.ready())
+
+
+def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """a @ b (+ bias, broadcast) for 2-d or batched 3-d CPU tensors (views welcome) into `out`
+    (fresh when None), outside autograd (for a node's own passes): numpy's OpenBLAS when
+    `numpy_blas_active`, torch's (b)addmm / bmm otherwise."""
+    if out is None:
+        out = a.new_empty(*a.shape[:-1], b.shape[-1])
+    if numpy_blas_active(a) and b.dtype == a.dtype == out.dtype:
+        np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
+        return out if bias is None else out.add_(bias)
+    if bias is None:
+        return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=out)
+    return (torch.addmm if a.dim() == 2 else torch.baddbmm)(bias, a, b, out=out)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear for x (N, D_in); on CPU with numpy's OpenBLAS one autograd node whose three
+    matmuls (forward, both gradients) run there. Keeps x and the weight, as F.linear does."""
+    if x.dim() != 2 or not cpu_kernels(x) or not numpy_blas_active(x) or weight.dtype != x.dtype:
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return matmul(x, weight.t(), bias=bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = matmul(grad, weight) if ctx.needs_input_grad[0] else None
+        gw = matmul(grad.t(), x) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
 _FFN_CHUNK = 2  # branches per chunk of _BranchNormFFN's hidden layer (forward and backward)
 
 
@@ -317,7 +435,7 @@ def _hidden_chunks(y: Tensor, w_in: Tensor, b_in: Tensor, p: float, seed: int):
     stream = KeepStream(p, seed)
     for a in range(0, K, _FFN_CHUNK):
         b = min(a + _FFN_CHUNK, K)
-        h = torch.baddbmm(b_in[a:b].unsqueeze(1), y[a:b], w_in[a:b].transpose(1, 2))  # (k, N, F)
+        h = matmul(y[a:b], w_in[a:b].transpose(1, 2), bias=b_in[a:b].unsqueeze(1))  # (k, N, F)
         torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
         yield a, b, h
         del h
@@ -332,7 +450,7 @@ class _BranchNormFFN(torch.autograd.Function):
         w_out_scaled = w_out * scale
         out = y.new_empty(*y.shape[:2], w_out.shape[1])
         for a, b, h in _hidden_chunks(y, w_in, b_in, p, seed):
-            torch.baddbmm(b_out[a:b].unsqueeze(1), h, w_out_scaled[a:b].transpose(1, 2), out=out[a:b])
+            matmul(h, w_out_scaled[a:b].transpose(1, 2), out=out[a:b], bias=b_out[a:b].unsqueeze(1))
             del h  # before the next chunk is made: one chunk alive at a time
         ctx.save_for_backward(normed, rstd, ln_w, ln_b, w_in, b_in, w_out)
         ctx.p, ctx.seed, ctx.scale, ctx.x_dtype = p, seed, scale, x.dtype
@@ -346,13 +464,13 @@ class _BranchNormFFN(torch.autograd.Function):
         grad_w_out = torch.empty_like(w_out)
         for a, b, h in _hidden_chunks(y, w_in, b_in, ctx.p, ctx.seed):      # the forward's draw
             g = grad[a:b]
-            torch.bmm(g.transpose(1, 2), h, out=grad_w_out[a:b]).mul_(ctx.scale)
-            gh = torch.bmm(g, w_out[a:b] * ctx.scale)
+            matmul(g.transpose(1, 2), h, out=grad_w_out[a:b]).mul_(ctx.scale)
+            gh = matmul(g, w_out[a:b] * ctx.scale)
             gh = torch.ops.aten.threshold_backward.grad_input(gh, h, 0.0, grad_input=gh)
             del h
             torch.sum(gh, 1, out=grad_b_in[a:b])
-            torch.bmm(gh.transpose(1, 2), y[a:b], out=grad_w_in[a:b])
-            torch.bmm(gh, w_in[a:b], out=gy[a:b])
+            matmul(gh.transpose(1, 2), y[a:b], out=grad_w_in[a:b])
+            matmul(gh, w_in[a:b], out=gy[a:b])
         del y
         if grad_y is not None:
             gy.add_(grad_y)
@@ -463,16 +581,16 @@ class _NormDropLinear(torch.autograd.Function):
         z, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], ln_w, ln_b, eps)
         ctx.save_for_backward(x, index, mean, rstd, keep, ln_w, ln_b, w)
         ctx.scale = scale
-        return torch.addmm(b, z.mul_(keep).mul_(scale), w.t())
+        return matmul(z.mul_(keep).mul_(scale), w.t(), bias=b)
 
     @staticmethod
     def backward(ctx, grad):
         x, index, mean, rstd, keep, ln_w, ln_b, w = ctx.saved_tensors
         xhat = (x if index is None else x.index_select(0, index)).sub(mean).mul_(rstd)
         dropped = torch.addcmul(ln_b, xhat, ln_w).mul_(keep).mul_(ctx.scale)
-        grad_w = grad.t().mm(dropped)
+        grad_w = matmul(grad.t(), dropped)
         del dropped
-        grad_z = grad.mm(w).mul_(keep).mul_(ctx.scale)                     # (N, D_in)
+        grad_z = matmul(grad, w).mul_(keep).mul_(ctx.scale)                # (N, D_in)
         grad_ln_b = grad_z.sum(0)
         grad_ln_w = torch.linalg.vecdot(grad_z, xhat, dim=0)
         return None, None, grad_ln_w, grad_ln_b, grad_w, grad.sum(0), None, None, None

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, branch_norm_ffn,
-                        dropout, norm_ffn, pool_tokens)
+                        dropout, linear, norm_ffn, pool_tokens)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
@@ -131,7 +131,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
 
     def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
-        q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(self.qkv(x), 1, self.n_heads))
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(qkv, 1, self.n_heads))
         ctx = attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
         ctx = tokens.from_heads(ctx)
         y, f = norm_ffn(add_dropout(x, ctx, self.p, self.training), self.norm1, self.ffn_in, self.ffn_out,
@@ -165,7 +166,7 @@ class GaussianBranches(nn.Module):
     def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
         K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
         # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
-        qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
+        qkv = linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
         # attention per length bucket (one bucket = the whole batch at its longest length)
         groups = tokens.groups or [(0, tokens.count, tokens)]
         # every bucket's q, k, v in one autograd node whose backward writes one gradient
