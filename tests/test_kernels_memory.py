@@ -189,6 +189,9 @@ def test_branch_norm_ffn_is_the_plain_chain_and_keeps_only_the_norm():
         branch_norm_ffn(x, *params, 0.3, True)
     assert [t.shape for t in saved].count((K, N, H)) == 1              # the normalised x only
     assert all(t.numel() < K * N * Fd for t in saved)
+    # the dropout mask kept as bits (one byte per 8 entries, per chunk of branches), not re-drawn
+    chunks = [min(kernels._FFN_CHUNK, K - a) for a in range(0, K, kernels._FFN_CHUNK)]
+    assert sorted(t.numel() for t in saved if t.dtype == torch.uint8) == sorted(math.ceil(k * N * Fd / 8) for k in chunks)
 
     def fixed_draw(*a):
         torch.manual_seed(2)

@@ -10,10 +10,13 @@ pays its page faults:
 * dropout on CPU: one keep-mask multiply (also the whole backward); relu+dropout in place on a
   fresh matmul output with the keep scale folded into the next weight (`relu_dropout_unscaled`);
   residual + dropout as one addcmul (`add_dropout`).
+* BLAS: the nodes' large matmuls (`matmul`, `linear`) on numpy's OpenBLAS, faster than torch's
+  oneMKL on AMD CPUs; same products up to float rounding.
 
 Switches (module state, `SWITCHES`, or the `switches(...)` context manager):
 * `portable`: take the path every other device takes (F.dropout, plain ops) also on CPU, so the
   tests run the CUDA code path on CPU.
+* `numpy_blas` (on): `matmul` / `linear` use numpy's OpenBLAS where found; off: torch's BLAS.
 Each kernel stays only while benchmarks/README.md shows it paying.
 """
 from __future__ import annotations
@@ -303,9 +306,10 @@ def branch_norm_ffn(x: Tensor, ln_w: Tensor, ln_b: Tensor, w_in: Tensor, b_in: T
     In CPU training one autograd node that keeps only what the LayerNorm keeps (the normalised
     x and 1/std): neither y (backward remakes it with one multiply-add) nor the hidden layer
     (K, N, F) nor its dropout mask, ~0.5 GB on a TVR frame batch of GMMFormer v2. Forward and
-    backward make the hidden layer _FFN_CHUNK branches at a time; backward draws the mask
-    again from the seed of the same draw `dropout` makes here (KeepStream), at the cost of the
-    first matmul once more. Values equal the plain ops'.
+    backward make the hidden layer _FFN_CHUNK branches at a time, at the cost of the first
+    matmul once more in backward. The mask is the draw `dropout` makes here (KeepStream),
+    kept as packed bits (1/8 of a bool mask; ~15 MB for the frames) instead of drawn again.
+    Values equal the plain ops'.
     """
     if not training or p <= 0.0 or p >= 1.0 or not cpu_kernels(x):
         y = branch_layer_norm(x, ln_w, ln_b, eps)
@@ -427,18 +431,29 @@ class _Linear(torch.autograd.Function):
 _FFN_CHUNK = 2  # branches per chunk of _BranchNormFFN's hidden layer (forward and backward)
 
 
-def _hidden_chunks(y: Tensor, w_in: Tensor, b_in: Tensor, p: float, seed: int):
-    """(a, b, h) for branches a:b, _FFN_CHUNK at a time: h = relu(y W_in^T + b_in) with the
-    dropped entries zeroed, not rescaled, the mask drawn in order from KeepStream(p, seed).
-    The caller deletes its h before asking for the next chunk."""
-    K, N, F_ = y.shape[0], y.shape[1], w_in.shape[1]
-    stream = KeepStream(p, seed)
-    for a in range(0, K, _FFN_CHUNK):
-        b = min(a + _FFN_CHUNK, K)
+def _chunks(K: int):
+    return [(a, min(a + _FFN_CHUNK, K)) for a in range(0, K, _FFN_CHUNK)]
+
+
+def _hidden_chunks(y: Tensor, w_in: Tensor, b_in: Tensor, keeps):
+    """(a, b, h) for branches a:b, _FFN_CHUNK at a time (`_chunks`): h = relu(y W_in^T + b_in)
+    with the dropped entries zeroed, not rescaled; `keeps` yields each chunk's bool keep mask
+    (b - a, N, F) in turn. The caller deletes its h before asking for the next chunk."""
+    for (a, b), keep in zip(_chunks(y.shape[0]), keeps):
         h = matmul(y[a:b], w_in[a:b].transpose(1, 2), bias=b_in[a:b].unsqueeze(1))  # (k, N, F)
-        torch.where(stream.take((b - a, N, F_)), h, h.new_zeros(()), out=h).relu_()
+        torch.where(keep, h, h.new_zeros(()), out=h).relu_()
+        del keep
         yield a, b, h
         del h
+
+
+def _pack_bits(keep: Tensor) -> Tensor:
+    """bool tensor -> uint8 tensor of its bits (np.packbits order), 1/8 of its bytes."""
+    return torch.from_numpy(np.packbits(keep.numpy().reshape(-1)))
+
+
+def _unpack_bits(packed: Tensor, shape) -> Tensor:
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=math.prod(shape)).view(np.bool_)).view(shape)
 
 
 class _BranchNormFFN(torch.autograd.Function):
@@ -449,20 +464,30 @@ class _BranchNormFFN(torch.autograd.Function):
         scale = 1.0 / (1.0 - p)
         w_out_scaled = w_out * scale
         out = y.new_empty(*y.shape[:2], w_out.shape[1])
-        for a, b, h in _hidden_chunks(y, w_in, b_in, p, seed):
+        stream, packed = KeepStream(p, seed), []
+        shapes = [(b - a, y.shape[1], w_in.shape[1]) for a, b in _chunks(y.shape[0])]
+
+        def draws():  # the mask in order from the seed; backward gets its bits, not a re-draw
+            for shape in shapes:
+                keep = stream.take(shape)
+                packed.append(_pack_bits(keep))
+                yield keep
+
+        for a, b, h in _hidden_chunks(y, w_in, b_in, draws()):
             matmul(h, w_out_scaled[a:b].transpose(1, 2), out=out[a:b], bias=b_out[a:b].unsqueeze(1))
             del h  # before the next chunk is made: one chunk alive at a time
-        ctx.save_for_backward(normed, rstd, ln_w, ln_b, w_in, b_in, w_out)
-        ctx.p, ctx.seed, ctx.scale, ctx.x_dtype = p, seed, scale, x.dtype
+        ctx.save_for_backward(normed, rstd, ln_w, ln_b, w_in, b_in, w_out, *packed)
+        ctx.shapes, ctx.scale, ctx.x_dtype = shapes, scale, x.dtype
         return y, out
 
     @staticmethod
     def backward(ctx, grad_y, grad):
-        normed, rstd, ln_w, ln_b, w_in, b_in, w_out = ctx.saved_tensors
+        normed, rstd, ln_w, ln_b, w_in, b_in, w_out, *packed = ctx.saved_tensors
         y = torch.addcmul(ln_b.unsqueeze(1), normed, ln_w.unsqueeze(1))       # remade
         gy, grad_w_in, grad_b_in = torch.empty_like(y), torch.empty_like(w_in), torch.empty_like(b_in)
         grad_w_out = torch.empty_like(w_out)
-        for a, b, h in _hidden_chunks(y, w_in, b_in, ctx.p, ctx.seed):      # the forward's draw
+        keeps = (_unpack_bits(t, shape) for t, shape in zip(packed, ctx.shapes))   # the forward's draw
+        for a, b, h in _hidden_chunks(y, w_in, b_in, keeps):
             g = grad[a:b]
             matmul(g.transpose(1, 2), h, out=grad_w_out[a:b]).mul_(ctx.scale)
             gh = matmul(g, w_out[a:b] * ctx.scale)
