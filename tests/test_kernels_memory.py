@@ -42,6 +42,23 @@ def test_keep_stream_pieces_are_the_one_draw():
     assert torch.equal(kernels.KeepStream(0.3, 777).take((2, 4, 3)), whole[:24].view(2, 4, 3))
 
 
+def test_nodes_keep_their_dropout_masks_as_bits():
+    """Every CPU dropout node saves its mask packed (1/8 byte an entry), and unpacks exactly the
+    mask it drew: the gradient is zero where the forward dropped, scaled elsewhere."""
+    from prvr.kernels import add_dropout
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 9, requires_grad=True)
+    for f in (lambda t: dropout(t, 0.4, True), lambda t: add_dropout(torch.zeros(()), t, 0.4, True)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = f(x)
+        assert [t.dtype for t in saved] == [torch.uint8] and saved[0].numel() == math.ceil(x.numel() / 8)
+        g, = torch.autograd.grad(y.sum(), x)
+        assert torch.equal(g, (y != 0).float() / 0.6)
+    packed = kernels._pack_bits(torch.tensor([True, False, True] * 5))
+    assert torch.equal(kernels._unpack_bits(packed, (3, 5)), torch.tensor([True, False, True] * 5).view(3, 5))
+
+
 def test_dropout_keeps_the_rate_scale_and_gradient():
     x = torch.randn(64, 300, requires_grad=True)
     torch.manual_seed(0)
@@ -117,7 +134,8 @@ def test_norm_dropout_linear_gathers_rows_inside_the_node():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         norm_dropout_linear(x, norm, lin, 0.2, True, index)
     sizes = {tuple(t.shape) for t in saved}
-    assert (30, 40) in sizes and (6, 40) in {tuple(t.shape) for t in saved if t.dtype == torch.bool}
+    # the keep mask of the 6 gathered rows, as packed bits (6 * 40 / 8 bytes)
+    assert (30, 40) in sizes and (30,) in {tuple(t.shape) for t in saved if t.dtype == torch.uint8}
     assert not any(t.shape == (6, 40) and t.dtype == torch.float64 for t in saved)
 
 
@@ -139,7 +157,8 @@ def test_softmax_dropout_matmul_equals_the_plain_ops_and_keeps_no_dropped_probab
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         softmax_dropout_matmul(s, v, 0.3, True)
-    assert sorted(t.dtype == torch.bool for t in saved) == [False, False, True]
+    assert sorted(str(t.dtype) for t in saved) == ["torch.float32", "torch.float32", "torch.uint8"]
+    assert [t.numel() for t in saved if t.dtype == torch.uint8] == [math.ceil(s.numel() / 8)]  # the mask's bits
     sd, vd = s.detach().double().requires_grad_(), v.detach().double().requires_grad_()
 
     def fixed_draw(a, b):

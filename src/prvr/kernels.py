@@ -146,18 +146,18 @@ def dropout(x: Tensor, p: float, training: bool, relu: bool = False) -> Tensor:
 
 
 class _Dropped(torch.autograd.Function):
-    """x * keep * scale with a bool keep mask, which is all backward keeps (1 byte an entry,
-    not the 4 of a float mask autograd would save for a plain multiply)."""
+    """x * keep * scale with a bool keep mask, which is all backward keeps, as packed bits
+    (1/8 byte an entry, not the 4 of a float mask autograd would save for a plain multiply)."""
 
     @staticmethod
     def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
+        ctx.save_for_backward(_pack_bits(keep))
+        ctx.scale, ctx.shape = scale, keep.shape
         return torch.mul(x, keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        keep, = ctx.saved_tensors
+        keep = _unpack_bits(ctx.saved_tensors[0], ctx.shape)
         return torch.mul(grad, keep).mul_(ctx.scale), None, None
 
 
@@ -181,13 +181,14 @@ def softmax_dropout_matmul(scores: Tensor, v: Tensor, p: float, training: bool) 
 class _SoftmaxDropMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, probs, keep, scale, v):
-        ctx.save_for_backward(probs, keep, v)
-        ctx.scale = scale
+        ctx.save_for_backward(probs, _pack_bits(keep), v)
+        ctx.scale, ctx.shape = scale, keep.shape
         return torch.matmul(torch.mul(probs, keep).mul_(scale), v)
 
     @staticmethod
     def backward(ctx, grad):
-        probs, keep, v = ctx.saved_tensors
+        probs, packed, v = ctx.saved_tensors
+        keep = _unpack_bits(packed, ctx.shape)
         grad_v = None
         if ctx.needs_input_grad[4]:
             grad_v = torch.matmul(torch.mul(probs, keep).mul_(ctx.scale).transpose(-1, -2), grad)
@@ -448,7 +449,8 @@ def _hidden_chunks(y: Tensor, w_in: Tensor, b_in: Tensor, keeps):
 
 
 def _pack_bits(keep: Tensor) -> Tensor:
-    """bool tensor -> uint8 tensor of its bits (np.packbits order), 1/8 of its bytes."""
+    """CPU bool tensor -> uint8 tensor of its bits (np.packbits order), 1/8 of its bytes: how
+    the CPU nodes keep a dropout mask for backward (~5 ms to pack or unpack 30 M entries)."""
     return torch.from_numpy(np.packbits(keep.numpy().reshape(-1)))
 
 
@@ -513,20 +515,20 @@ def add_dropout(x: Tensor, y: Tensor, p: float, training: bool) -> Tensor:
 
 
 class _AddDropped(torch.autograd.Function):
-    """x + y * keep * scale (keep a bool tensor, all that backward keeps); backward: y's
-    gradient is grad * keep * scale, the second multiply in place."""
+    """x + y * keep * scale (keep a bool tensor, all that backward keeps, as packed bits);
+    backward: y's gradient is grad * keep * scale, the second multiply in place."""
 
     @staticmethod
     def forward(ctx, x, y, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
+        ctx.save_for_backward(_pack_bits(keep))
+        ctx.scale, ctx.shape = scale, keep.shape
         ctx.x_shape = x.shape
         out = torch.mul(y, keep).mul_(scale)
         return out.add_(x) if torch.broadcast_shapes(x.shape, out.shape) == out.shape else out + x
 
     @staticmethod
     def backward(ctx, grad):
-        keep, = ctx.saved_tensors
+        keep = _unpack_bits(ctx.saved_tensors[0], ctx.shape)
         gx = None
         if ctx.needs_input_grad[0]:
             gx = grad if grad.shape == ctx.x_shape else grad.sum_to_size(ctx.x_shape)
@@ -604,13 +606,14 @@ class _NormDropLinear(torch.autograd.Function):
     def forward(ctx, x, index, ln_w, ln_b, w, b, keep, scale, eps):
         rows = x if index is None else x.index_select(0, index)
         z, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], ln_w, ln_b, eps)
-        ctx.save_for_backward(x, index, mean, rstd, keep, ln_w, ln_b, w)
-        ctx.scale = scale
+        ctx.save_for_backward(x, index, mean, rstd, _pack_bits(keep), ln_w, ln_b, w)
+        ctx.scale, ctx.shape = scale, keep.shape
         return matmul(z.mul_(keep).mul_(scale), w.t(), bias=b)
 
     @staticmethod
     def backward(ctx, grad):
-        x, index, mean, rstd, keep, ln_w, ln_b, w = ctx.saved_tensors
+        x, index, mean, rstd, packed, ln_w, ln_b, w = ctx.saved_tensors
+        keep = _unpack_bits(packed, ctx.shape)
         xhat = (x if index is None else x.index_select(0, index)).sub(mean).mul_(rstd)
         dropped = torch.addcmul(ln_b, xhat, ln_w).mul_(keep).mul_(ctx.scale)
         grad_w = matmul(grad.t(), dropped)
@@ -855,12 +858,13 @@ class _DroppedInPlace(torch.autograd.Function):
     def forward(ctx, x, drop):
         x.masked_fill_(drop, 0.0)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(drop)
+        ctx.save_for_backward(_pack_bits(drop))
+        ctx.shape = drop.shape
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        drop, = ctx.saved_tensors
+        drop = _unpack_bits(ctx.saved_tensors[0], ctx.shape)
         if grad.is_contiguous() and grad.shape == drop.shape and not grad.requires_grad:
             return grad.masked_fill_(drop, 0.0), None
         return grad.masked_fill(drop, 0.0), None
