@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -251,7 +252,31 @@ def test_norm_ffn_node_is_the_plain_modules():
     assert not [t for t in saved if t.shape[-2:] == (N, 4 * H)]        # no hidden layer kept
 
 
-def test_matmul_is_torch_matmul_with_either_blas():
+@pytest.fixture
+def numpy_blas_on(monkeypatch):
+    """numpy's OpenBLAS for every product (as under the train stage's THREAD_ENV, any size)."""
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    monkeypatch.setattr(kernels, "NUMPY_BLAS_MIN_FLOP", 0.0)
+
+
+def test_numpy_blas_needs_short_waits_and_a_large_product(monkeypatch):
+    x = torch.randn(3, 3)
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    assert not kernels.numpy_blas_active(x)           # default waits: torch's BLAS
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
+    assert not kernels.numpy_blas_active(x)
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    assert kernels.numpy_blas_active(x) == kernels._OPENBLAS.ready()
+    assert kernels.THREAD_ENV["OPENBLAS_THREAD_TIMEOUT"] == "4"   # what the train stage sets
+    with kernels.switches(numpy_blas=False):
+        assert not kernels.numpy_blas_active(x)
+    seen = []
+    monkeypatch.setattr(kernels.np, "matmul", lambda *a, **k: seen.append(1))
+    kernels.matmul(x, x)                               # 54 FLOP: below NUMPY_BLAS_MIN_FLOP
+    assert not seen
+
+
+def test_matmul_is_torch_matmul_with_either_blas(numpy_blas_on):
     """kernels.matmul (numpy's OpenBLAS when found, torch's otherwise) gives the product of
     2-d and batched operands, transposed views included, with a broadcast bias, into `out`."""
     g = torch.Generator().manual_seed(0)
@@ -271,7 +296,7 @@ def test_matmul_is_torch_matmul_with_either_blas():
         assert torch.equal(kernels.matmul(a, w.transpose(1, 2), bias=bias), want)
 
 
-def test_numpy_blas_follows_torch_thread_count():
+def test_numpy_blas_follows_torch_thread_count(numpy_blas_on):
     """Where numpy's OpenBLAS is used, its thread count is set to torch's before each use."""
     x = torch.randn(3, 3)
     if not kernels.numpy_blas_active(x):
@@ -290,7 +315,7 @@ def test_numpy_blas_follows_torch_thread_count():
         assert not kernels.numpy_blas_active(x)
 
 
-def test_linear_node_is_f_linear_and_gradchecks():
+def test_linear_node_is_f_linear_and_gradchecks(numpy_blas_on):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(9, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)

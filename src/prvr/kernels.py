@@ -384,19 +384,38 @@ class _OpenBLAS:
 _OPENBLAS = _OpenBLAS()
 
 
+# Only where the two pools wait briefly (THREAD_ENV, which the train stage sets at start-up):
+# with OpenBLAS's default waits the demo's training epochs took 40 s instead of 16 s. And only
+# for large products: each hand-over between the pools costs a wake-up, which small matmuls
+# (the demo's) do not earn back; every large matmul of a TVR-sized step is above this.
+NUMPY_BLAS_MIN_FLOP = 4e9
+
+
+def _short_waits() -> bool:
+    import os
+
+    try:
+        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 8
+    except ValueError:
+        return False
+
+
 def numpy_blas_active(x: Tensor) -> bool:
-    """True when `matmul` hands x's matmuls to numpy's OpenBLAS."""
+    """True when `matmul` may hand x's matmuls to numpy's OpenBLAS: the switch is on, x is a
+    float CPU tensor, the process runs with short OpenBLAS waits, and OpenBLAS was found."""
     return (SWITCHES.numpy_blas and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _OPENBLAS.ready())
+            and _short_waits() and _OPENBLAS.ready())
 
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """a @ b (+ bias, broadcast) for 2-d or batched 3-d CPU tensors (views welcome) into `out`
     (fresh when None), outside autograd (for a node's own passes): numpy's OpenBLAS when
-    `numpy_blas_active`, torch's (b)addmm / bmm otherwise."""
+    `numpy_blas_active` and the product has at least NUMPY_BLAS_MIN_FLOP, torch's (b)addmm /
+    bmm otherwise."""
     if out is None:
         out = a.new_empty(*a.shape[:-1], b.shape[-1])
-    if numpy_blas_active(a) and b.dtype == a.dtype == out.dtype:
+    if 2.0 * out.numel() * a.shape[-1] >= NUMPY_BLAS_MIN_FLOP and numpy_blas_active(a) \
+            and b.dtype == a.dtype == out.dtype:
         np.matmul(a.detach().numpy(), b.detach().numpy(), out=out.detach().numpy())
         return out if bias is None else out.add_(bias)
     if bias is None:
