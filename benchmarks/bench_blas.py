@@ -27,7 +27,7 @@ from prvr.kernels import SWITCHES, numpy_blas_active, reexec_with_allocator_env
 def gemm_rates(reps: int = 6) -> list[str]:
     N, H, F = 9922, 384, 1536
     g = torch.Generator().manual_seed(0)
-    y, g_, = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
+    y, g_ = torch.randn(N, H, generator=g), torch.randn(N, H, generator=g)
     w_in, w_out, h = torch.randn(F, H, generator=g), torch.randn(H, F, generator=g), torch.randn(N, F, generator=g)
     cases = {"h = y W_in^T": (y, w_in.t()), "out = h W_out^T": (h, w_out.t()), "dW_out = g^T h": (g_.t(), h),
              "dh = g W_out": (g_, w_out), "dW_in = dh^T y": (h.t(), y), "dy = dh W_in": (h, w_in)}

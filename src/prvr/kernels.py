@@ -16,7 +16,8 @@ pays its page faults:
 Switches (module state, `SWITCHES`, or the `switches(...)` context manager):
 * `portable`: take the path every other device takes (F.dropout, plain ops) also on CPU, so the
   tests run the CUDA code path on CPU.
-* `numpy_blas` (on): `matmul` / `linear` use numpy's OpenBLAS where found; off: torch's BLAS.
+* `numpy_blas` (on): `matmul` / `linear` use numpy's OpenBLAS where found, under short
+  OpenBLAS waits and for products of at least NUMPY_BLAS_MIN_FLOP; off: torch's BLAS.
 Each kernel stays only while benchmarks/README.md shows it paying.
 """
 from __future__ import annotations
