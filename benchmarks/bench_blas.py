@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from prvr.kernels import SWITCHES, numpy_blas_active, reexec_with_allocator_env
+from prvr.kernels import SWITCHES, numpy_blas_active
+from prvr.procenv import reexec_with_allocator_env
 
 
 def gemm_rates(reps: int = 6) -> list[str]:

@@ -112,7 +112,8 @@ class PhaseClock:
         peak = re.search(r"VmHWM:\s+(\d+) kB", status)
         out = {"phases": self.phases, "train_epochs": self.epochs, "vm_hwm_kb": int(peak.group(1)) if peak else None,
                "env": {k: v for k, v in os.environ.items()
-                       if k.startswith(("MALLOC_", "PRVR_", "GOMP_", "OPENBLAS_", "OMP_"))}}
+                       if k.startswith(("MALLOC_", "PRVR_", "GOMP_", "OPENBLAS_", "OMP_", "LD_PRELOAD", "MIMALLOC_",
+                                     "TCMALLOC_"))}}
         path.write_text(json.dumps(out, indent=1))
 
 

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--release", type=Path, help="a copy of the public GMMFormer (v1) release")
     ap.add_argument("--seed", type=int, default=9527)
     ap.add_argument("--allocator-env", action="store_true",
-                    help="re-exec under prvr.kernels.ALLOCATOR_ENV (glibc malloc settings), as the train "
+                    help="re-exec under prvr.procenv.ALLOCATOR_ENV (glibc malloc settings), as the train "
                          "stage runs; both implementations share the process, so both get them")
     ap.add_argument("--as-shipped", type=int, metavar="ROUNDS", default=0,
                     help="each as its users run it, in its own process: ours under the train stage's "
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             raise SystemExit("--as-shipped needs --release")
         return as_shipped(args)
     if args.allocator_env:
-        from prvr.kernels import allocator_env_needed, reexec_with_allocator_env
+        from prvr.procenv import allocator_env_needed, reexec_with_allocator_env
 
         reexec_with_allocator_env()  # returns when the settings are already in place
         print(f"allocator settings: {'missing' if allocator_env_needed() else 'in place'}")
@@ -201,7 +201,7 @@ def report(times: dict) -> None:
 
 def as_shipped(args) -> int:
     """Alternate child runs: ours with the stage's malloc settings, the release without."""
-    from prvr.kernels import ALLOCATOR_ENV
+    from prvr.procenv import ALLOCATOR_ENV
 
     plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "GLIBC_TUNABLES"}
     times = {"ours": [], "release": []}

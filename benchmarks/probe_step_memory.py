@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prvr.kernels import reexec_with_allocator_env  # noqa: E402
+from prvr.procenv import reexec_with_allocator_env  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from prvr.checkpoint import CheckpointError
+    from prvr.procenv import allocator_in_use
     from prvr.data.layout import DataError, read_source, source_file
     from prvr.tracking import Tracker
     from prvr.training import TrainingError, train
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         source = read_source(src_path) if src_path.is_file() else None
         log.info("read %s (dataset %s, method %s) and %s", args.params, ds, method,
                  src_path if source else "no source.json (default corpus location)")
+        log.info("CPU allocator: %s", allocator_in_use())
         if ctx.is_main:
             tracker = Tracker(ds, enabled=not args.no_mlflow)
         result = train(settings, out["ckpt_dir"], out["history"], ctx=ctx, tracker=tracker,
@@ -130,7 +132,7 @@ def _write_outputs(out: dict[str, Path], settings: dict, result, tracker, ctx) -
 
 
 if __name__ == "__main__":
-    from prvr.kernels import reexec_with_allocator_env
+    from prvr.procenv import reexec_with_allocator_env
 
-    reexec_with_allocator_env()  # the CPU allocator settings of prvr.kernels.ALLOCATOR_ENV
+    reexec_with_allocator_env()  # the CPU allocator and thread waits of prvr.procenv
     sys.exit(main())

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prvr import kernels
+from prvr import kernels, procenv
 from prvr.kernels import (Tokens, branch_layer_norm, branch_norm_ffn, dropout, norm_dropout_linear, norm_ffn,
                           pool_tokens, softmax_dropout_matmul)
 
@@ -267,7 +267,7 @@ def test_numpy_blas_needs_short_waits_and_a_large_product(monkeypatch):
     assert not kernels.numpy_blas_active(x)
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
     assert kernels.numpy_blas_active(x) == kernels._OPENBLAS.ready()
-    assert kernels.THREAD_ENV["OPENBLAS_THREAD_TIMEOUT"] == "4"   # what the train stage sets
+    assert procenv.THREAD_ENV["OPENBLAS_THREAD_TIMEOUT"] == "4"   # what the train stage sets
     with kernels.switches(numpy_blas=False):
         assert not kernels.numpy_blas_active(x)
     seen = []

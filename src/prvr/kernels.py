@@ -59,65 +59,6 @@ def switches(**kw):
             setattr(SWITCHES, k, v)
 
 
-# glibc malloc gives every block above its mmap threshold (at most 32 MiB) its own mapping and
-# unmaps it on free, so each large fresh tensor of a training step page-faults all its pages
-# again (~3 M faults, a fifth of the CPU time, per TVR step on CPU). Served from the heap and
-# never trimmed, the pages of one step are reused by the next. Read at process start only.
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
-                 "MALLOC_TOP_PAD_": str(64 << 20)}
-ALLOCATOR_SWITCH = "PRVR_MALLOC"  # 'system': leave the allocator as the environment has it
-
-
-def allocator_env_needed(env=None) -> dict[str, str]:
-    """The ALLOCATOR_ENV entries missing from `env` (os.environ); {} off glibc Linux, or
-    when PRVR_MALLOC=system, or when a caller set any MALLOC_* tunable itself."""
-    import os
-    import platform
-
-    env = os.environ if env is None else env
-    if env.get(ALLOCATOR_SWITCH) == "system" or platform.system() != "Linux" \
-            or platform.libc_ver()[0] != "glibc":
-        return {}
-    if any(k in env for k in ALLOCATOR_ENV) or "GLIBC_TUNABLES" in env:
-        return {}
-    return dict(ALLOCATOR_ENV)
-
-
-# Thread waits, when both torch's OpenMP pool and numpy's OpenBLAS pool (see `matmul`) run on
-# the same cores: by default each pool's idle workers spin after a call (libgomp ~300k
-# iterations, OpenBLAS up to 2^28 cycles) and steal the cores from the other pool's next call.
-# Short waits: a B=128 TVR step 16.6 -> 14.3 s (benchmarks/README.md). Read at process start
-# only; a variable the caller set (or OMP_WAIT_POLICY) is left as it is.
-THREAD_ENV = {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "4"}
-
-
-def thread_env_needed(env=None) -> dict[str, str]:
-    """The THREAD_ENV entries missing from `env` (os.environ)."""
-    import os
-
-    env = os.environ if env is None else env
-    missing = {k: v for k, v in THREAD_ENV.items() if k not in env}
-    if "OMP_WAIT_POLICY" in env:
-        missing.pop("GOMP_SPINCOUNT", None)
-    return missing
-
-
-def reexec_with_allocator_env() -> None:
-    """Re-execute this process (same pid, same command line) once with ALLOCATOR_ENV and
-    THREAD_ENV set, when any of them is missing (see allocator_env_needed, thread_env_needed);
-    otherwise return. For a stage's `__main__`, before any work: malloc, libgomp and OpenBLAS
-    read these variables only at start-up."""
-    import os
-    import sys
-
-    missing = {**allocator_env_needed(), **thread_env_needed()}
-    if not missing or not getattr(sys, "orig_argv", None):
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
-
-
 def cpu_kernels(x: Tensor) -> bool:
     """True when x takes the CPU kernels (on CPU, not forced portable, and not under autocast:
     a bf16 forward takes the portable path, the one CUDA runs, whose ops autocast handles)."""
@@ -385,8 +326,8 @@ class _OpenBLAS:
 _OPENBLAS = _OpenBLAS()
 
 
-# Only where the two pools wait briefly (THREAD_ENV, which the train stage sets at start-up):
-# with OpenBLAS's default waits the demo's training epochs took 40 s instead of 16 s. And only
+# Only where the two pools wait briefly (prvr.procenv.THREAD_ENV, which the train stage sets at
+# start-up): with OpenBLAS's default waits the demo's training epochs took 40 s instead of 16 s. And only
 # for large products: each hand-over between the pools costs a wake-up, which small matmuls
 # (the demo's) do not earn back; every large matmul of a TVR-sized step is above this.
 NUMPY_BLAS_MIN_FLOP = 4e9
