@@ -23,13 +23,15 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)
 ALLOCATOR_SWITCH = "PRVR_MALLOC"  # auto | tcmalloc | jemalloc | mimalloc | glibc | system
 
 # Allocators preloaded in place of glibc's (LD_PRELOAD), best first. glibc's heap, never
-# trimmed, still grows step by step to ~1.6x the live peak as blocks of new sizes land in the
-# holes of old ones: a TVR-shaped epoch's peak RSS 6.6 GiB under glibc, 3.9 (tcmalloc), 4.1
-# (jemalloc), 4.5 GiB (mimalloc); and every page of that peak is a first-touch fault
+# trimmed, still grows step by step as blocks of new sizes miss the holes of old ones (4.0 ->
+# 6.0 GiB over the four steps of the epoch benchmark's first epoch). Peak RSS of that
+# benchmark's two TVR-shaped epochs: 6,581-6,984 MiB under glibc, 3,870-3,921 (tcmalloc), 4,146
+# (jemalloc), 4,453-4,510 MiB (mimalloc); every page of the peak is a first-touch fault
 # (benchmarks/README.md, "fourth round"). tcmalloc and jemalloc come from the system (Debian:
 # libtcmalloc-minimal4, libjemalloc2; conda: gperftools, jemalloc); mimalloc from the
 # cmeel-mimalloc wheel, a dependency on Linux. Each is told to keep freed memory instead of
-# handing it back to the OS, as ALLOCATOR_ENV tells glibc.
+# handing it back to the OS, as ALLOCATOR_ENV tells glibc; mimalloc also not to use huge
+# pages, which raised its first epoch's sys time (14.5-15.1% against 8.3% of its CPU).
 PRELOAD_ALLOCATORS = {
     "tcmalloc": (("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
                  {"TCMALLOC_RELEASE_RATE": "0", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}),
