@@ -149,7 +149,13 @@ def test_auto_takes_the_best_allocator_found(fake_libs):
     # a preload of the caller's that is not an allocator is kept, after ours
     assert allocator_env_needed({"LD_PRELOAD": "/opt/libfoo.so"})["LD_PRELOAD"] == \
         f"{d}/libtcmalloc_minimal.so.4:/opt/libfoo.so"
-    # the caller's own allocator or allocator options: left alone
+    # an allocator asked for by name is preloaded, and the caller's options for it kept
+    assert allocator_env_needed({"PRVR_MALLOC": "tcmalloc", "TCMALLOC_RELEASE_RATE": "1"}) == {
+        "LD_PRELOAD": f"{d}/libtcmalloc_minimal.so.4", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+    assert allocator_env_needed({"PRVR_MALLOC": "glibc", "MALLOC_TOP_PAD_": "0"}) == {
+        k: v for k, v in ALLOCATOR_ENV.items() if k != "MALLOC_TOP_PAD_"}
+    assert allocator_env_needed({"PRVR_MALLOC": "jemalloc", "LD_PRELOAD": "/opt/libmimalloc.so"}) == {}
+    # under auto, the caller's own allocator or allocator options: left alone
     for env in ({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, {"MALLOC_CONF": "narenas:1"},
                 {"TCMALLOC_RELEASE_RATE": "1"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
                 {"MALLOC_TRIM_THRESHOLD_": "0"}):

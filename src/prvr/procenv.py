@@ -72,29 +72,33 @@ def find_allocator(name: str) -> str | None:
     return None
 
 
+def _preloaded_malloc(env) -> bool:
+    """True when LD_PRELOAD already names a *malloc* library."""
+    return any("malloc" in os.path.basename(p) for p in env.get("LD_PRELOAD", "").replace(":", " ").split())
+
+
 def _callers_allocator(env) -> bool:
     """True when the caller chose malloc's settings: a preloaded *malloc* library, a glibc
     tunable, or an option of one of the preloadable allocators."""
-    if any("malloc" in os.path.basename(p) for p in env.get("LD_PRELOAD", "").replace(":", " ").split()):
-        return True
     keys = {*ALLOCATOR_ENV, "GLIBC_TUNABLES"} | {k for _, opts in PRELOAD_ALLOCATORS.values() for k in opts}
-    return any(k in env for k in keys)
+    return _preloaded_malloc(env) or any(k in env for k in keys)
 
 
 def allocator_env_needed(env=None) -> dict[str, str]:
     """The variables to start this process with for its CPU allocator; {} off glibc Linux,
-    under PRVR_MALLOC=system, or when the caller chose malloc's settings (`_callers_allocator`).
+    under PRVR_MALLOC=system, or when LD_PRELOAD already names a *malloc* library.
 
-    PRVR_MALLOC=auto (the default): the first of PRELOAD_ALLOCATORS found (LD_PRELOAD plus its
-    options), else glibc under ALLOCATOR_ENV; a name: that allocator (AllocatorError when it is
-    not found); glibc: ALLOCATOR_ENV."""
+    PRVR_MALLOC=auto (the default): unless the caller chose malloc's settings
+    (`_callers_allocator`), the first of PRELOAD_ALLOCATORS found (LD_PRELOAD plus its options),
+    else glibc under ALLOCATOR_ENV. A name: that allocator (AllocatorError when it is not
+    found); glibc: ALLOCATOR_ENV. Options the caller set are kept."""
     env = os.environ if env is None else env
     choice = env.get(ALLOCATOR_SWITCH, "auto") or "auto"
     if choice not in ("auto", "glibc", "system", *PRELOAD_ALLOCATORS):
         raise AllocatorError(f"{ALLOCATOR_SWITCH}={choice!r}: expected one of auto, "
                              f"{', '.join(PRELOAD_ALLOCATORS)}, glibc, system")
     if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" \
-            or _callers_allocator(env):
+            or _preloaded_malloc(env) or (choice == "auto" and _callers_allocator(env)):
         return {}
     for name in (PRELOAD_ALLOCATORS if choice == "auto" else [choice] if choice != "glibc" else []):
         path = find_allocator(name)
@@ -104,8 +108,8 @@ def allocator_env_needed(env=None) -> dict[str, str]:
                                  f"{' and the cmeel-mimalloc package' if name == 'mimalloc' else ''})")
         if path is not None:
             preload = ":".join(p for p in (path, env.get("LD_PRELOAD", "").strip()) if p)
-            return {"LD_PRELOAD": preload, **PRELOAD_ALLOCATORS[name][1]}
-    return dict(ALLOCATOR_ENV)
+            return {"LD_PRELOAD": preload, **{k: v for k, v in PRELOAD_ALLOCATORS[name][1].items() if k not in env}}
+    return {k: v for k, v in ALLOCATOR_ENV.items() if k not in env}
 
 
 def allocator_in_use() -> str:
