@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--release", type=Path, help="a copy of the public GMMFormer (v1) release")
     ap.add_argument("--seed", type=int, default=9527)
     ap.add_argument("--allocator-env", action="store_true",
-                    help="re-exec under prvr.procenv.ALLOCATOR_ENV (glibc malloc settings), as the train "
-                         "stage runs; both implementations share the process, so both get them")
+                    help="re-exec under the train stage's CPU allocator and thread waits (prvr.procenv), "
+                         "as the stage runs; both implementations share the process, so both get them")
     ap.add_argument("--as-shipped", type=int, metavar="ROUNDS", default=0,
                     help="each as its users run it, in its own process: ours under the train stage's "
                          "malloc settings, the release under glibc's defaults; ROUNDS alternating rounds "
@@ -201,9 +201,10 @@ def report(times: dict) -> None:
 
 def as_shipped(args) -> int:
     """Alternate child runs: ours with the stage's malloc settings, the release without."""
-    from prvr.procenv import ALLOCATOR_ENV
+    from prvr.procenv import ALLOCATOR_ENV, PRELOAD_ALLOCATORS
 
-    plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "GLIBC_TUNABLES"}
+    drop = {*ALLOCATOR_ENV, "GLIBC_TUNABLES", "LD_PRELOAD"} | {k for _, o in PRELOAD_ALLOCATORS.values() for k in o}
+    plain = {k: v for k, v in os.environ.items() if k not in drop}
     times = {"ours": [], "release": []}
     base = [sys.executable, str(Path(__file__).resolve()), "--videos", str(args.videos), "--reps",
             str(args.reps), "--warmup", str(args.warmup), "--threads", str(args.threads),

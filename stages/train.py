@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from prvr.checkpoint import CheckpointError
-    from prvr.procenv import allocator_in_use
     from prvr.data.layout import DataError, read_source, source_file
+    from prvr.procenv import allocator_in_use
     from prvr.tracking import Tracker
     from prvr.training import TrainingError, train
 
