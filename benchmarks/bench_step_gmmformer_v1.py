@@ -201,10 +201,9 @@ def report(times: dict) -> None:
 
 def as_shipped(args) -> int:
     """Alternate child runs: ours with the stage's malloc settings, the release without."""
-    from prvr.procenv import ALLOCATOR_ENV, PRELOAD_ALLOCATORS
+    from prvr.procenv import ALLOCATOR_OPTIONS
 
-    drop = {*ALLOCATOR_ENV, "GLIBC_TUNABLES", "LD_PRELOAD"} | {k for _, o in PRELOAD_ALLOCATORS.values() for k in o}
-    plain = {k: v for k, v in os.environ.items() if k not in drop}
+    plain = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_OPTIONS and k != "LD_PRELOAD"}
     times = {"ours": [], "release": []}
     base = [sys.executable, str(Path(__file__).resolve()), "--videos", str(args.videos), "--reps",
             str(args.reps), "--warmup", str(args.warmup), "--threads", str(args.threads),

@@ -52,10 +52,9 @@ def _run(code: str, env: dict, check: bool = True) -> subprocess.CompletedProces
 
 def _clean_env(**extra) -> dict:
     """os.environ without any allocator or thread-wait setting, plus `extra`."""
-    from prvr.procenv import ALLOCATOR_ENV, PRELOAD_ALLOCATORS, THREAD_ENV
+    from prvr.procenv import ALLOCATOR_OPTIONS, THREAD_ENV
 
-    drop = {*ALLOCATOR_ENV, *THREAD_ENV, "OMP_WAIT_POLICY", "GLIBC_TUNABLES", "LD_PRELOAD", "PRVR_MALLOC"}
-    drop |= {k for _, opts in PRELOAD_ALLOCATORS.values() for k in opts}
+    drop = {*ALLOCATOR_OPTIONS, *THREAD_ENV, "OMP_WAIT_POLICY", "LD_PRELOAD", "PRVR_MALLOC"}
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 

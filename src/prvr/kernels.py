@@ -327,9 +327,9 @@ _OPENBLAS = _OpenBLAS()
 
 
 # Only where the two pools wait briefly (prvr.procenv.THREAD_ENV, which the train stage sets at
-# start-up): with OpenBLAS's default waits the demo's training epochs took 40 s instead of 16 s. And only
-# for large products: each hand-over between the pools costs a wake-up, which small matmuls
-# (the demo's) do not earn back; every large matmul of a TVR-sized step is above this.
+# start-up): with OpenBLAS's default waits the demo's training epochs took 40 s instead of 16 s.
+# And only for large products: each hand-over between the pools costs a wake-up, which small
+# matmuls (the demo's) do not earn back; every large matmul of a TVR-sized step is above this.
 NUMPY_BLAS_MIN_FLOP = 4e9
 
 

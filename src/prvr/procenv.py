@@ -25,7 +25,7 @@ ALLOCATOR_SWITCH = "PRVR_MALLOC"  # auto | tcmalloc | jemalloc | mimalloc | glib
 # Allocators preloaded in place of glibc's (LD_PRELOAD), best first. glibc's heap, never
 # trimmed, still grows step by step as blocks of new sizes miss the holes of old ones (4.0 ->
 # 6.0 GiB over the four steps of the epoch benchmark's first epoch). Peak RSS of that
-# benchmark's two TVR-shaped epochs: 6,581-6,984 MiB under glibc, 3,870-3,921 (tcmalloc), 4,146
+# benchmark's two TVR-shaped epochs: 6,581-6,984 MiB under glibc, 3,870-3,986 (tcmalloc), 4,146
 # (jemalloc), 4,453-4,510 MiB (mimalloc); every page of the peak is a first-touch fault
 # (benchmarks/README.md, "fourth round"). tcmalloc and jemalloc come from the system (Debian:
 # libtcmalloc-minimal4, libjemalloc2; conda: gperftools, jemalloc); mimalloc from the
@@ -38,6 +38,10 @@ PRELOAD_ALLOCATORS = {
     "jemalloc": (("libjemalloc.so.2",), {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true"}),
     "mimalloc": (("libmimalloc.so",), {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_THP": "0"}),
 }
+
+# every variable that sets malloc's options: glibc's, or those of a preloadable allocator
+ALLOCATOR_OPTIONS = frozenset({*ALLOCATOR_ENV, "GLIBC_TUNABLES",
+                               *(k for _, opts in PRELOAD_ALLOCATORS.values() for k in opts)})
 
 
 class AllocatorError(RuntimeError):
@@ -80,8 +84,7 @@ def _preloaded_malloc(env) -> bool:
 def _callers_allocator(env) -> bool:
     """True when the caller chose malloc's settings: a preloaded *malloc* library, a glibc
     tunable, or an option of one of the preloadable allocators."""
-    keys = {*ALLOCATOR_ENV, "GLIBC_TUNABLES"} | {k for _, opts in PRELOAD_ALLOCATORS.values() for k in opts}
-    return _preloaded_malloc(env) or any(k in env for k in keys)
+    return _preloaded_malloc(env) or any(k in env for k in ALLOCATOR_OPTIONS)
 
 
 def allocator_env_needed(env=None) -> dict[str, str]:
@@ -100,7 +103,8 @@ def allocator_env_needed(env=None) -> dict[str, str]:
     if choice == "system" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" \
             or _preloaded_malloc(env) or (choice == "auto" and _callers_allocator(env)):
         return {}
-    for name in (PRELOAD_ALLOCATORS if choice == "auto" else [choice] if choice != "glibc" else []):
+    names = list(PRELOAD_ALLOCATORS) if choice == "auto" else [] if choice == "glibc" else [choice]
+    for name in names:
         path = find_allocator(name)
         if path is None and choice != "auto":
             raise AllocatorError(f"{ALLOCATOR_SWITCH}={name}: no {' or '.join(PRELOAD_ALLOCATORS[name][0])} "
