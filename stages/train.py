@@ -34,7 +34,7 @@ def outputs(dataset: str, method: str) -> dict[str, Path]:
             "run": paths.run_json(dataset, method), "history": paths.history_csv(dataset, method)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, setup_note: str = "not run (main called directly)") -> int:
     parser = stage_parser(__doc__, mlflow=True)
     args = parser.parse_args(argv)
     setup_logging()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         source = read_source(src_path) if src_path.is_file() else None
         log.info("read %s (dataset %s, method %s) and %s", args.params, ds, method,
                  src_path if source else "no source.json (default corpus location)")
-        log.info("CPU allocator: %s", allocator_in_use())
+        log.info("process setup: %s; CPU allocator: %s", setup_note, allocator_in_use())
         if ctx.is_main:
             tracker = Tracker(ds, enabled=not args.no_mlflow)
         result = train(settings, out["ckpt_dir"], out["history"], ctx=ctx, tracker=tracker,
@@ -131,8 +131,20 @@ def _write_outputs(out: dict[str, Path], settings: dict, result, tracker, ctx) -
         tracker.end("FINISHED")
 
 
-if __name__ == "__main__":
-    from prvr.procenv import reexec_with_allocator_env
+def process_setup(argv: list[str]) -> str:
+    """Restart under the CPU backend's allocator and thread waits where they pay (prvr.procenv),
+    decided from params.yaml before torch is imported; returns what was decided. A params.yaml
+    that cannot be read decides nothing here: main() reports it."""
+    from prvr.config import process_settings
+    from prvr.procenv import setup_process
 
-    reexec_with_allocator_env()  # the CPU allocator and thread waits of prvr.procenv
-    sys.exit(main())
+    args, _ = stage_parser(__doc__, mlflow=True).parse_known_args(argv)
+    try:
+        backend, device, enabled = process_settings(args.params)
+    except ConfigError:
+        return "none (params not readable)"
+    return setup_process(backend, device, enabled)
+
+
+if __name__ == "__main__":
+    sys.exit(main(setup_note=process_setup(sys.argv[1:])))

@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prvr import kernels, procenv
-from prvr.kernels import (Tokens, branch_layer_norm, branch_norm_ffn, dropout, norm_dropout_linear, norm_ffn,
+from prvr import procenv
+from prvr.backends.cpu import kernels
+from prvr.backends.cpu.kernels import (Tokens, branch_layer_norm, branch_norm_ffn, dropout, norm_dropout_linear, norm_ffn,
                           pool_tokens, softmax_dropout_matmul)
 
 
@@ -46,7 +49,7 @@ def test_keep_stream_pieces_are_the_one_draw():
 def test_nodes_keep_their_dropout_masks_as_bits():
     """Every CPU dropout node saves its mask packed (1/8 byte an entry), and unpacks exactly the
     mask it drew: the gradient is zero where the forward dropped, scaled elsewhere."""
-    from prvr.kernels import add_dropout
+    from prvr.backends.cpu.kernels import add_dropout
     torch.manual_seed(0)
     x = torch.randn(4, 7, 9, requires_grad=True)
     for f in (lambda t: dropout(t, 0.4, True), lambda t: add_dropout(torch.zeros(()), t, 0.4, True)):
@@ -254,26 +257,37 @@ def test_norm_ffn_node_is_the_plain_modules():
 
 @pytest.fixture
 def numpy_blas_on(monkeypatch):
-    """numpy's OpenBLAS for every product (as under the train stage's THREAD_ENV, any size)."""
-    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    """numpy's OpenBLAS for every product (as configure_blas sets it in the train stage, any size)."""
+    monkeypatch.setattr(kernels.SWITCHES, "numpy_blas", True)
     monkeypatch.setattr(kernels, "NUMPY_BLAS_MIN_FLOP", 0.0)
 
 
-def test_numpy_blas_needs_short_waits_and_a_large_product(monkeypatch):
+def test_numpy_blas_comes_from_the_setting_and_needs_short_waits_at_start_up(monkeypatch):
     x = torch.randn(3, 3)
-    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
-    assert not kernels.numpy_blas_active(x)           # default waits: torch's BLAS
-    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
-    assert not kernels.numpy_blas_active(x)
-    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
-    assert kernels.numpy_blas_active(x) == kernels._OPENBLAS.ready()
+    monkeypatch.setattr(kernels.SWITCHES, "numpy_blas", False)
+    assert not kernels.numpy_blas_active(x)                        # the default: torch's BLAS
+    for start_env, asked, chosen in (({}, True, False), ({"OPENBLAS_THREAD_TIMEOUT": "28"}, True, False),
+                                     ({"OPENBLAS_THREAD_TIMEOUT": "4"}, False, False),
+                                     ({"OPENBLAS_THREAD_TIMEOUT": "4"}, True, kernels._OPENBLAS.ready())):
+        monkeypatch.setattr(procenv, "startup_env", lambda env=start_env: dict(env))
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")          # os.environ alone decides nothing
+        note = kernels.configure_blas(asked)
+        assert kernels.SWITCHES.numpy_blas is chosen and kernels.numpy_blas_active(x) is chosen, note
+        assert ("OpenBLAS for" in note) is chosen
+        if asked and not chosen and not start_env.get("OPENBLAS_THREAD_TIMEOUT") == "4":
+            assert "without short OpenBLAS waits" in note
     assert procenv.THREAD_ENV["OPENBLAS_THREAD_TIMEOUT"] == "4"   # what the train stage sets
-    with kernels.switches(numpy_blas=False):
-        assert not kernels.numpy_blas_active(x)
+    monkeypatch.setattr(kernels.SWITCHES, "numpy_blas", True)
     seen = []
     monkeypatch.setattr(kernels.np, "matmul", lambda *a, **k: seen.append(1))
     kernels.matmul(x, x)                               # 54 FLOP: below NUMPY_BLAS_MIN_FLOP
     assert not seen
+
+
+def test_startup_env_is_the_environment_the_process_started_with(monkeypatch):
+    monkeypatch.setenv("PRVR_SET_LATER", "1")
+    assert "PRVR_SET_LATER" not in procenv.startup_env()
+    assert procenv.startup_env().get("PATH") == os.environ.get("PATH")
 
 
 def test_matmul_is_torch_matmul_with_either_blas(numpy_blas_on):

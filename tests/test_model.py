@@ -1,5 +1,6 @@
-"""GMMFormer network: Gaussian geometry, padding invariance, dropout modes, determinism,
-scores, optimiser groups, and a slow per-branch reference written straight from the spec."""
+"""GMMFormer v2 network, on both backends: Gaussian geometry, padding invariance, dropout modes,
+determinism, scores, optimiser groups, and a slow per-branch reference written straight from
+docs/gmmformer_v2.md. The CPU backend's own switches and kernels are tested at the end."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prvr.kernels import SWITCHES, Tokens, add_dropout, cpu_kernels, dropout, relu_dropout_unscaled, switches
+from prvr.backends.cpu.kernels import SWITCHES, Tokens, add_dropout, cpu_kernels, dropout, relu_dropout_unscaled, switches
 from prvr.methods import TrainOutput, VideoEncoding, get_method
 from prvr.methods.gmmformer_v2.model import (GMMFormer, GMMFormerConfig, gaussian_matrix, pair_scores,
                                              release_chunks)
@@ -18,9 +19,12 @@ from prvr.methods.gmmformer_v2.release import release_layout, to_release_state_d
 SMALL = dict(visual_dim=12, text_dim=10, hidden_size=8, n_heads=2, max_query_len=7, max_frames=20, n_clips=5)
 
 
-def small_model(seed: int = 0, **kw) -> GMMFormer:
+BACKENDS = ("reference", "cpu")
+
+
+def small_model(seed: int = 0, backend: str = "reference", **kw) -> GMMFormer:
     torch.manual_seed(seed)
-    model = GMMFormer(GMMFormerConfig(**{**SMALL, **kw}))
+    model = get_method("gmmformer_v2").build_model(GMMFormerConfig(**{**SMALL, **kw}), backend)
     with torch.no_grad():  # move norms/biases off their (1, 0) init so every tensor matters
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -81,8 +85,9 @@ def test_frame_stream_uses_corner_of_max_frames_matrix():
 
 # ----------------------------------------------------------------------------- padding
 
-def test_padding_never_changes_results():
-    model = small_model().eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_never_changes_results(backend):
+    model = small_model(backend=backend).eval()
     cfg = model.cfg
     a = make_inputs(cfg, [3, 9], [4, 2, 7])
     # b: the same videos padded to 17 slots; padded slots hold garbage that must be ignored
@@ -106,8 +111,9 @@ def test_padding_never_changes_results():
         assert torch.allclose(x, y, atol=1e-6)
 
 
-def test_video_alone_equals_video_in_batch_with_longer_one():
-    model = small_model().eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_video_alone_equals_video_in_batch_with_longer_one(backend):
+    model = small_model(backend=backend).eval()
     cfg = model.cfg
     batch = make_inputs(cfg, [6, 20, 1], [3])
     with torch.no_grad():
@@ -122,8 +128,9 @@ def test_video_alone_equals_video_in_batch_with_longer_one():
     assert q_one.shape == (1, 8) and torch.allclose(q_one[0], q_all[0], atol=1e-6)
 
 
-def test_float_masks_are_accepted():
-    model = small_model().eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_masks_are_accepted(backend):
+    model = small_model(backend=backend).eval()
     batch = make_inputs(model.cfg, [4, 11], [2, 5])
     with torch.no_grad():
         out_bool = model(batch)
@@ -141,8 +148,9 @@ def test_more_frames_than_max_frames_is_an_error():
         model.encode_video_feats(batch["clip_feats"], batch["frame_feats"], batch["frame_mask"])
 
 
-def test_no_gradient_reaches_padded_frames():
-    model = small_model().train()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_reaches_padded_frames(backend):
+    model = small_model(backend=backend).train()
     batch = make_inputs(model.cfg, [5, 12], [3, 4])
     frames = batch["frame_feats"].requires_grad_(True)
     # hidden 8: about one dropout draw in 50 zeroes a whole frame vector; seed one that does not
@@ -156,8 +164,9 @@ def test_no_gradient_reaches_padded_frames():
 
 # ----------------------------------------------------------------------------- modes and seeds
 
-def test_eval_is_deterministic_and_train_uses_dropout():
-    model = small_model()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_is_deterministic_and_train_uses_dropout(backend):
+    model = small_model(backend=backend)
     batch = make_inputs(model.cfg, [7, 13], [3, 6, 2])
     model.eval()
     with torch.no_grad():
@@ -169,7 +178,7 @@ def test_eval_is_deterministic_and_train_uses_dropout():
     assert not torch.allclose(t1.videos.seq, t2.videos.seq)
     assert not torch.allclose(t1.queries["query"], e1.queries["query"])
     # with every dropout rate at 0, train mode computes exactly the eval function
-    nodrop = small_model(input_drop=0.0, drop=0.0).train()
+    nodrop = small_model(input_drop=0.0, drop=0.0, backend=backend).train()
     with torch.no_grad():
         a = nodrop(batch)
         nodrop.eval()
@@ -178,12 +187,13 @@ def test_eval_is_deterministic_and_train_uses_dropout():
 
 
 
-def test_training_forward_encodes_queries_a_second_time_for_qdl_and_oml():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_forward_encodes_queries_a_second_time_for_qdl_and_oml(backend):
     """The release feeds its query-diverse and matching losses a second query encoding
     with its own dropout draw; in eval there is no second encoding."""
     from prvr.methods.gmmformer_v2.loss import GMMFormerLoss, _loss_query
 
-    model = small_model()
+    model = small_model(backend=backend)
     batch = make_inputs(model.cfg, [7, 13], [3, 6, 2, 4])
     model.eval()
     with torch.no_grad():
@@ -202,9 +212,10 @@ def test_training_forward_encodes_queries_a_second_time_for_qdl_and_oml():
     assert g_aux is not None and g_aux.abs().sum() > 0 and g_q is None
 
 
-def test_cpu_training_is_deterministic_for_a_seed():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_is_deterministic_for_a_seed(backend):
     def run():
-        model = small_model(seed=3).train()
+        model = small_model(seed=3, backend=backend).train()
         batch = make_inputs(model.cfg, [4, 16, 9], [2, 7, 5, 3])
         torch.manual_seed(11)
         out = model(batch)
@@ -254,7 +265,7 @@ def _encodings(model, batch):
 def test_portable_switch_gives_the_cpu_kernel_eval_scores():
     """switches(portable=True) runs the code path of every other device on CPU; in eval
     both paths compute the same function, bit for bit."""
-    model = small_model(seed=4).eval()
+    model = small_model(seed=4, backend="cpu").eval()
     batch = make_inputs(model.cfg, [6, 20, 3, 11], [5, 2, 7], seed=5)
     cpu = _encodings(model, batch)
     with switches(portable=True) as sw:
@@ -270,7 +281,7 @@ def test_portable_switch_gives_the_cpu_kernel_eval_scores():
 def test_portable_switch_routes_training_dropout_through_f_dropout(monkeypatch):
     """In training the portable path draws every mask with F.dropout, the CPU path never does
     (it draws its own keep masks); both train deterministically for a seed."""
-    import prvr.kernels as kernels
+    import prvr.backends.cpu.kernels as kernels
 
     calls = {"F.dropout": 0, "keep_mask": 0}
     f_dropout, keep_mask = F.dropout, kernels._keep_mask
@@ -287,7 +298,7 @@ def test_portable_switch_routes_training_dropout_through_f_dropout(monkeypatch):
     monkeypatch.setattr(kernels, "_keep_mask", counting_keep_mask)
 
     def step(portable: bool):
-        model = small_model(seed=3).train()
+        model = small_model(seed=3, backend="cpu").train()
         batch = make_inputs(model.cfg, [4, 16, 9], [2, 7, 5, 3])
         torch.manual_seed(11)
         with switches(portable=portable):
@@ -380,8 +391,9 @@ def test_pair_scores_include_zero_for_short_videos_only():
     assert got["score"][0].tolist() == pytest.approx([-0.3, 0.0])
 
 
-def test_forward_returns_train_output_of_contract_shapes():
-    model = small_model().eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_returns_train_output_of_contract_shapes(backend):
+    model = small_model(backend=backend).eval()
     batch = make_inputs(model.cfg, [4, 9, 2], [3, 6, 2, 7])
     with torch.no_grad():
         out = model(batch)
@@ -441,8 +453,9 @@ GOLDEN_CLIP = [[0.345212, 0.201922], [0.463899, 0.699998], [0.311213, 0.746225]]
 GOLDEN_FRAME = [[0.823448, 0.861951], [0.527217, 0.710894], [0.699359, 0.709712]]
 
 
-def test_golden_scores():
-    model = small_model(seed=5).eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_golden_scores(backend):
+    model = small_model(seed=5, backend=backend).eval()
     batch = make_inputs(model.cfg, [6, 14], [5, 3, 7], seed=6)
     with torch.no_grad():
         out = model(batch)
@@ -521,8 +534,9 @@ def _reference(model, batch):
     return (a[..., None] * x).sum(1), ref_clips, ref_frames
 
 
-def test_batched_model_matches_per_branch_reference():
-    model = small_model(seed=2).eval()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_model_matches_per_branch_reference(backend):
+    model = small_model(seed=2, backend=backend).eval()
     batch = make_inputs(model.cfg, [7, 20, 2], [4, 7, 1], seed=4)
     Lf = batch["frame_mask"].shape[1]
     ref_query, ref_clips, ref_frames = _reference(model, batch)
@@ -538,10 +552,11 @@ def test_batched_model_matches_per_branch_reference():
     assert torch.allclose(out.scores["frame"], ref_frame_scores, atol=1e-5)
 
 
-def test_gradients_match_per_branch_reference():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_per_branch_reference(backend):
     """The backward pass (packing, scatter/gather, batched branches) against autograd
     through the slow reference, in float64."""
-    model = small_model(seed=7).double().eval()
+    model = small_model(seed=7, backend=backend).double().eval()
     batch = make_inputs(model.cfg, [5, 13, 9], [3, 6, 2], seed=8)
     g = torch.Generator().manual_seed(9)
     wq, wc, wf = (torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (3, 5, 20))

@@ -1,9 +1,13 @@
 """Process settings that the loader, malloc, libgomp and OpenBLAS read only at start-up.
 
-A stage's `__main__` calls `reexec_with_allocator_env()` before any work: the process restarts
-itself once (same pid, same command line) with its CPU allocator (a preloaded tcmalloc,
-jemalloc or mimalloc, else glibc under ALLOCATOR_ENV) and the thread-pool waits of THREAD_ENV.
-Nothing here imports torch, so the restart comes before the heavy imports.
+They pay only for the CPU backend (prvr.backends.cpu), whose fused nodes allocate large fresh
+tensors every step and run two BLAS thread pools. The train stage's `__main__` calls
+`setup_process()` before any work: when the run will use the CPU backend on the CPU and
+`cpu.process_setup` is on, the process restarts itself once (same pid, same command line) with
+its CPU allocator (a preloaded tcmalloc, jemalloc or mimalloc, else glibc under ALLOCATOR_ENV)
+and the thread-pool waits of THREAD_ENV. On CUDA, with `backend: reference`, or with
+`cpu.process_setup: false` nothing is changed. Nothing here imports torch, so the decision and
+the restart come before the heavy imports.
 """
 from __future__ import annotations
 
@@ -163,3 +167,55 @@ def reexec_with_allocator_env() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
+
+
+# ----------------------------------------------------------------------------- the decision
+
+def startup_env() -> dict[str, str]:
+    """The environment this process was started with (/proc/self/environ), not os.environ as
+    other code may have changed it since; os.environ where /proc is not readable."""
+    try:
+        raw = open("/proc/self/environ", "rb").read()
+    except OSError:
+        return dict(os.environ)
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def short_openblas_waits(env=None) -> bool:
+    """True when OpenBLAS's idle workers wait briefly (OPENBLAS_THREAD_TIMEOUT <= 8) in the
+    start-up environment: OpenBLAS reads it once, when numpy loads it."""
+    env = startup_env() if env is None else env
+    try:
+        return int(env.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 8
+    except ValueError:
+        return False
+
+
+def cuda_visible(env=None) -> bool:
+    """Whether torch would see a CUDA device, judged without importing torch: an NVIDIA driver
+    is loaded and CUDA_VISIBLE_DEVICES does not hide every device."""
+    env = os.environ if env is None else env
+    if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def cpu_backend_run(backend: str, device: str, env=None) -> bool:
+    """True when a run with these settings (backend auto|reference|cpu, device auto|cpu|cuda[:N])
+    will compute on the CPU backend's kernels: on the CPU, with backend auto or cpu."""
+    device = str(device or "auto").lower()
+    on_cpu = device == "cpu" or (device == "auto" and not cuda_visible(env))
+    return on_cpu and str(backend or "auto").lower() in ("auto", "cpu")
+
+
+def setup_process(backend: str, device: str, enabled: bool) -> str:
+    """The train stage's start-up: restart once under the CPU allocator and thread waits when
+    the run uses the CPU backend (`cpu_backend_run`) and `enabled` (params cpu.process_setup);
+    returns the reason when it does nothing (the stage logs it after the restart, too)."""
+    if not enabled:
+        return "off (cpu.process_setup: false)"
+    if not cpu_backend_run(backend, device):
+        return f"none (backend {backend} on device {device}: not the CPU backend)"
+    reexec_with_allocator_env()
+    return "CPU backend: allocator and thread waits set at start-up"

@@ -37,9 +37,10 @@ def get_method(name: str) -> Method:
     return method
 
 
-def create_model(name: str, cfg):
-    """The network of method `name` for config `cfg` (the one place a model is chosen)."""
-    return get_method(name).build_model(cfg)
+def create_model(name: str, cfg, backend: str = "reference"):
+    """The network of method `name` for config `cfg` on `backend` ('reference' or 'cpu'; see
+    prvr.backends.resolve_backend for 'auto'): the one place a model is chosen."""
+    return get_method(name).build_model(cfg, backend)
 
 
 def create_loss(name: str, cfg):

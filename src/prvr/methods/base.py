@@ -168,7 +168,19 @@ class Method:
         """Rebuild the config dataclass from its asdict() form (as a checkpoint stores it)."""
         return self.config_class.from_dict(d)
 
-    def build_model(self, cfg: Any) -> nn.Module:
+    def build_model(self, cfg: Any, backend: str = "reference") -> nn.Module:
+        """The method's network: the reference (plain PyTorch) one, or with backend 'cpu' the
+        CPU fast path of prvr.backends.cpu.<name> where the method has one (the same
+        parameters and state dict; the reference network otherwise)."""
+        if backend == "cpu":
+            import importlib
+            import importlib.util
+
+            module = f"prvr.backends.cpu.{self.name}"
+            if importlib.util.find_spec(module) is not None:
+                return importlib.import_module(module).build_model(cfg)
+        elif backend != "reference":
+            raise ValueError(f"backend {backend!r}: expected 'reference' or 'cpu'")
         return self.model_class(cfg)
 
     def build_loss(self, cfg: Any) -> nn.Module:

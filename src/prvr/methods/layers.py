@@ -1,7 +1,11 @@
-"""Building blocks the method networks share (the releases share them too): the input
-projection and the learned position embedding of every stream, and the `release_chunks` mark
-of a parameter that fuses several release tensors, and the (Gaussian-windowed) masked
-attention of the GMMFormer blocks."""
+"""Building blocks the reference networks share (the releases share them too): the input
+projection and the learned position embedding of every stream, the `release_chunks` mark of a
+parameter that fuses several release tensors, the masked (Gaussian-windowed) attention of the
+GMMFormer blocks, and the release state-dict mapping helpers.
+
+Everything here is plain PyTorch on padded batches (B, L, ...) with a bool mask (B, L), True at
+real tokens. The CPU backend (prvr.backends.cpu) computes the same on packed real tokens.
+"""
 from __future__ import annotations
 
 import math
@@ -10,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import dropout, norm_dropout_linear, softmax_dropout_matmul
+# The releases' additive attention mask: padded keys get -10000 before the softmax.
+MASK_ADD = -10000.0
 
 
 def mark_release_chunks(param: nn.Parameter, chunks: int) -> nn.Parameter:
@@ -21,31 +26,58 @@ def mark_release_chunks(param: nn.Parameter, chunks: int) -> nn.Parameter:
 
 
 class InputProjection(nn.Module):
-    """LayerNorm(D_in) -> Dropout -> Linear(D_in, H) -> ReLU, on packed tokens."""
+    """LayerNorm(D_in) -> Dropout -> Linear(D_in, H) -> ReLU."""
 
     def __init__(self, in_dim: int, hidden: int, p: float):
         super().__init__()
         self.norm = nn.LayerNorm(in_dim)
+        self.drop = nn.Dropout(p)
         self.linear = nn.Linear(in_dim, hidden)
-        self.p = p
 
-    def forward(self, x: Tensor, index: Tensor | None = None) -> Tensor:
-        """x (N, D_in), or with `index` the rows x[index] (gathered inside the node, so training
-        keeps x, not the gathered copy)."""
-        return F.relu(norm_dropout_linear(x, self.norm, self.linear, self.p, self.training, index))
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D_in) -> (..., H)"""
+        return F.relu(self.linear(self.drop(self.norm(x))))
 
 
 class PositionEmbedding(nn.Module):
-    """LayerNorm(x + learned position embedding) -> Dropout, on packed tokens."""
+    """LayerNorm(x + learned position embedding) -> Dropout."""
 
     def __init__(self, n_positions: int, hidden: int, p: float):
         super().__init__()
         self.embedding = nn.Embedding(n_positions, hidden)
         self.norm = nn.LayerNorm(hidden)
-        self.p = p
+        self.drop = nn.Dropout(p)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        return dropout(self.norm(x + self.embedding(positions)), self.p, self.training)
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, H) -> (B, L, H), position l gets embedding row l. Padding may run past the
+        table (a batch padded longer than its real tokens): those slots get a zero row."""
+        table = self.embedding.weight[: x.shape[1]]
+        if table.shape[0] < x.shape[1]:
+            table = F.pad(table, (0, 0, 0, x.shape[1] - table.shape[0]))
+        return self.drop(self.norm(x + table))
+
+
+def key_mask_add(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, L) bool, True at real keys -> (B, 1, 1, L) additive mask (0 real, MASK_ADD pad)."""
+    if mask is None:
+        return None
+    return ((~mask).to(dtype) * MASK_ADD)[:, None, None, :]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask: Tensor | None,
+              drop: nn.Module) -> Tensor:
+    """drop(softmax((q k^T / sqrt(d)) * G + mask)) @ v.
+
+    q, k, v: (..., B, nh, L, d); gauss broadcastable to (..., L, L) or None (no window);
+    mask: (B, L) bool, True at real keys, or None. The Gaussian multiplies the scaled logits
+    and the padding mask is added after it, as in the releases.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])   # (..., B, nh, L, L)
+    if gauss is not None:
+        scores = scores * gauss
+    if mask is not None:
+        scores = scores + key_mask_add(mask, scores.dtype)
+    return torch.matmul(drop(torch.softmax(scores, dim=-1)), v)
 
 
 # ----------------------------------------------------------------------------- release layouts
@@ -109,18 +141,3 @@ def check_release_layout(sd, layout, cfg, what: str = "release state dict") -> N
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
         raise ValueError(f"{what}: unexpected tensors {extra[:5]}{more}")
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, gauss: Tensor | None, mask_add: Tensor | None,
-              p: float, training: bool) -> Tensor:
-    """softmax((q k^T / sqrt(d)) * G + mask) @ v, with dropout on the probabilities.
-
-    q, k, v: (..., L, d); gauss broadcastable to (..., L, L); mask_add to (..., 1, L).
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    if gauss is not None:
-        scores = scores * (gauss * scale) if mask_add is None else torch.addcmul(mask_add, scores, gauss, value=scale)
-    else:
-        scores = scores * scale if mask_add is None else torch.add(mask_add, scores, alpha=scale)
-    return softmax_dropout_matmul(scores, v, p, training)

@@ -1,30 +1,22 @@
-"""GMMFormer v2 (arXiv 2405.13824): the network and its scores.
+"""GMMFormer v2 (arXiv 2405.13824): the reference network and its scores.
 
-What it computes is fixed by shared/spec/gmmformer_v2.md (the public release's behaviour):
+What it computes is docs/gmmformer_v2.md (the public release's behaviour):
 
-* queries: input projection, position embedding, one post-norm self-attention layer, attention
-  pooling -> one vector per query;
+* queries: input projection, position embedding, one post-norm self-attention layer (no output
+  projection), attention pooling -> one vector per query;
 * videos at two scales, 32 clips and up to 128 frames: input projection, position embedding and
-  a temporal-consolidation block: eight self-attention branches whose attention logits are
+  a temporal-consolidation block: K = 8 self-attention branches whose attention logits are
   multiplied by Gaussian windows of widths RELEASE_WIDTHS (None = global), fused per position by
   a learned weight token's cross-attention over the branch outputs;
-* scores: max cosine over clips and over frames, 0.7 clip + 0.3 frame.
+* scores: max cosine over clips and over frames, clip_scale_w * clip + frame_scale_w * frame.
 
-How it computes it is built for speed; the kernels that are speed only (packing, dropout,
-custom autograd nodes) live in prvr.kernels. Design choices that stay here:
-
-* The eight branches run as ONE batched computation: parameters stacked along a leading branch
-  dimension (qkv (8, 3H, H), FFN (8, 4H, H) / (8, H, 4H), norms (8, H)).
-* Token-wise work runs on packed real tokens; attention runs at the batch's own longest length
-  (frame videos in up to three length buckets), using the top-left corner of the 128 x 128
-  Gaussian. Exact: padded keys are masked after the Gaussian multiply.
-* The weight token's query is the same for every branch and video, so it is folded into the key
-  projection, and the value projection is applied after pooling.
-
-Parameter layout differs from the release (stacked branches, fused q/k/v); prvr.methods.
-gmmformer_v2.release maps a released state dict onto this one. Every parameter that fuses
-several release tensors carries `release_chunks` (how many equal row blocks it is made of) so
-the optimiser reproduces the release's per-tensor gradient clipping.
+This is plain PyTorch on padded batches with masks. The K branches are one batched computation:
+their parameters are stacked along a leading branch dimension (qkv (K, 3H, H), FFN (K, 4H, H) /
+(K, H, 4H), norms (K, H)), which is also the state-dict layout; prvr.methods.gmmformer_v2.release
+maps the release's per-branch tensors onto it. A parameter that fuses several release tensors
+carries `release_chunks` (how many equal row blocks it is made of) so the optimiser reproduces the
+release's per-tensor gradient clipping. The CPU fast path of the same network is
+prvr.backends.cpu.gmmformer_v2.
 """
 from __future__ import annotations
 
@@ -36,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, branch_layer_norm, branch_norm_ffn,
-                        dropout, linear, norm_ffn, pool_tokens)
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
@@ -117,39 +107,63 @@ def gaussian_matrix(length: int, width: float | None) -> Tensor:
 
 # ----------------------------------------------------------------------------- modules
 
+def as_bool(mask: Tensor) -> Tensor:
+    """A 0/1 float mask or a bool mask -> bool (True at real tokens)."""
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
 class EncoderLayer(nn.Module):
-    """Post-norm self-attention layer without output projection (the query encoder)."""
+    """Post-norm self-attention layer without output projection, then its FFN (the query encoder).
+
+    y = LN1(x + drop(attn(x))), out = LN2(y + drop(FFN(y))), FFN = Linear -> ReLU -> drop -> Linear.
+    """
 
     def __init__(self, hidden: int, n_heads: int, p: float):
         super().__init__()
-        self.n_heads, self.p = n_heads, p
+        self.n_heads = n_heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         _mark(self.qkv.weight, 3), _mark(self.qkv.bias, 3)
         self.ffn_in = nn.Linear(hidden, 4 * hidden)
         self.ffn_out = nn.Linear(4 * hidden, hidden)
         self.norm1 = nn.LayerNorm(hidden)
         self.norm2 = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(p)
 
-    def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
-        qkv = linear(x, self.qkv.weight, self.qkv.bias)
-        q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(qkv, 1, self.n_heads))
-        ctx = attention(q, k, v, None, tokens.key_mask_add(x.dtype), self.p, self.training)
-        ctx = tokens.from_heads(ctx)
-        y, f = norm_ffn(add_dropout(x, ctx, self.p, self.training), self.norm1, self.ffn_in, self.ffn_out,
-                        self.p, self.training)                             # norm1 and the FFN
-        return self.norm2(add_dropout(y, f, self.p, self.training))
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, L, H), mask (B, L) bool -> (B, L, H)"""
+        B, L, H = x.shape
+        nh = self.n_heads
+        q, k, v = self.qkv(x).view(B, L, 3, nh, H // nh).permute(2, 0, 3, 1, 4)  # each (B, nh, L, dh)
+        ctx = attention(q, k, v, None, mask, self.drop).transpose(1, 2).reshape(B, L, H)
+        y = self.norm1(x + self.drop(ctx))
+        f = self.ffn_out(self.drop(F.relu(self.ffn_in(y))))
+        return self.norm2(y + self.drop(f))
+
+
+def branch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim of x (K, ..., H) with per-branch affine parameters (K, H)."""
+    shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (weight.shape[1],)
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * weight.view(shape) + bias.view(shape)
+
+
+def branch_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Per-branch Linear: x (K, B, L, in) or (B, L, in) shared, weight (K, out, in), bias (K, out)
+    -> (K, B, L, out)."""
+    lhs = "kbli" if x.dim() == 4 else "bli"
+    return torch.einsum(f"{lhs},koi->kblo", x, weight) + bias[:, None, None, :]
 
 
 class GaussianBranches(nn.Module):
-    """K post-norm self-attention layers (one per Gaussian width) run as one batch.
+    """K post-norm self-attention layers (one per Gaussian width) as one batched layer.
 
-    Input packed tokens (N, H); output (K, N, H).
+    Branch k is EncoderLayer with its attention logits multiplied by the Gaussian window of
+    width widths[k] (gaussian_matrix). Input (B, L, H); output (K, B, L, H).
     """
 
     def __init__(self, hidden: int, n_heads: int, widths: Sequence[float | None], max_len: int, p: float):
         super().__init__()
         K, H = len(widths), hidden
-        self.n_heads, self.p, self.widths = n_heads, p, tuple(widths)
+        self.n_heads, self.widths = n_heads, tuple(widths)
         self.qkv_weight = _mark(nn.Parameter(torch.empty(K, 3 * H, H)), 3 * K)
         self.qkv_bias = _mark(nn.Parameter(torch.zeros(K, 3 * H)), 3 * K)
         self.ffn_in_weight = _mark(nn.Parameter(torch.empty(K, 4 * H, H)), K)
@@ -160,40 +174,34 @@ class GaussianBranches(nn.Module):
         self.norm1_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
         self.norm2_weight = _mark(nn.Parameter(torch.ones(K, H)), K)
         self.norm2_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
+        self.drop = nn.Dropout(p)
         gauss = torch.stack([gaussian_matrix(max_len, w) for w in widths]).float()
         self.register_buffer("gauss", gauss, persistent=False)  # (K, max_len, max_len)
 
-    def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
-        K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
-        # Q, K, V of all branches in one matmul on packed tokens, then to (3, K, B, nh, L, dh).
-        qkv = linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        # attention per length bucket (one bucket = the whole batch at its longest length)
-        groups = tokens.groups or [(0, tokens.count, tokens)]
-        # every bucket's q, k, v in one autograd node whose backward writes one gradient
-        heads = _ScatterBuckets.apply(qkv.view(-1, K, 3, nh, H // nh),
-                                      [(t0, t1, *sub.scatter_spec()) for t0, t1, sub in groups])
-        heads = [heads[i:i + 3] for i in range(0, len(heads), 3)]
-        parts = []
-        for (q, k, v), (_, _, sub) in zip(heads, groups):                 # each (K, b, nh, l, dh)
-            gauss = self.gauss[:, None, None, :sub.length, :sub.length]
-            ctx = attention(q, k, v, gauss, sub.key_mask_add(x.dtype), self.p, self.training)
-            parts.append(sub.from_heads(ctx))                              # (K, n, H)
-        ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)         # (K, N, H)
-        y, f = branch_norm_ffn(add_dropout(x, ctx, self.p, self.training), self.norm1_weight, self.norm1_bias,
-                               self.ffn_in_weight, self.ffn_in_bias, self.ffn_out_weight, self.ffn_out_bias,
-                               self.p, self.training)                      # LN1 and the FFN
-        return branch_layer_norm(add_dropout(y, f, self.p, self.training), self.norm2_weight, self.norm2_bias)
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, L, H), mask (B, L) bool or None -> (K, B, L, H)"""
+        B, L, H = x.shape
+        K, nh = self.qkv_weight.shape[0], self.n_heads
+        qkv = branch_linear(x, self.qkv_weight, self.qkv_bias)                  # (K, B, L, 3H)
+        q, k, v = qkv.view(K, B, L, 3, nh, H // nh).permute(3, 0, 1, 4, 2, 5)   # each (K, B, nh, L, dh)
+        gauss = self.gauss[:, None, None, :L, :L]   # a shorter stream uses the top-left corner
+        ctx = attention(q, k, v, gauss, mask, self.drop).transpose(2, 3).reshape(K, B, L, H)
+        y = branch_norm(x + self.drop(ctx), self.norm1_weight, self.norm1_bias)
+        hidden = self.drop(F.relu(branch_linear(y, self.ffn_in_weight, self.ffn_in_bias)))
+        f = branch_linear(hidden, self.ffn_out_weight, self.ffn_out_bias)
+        return branch_norm(y + self.drop(f), self.norm2_weight, self.norm2_bias)
 
 
 class WeightTokenAttention(nn.Module):
-    """Post-norm cross-attention of one token over each branch output, all branches at once.
+    """Post-norm cross-attention of one learned token over each branch's outputs.
 
-    Its FFN is Linear(H, H) -> ReLU -> Dropout -> Linear(H, H).
+    t = LN1(token + drop(attn(token, branch))), out = LN2(t + drop(FFN(t))) per branch and video;
+    FFN = Linear(H, H) -> ReLU -> drop -> Linear(H, H). Padded positions take no weight.
     """
 
     def __init__(self, hidden: int, n_heads: int, p: float):
         super().__init__()
-        self.n_heads, self.p = n_heads, p
+        self.n_heads = n_heads
         self.query = nn.Linear(hidden, hidden)
         self.key_value = nn.Linear(hidden, 2 * hidden)
         _mark(self.key_value.weight, 2), _mark(self.key_value.bias, 2)
@@ -201,30 +209,26 @@ class WeightTokenAttention(nn.Module):
         self.ffn_out = nn.Linear(hidden, hidden)
         self.norm1 = nn.LayerNorm(hidden)
         self.norm2 = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(p)
 
-    def forward(self, token: Tensor, branches: Tensor, tokens: Tokens) -> Tensor:
-        """token (H,), branches (K, N, H) packed -> (K, B, H)."""
-        K, H, nh = branches.shape[0], branches.shape[-1], self.n_heads
-        B, L, dh = tokens.batch, tokens.length, H // nh
-        w_k, w_v = self.key_value.weight.view(2, nh, dh, H).unbind(0)
-        b_k, b_v = self.key_value.bias.view(2, nh, dh).unbind(0)
-        q = self.query(token).view(nh, dh) / math.sqrt(dh)
-        # scores[k, n, h] = q_h . (W_k o + b_k)_h, with q folded into the key projection.
-        key_q = torch.einsum("hd,hdc->ch", q, w_k)                       # (H, nh)
-        scores = torch.matmul(branches, key_q) + (q * b_k).sum(-1)       # (K, N, nh)
-        fill = torch.finfo(scores.dtype).min
-        scores = tokens.unpack(scores, dim=1, fill=fill).view(K, B, L, nh)
-        probs = dropout(torch.softmax(scores, dim=2), self.p, self.training)  # (K, B, L, nh)
-        pooled = pool_tokens(probs, branches, tokens)                         # (KB, nh, H)
-        # values: W_v applied after pooling; the bias is weighted by the kept probability mass.
-        ctx = torch.einsum("nhc,hdc->nhd", pooled, w_v) + probs.sum(2).view(K * B, nh, 1) * b_v
-        t = self.norm1(add_dropout(token, ctx.reshape(K, B, H), self.p, self.training))
-        f = self.ffn_out(dropout(self.ffn_in(t), self.p, self.training, relu=True))
-        return self.norm2(add_dropout(t, f, self.p, self.training))
+    def forward(self, token: Tensor, branches: Tensor, mask: Tensor | None) -> Tensor:
+        """token (H,), branches (K, B, L, H), mask (B, L) bool or None -> (K, B, H)"""
+        K, B, L, H = branches.shape
+        nh = self.n_heads
+        q = self.query(token).view(1, 1, nh, 1, H // nh)                       # (1, 1, nh, 1, dh)
+        k, v = self.key_value(branches).view(K, B, L, 2, nh, H // nh).permute(3, 0, 1, 4, 2, 5)
+        ctx = attention(q, k, v, None, mask, self.drop)                         # (K, B, nh, 1, dh)
+        t = self.norm1(token + self.drop(ctx.reshape(K, B, H)))
+        f = self.ffn_out(self.drop(F.relu(self.ffn_in(t))))
+        return self.norm2(t + self.drop(f))
 
 
 class TemporalConsolidation(nn.Module):
-    """Gaussian branches + weight-token mixing of one stream (clips or frames)."""
+    """Gaussian branches + weight-token mixing of one stream (clips or frames).
+
+    Each position's output is a softmax mixture (over branches, temperature sft_factor) of the
+    branch outputs, its weights read off the weight token's per-branch summary.
+    """
 
     def __init__(self, cfg: GMMFormerConfig, length: int):
         super().__init__()
@@ -233,19 +237,17 @@ class TemporalConsolidation(nn.Module):
         self.token_attention = WeightTokenAttention(H, cfg.n_heads, cfg.drop)
         self.mix_hidden = nn.Linear(H, H)
         self.mix_out = nn.Linear(H, length)  # one logit per position and branch
-        self.p, self.sft_factor = cfg.drop, cfg.sft_factor
+        self.drop = nn.Dropout(cfg.drop)
+        self.sft_factor = cfg.sft_factor
 
-    def forward(self, x: Tensor, token: Tensor, tokens: Tokens) -> Tensor:
-        """packed (N, H) -> packed (N, H)"""
-        outs = self.branches(x, tokens)                                   # (K, N, H)
-        t = self.token_attention(token, outs, tokens)                     # (K, B, H)
-        h = dropout(self.mix_hidden(t), self.p, self.training, relu=True)
-        L = tokens.length
-        logits = F.linear(h, self.mix_out.weight[:L], self.mix_out.bias[:L])  # (K, B, L)
-        mix = torch.softmax(logits / self.sft_factor, dim=0).reshape(len(outs), -1)
-        if tokens.index is not None:
-            mix = mix.index_select(1, tokens.index)                       # (K, N)
-        return (outs * mix.unsqueeze(-1)).sum(0)  # (einsum would run N tiny matmuls here)
+    def forward(self, x: Tensor, token: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, L, H), mask (B, L) bool or None (all real) -> (B, L, H)"""
+        L = x.shape[1]
+        outs = self.branches(x, mask)                                           # (K, B, L, H)
+        t = self.token_attention(token, outs, mask)                             # (K, B, H)
+        logits = self.mix_out(self.drop(F.relu(self.mix_hidden(t))))[..., :L]  # (K, B, L)
+        mix = torch.softmax(logits / self.sft_factor, dim=0)                    # over branches
+        return (outs * mix.unsqueeze(-1)).sum(0)
 
 
 class GMMFormer(nn.Module):
@@ -293,50 +295,27 @@ class GMMFormer(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def encode_query_feats(self, query_feats: Tensor, query_mask: Tensor) -> Tensor:
-        """(Nq, Lq, Dt), (Nq, Lq) -> (Nq, H)"""
-        Nq, Lq = query_mask.shape
-        tokens = Tokens(as_bool(query_mask), Nq, Lq, query_feats.device)
-        flat = query_feats.reshape(Nq * Lq, -1)
-        x = self.query_proj(flat, tokens.index)                           # (N, H) real tokens
-        x = self.query_pos(x, tokens.positions)
-        x = self.query_layer(x, tokens)                                   # (N, H)
-        logits = tokens.unpack(self.query_pool(x).squeeze(1), fill=-1e10).view(Nq, Lq)
-        attn = tokens.pack(torch.softmax(logits, dim=1).unsqueeze(-1))   # (N, 1)
-        rows = torch.div(tokens.index, Lq, rounding_mode="floor") if tokens.index is not None \
-            else torch.arange(Nq, device=x.device).repeat_interleave(Lq)
-        return x.new_zeros(Nq, x.shape[1]).index_add(0, rows, attn * x)
+        """(Nq, Lq, Dt), (Nq, Lq) -> (Nq, H): the attention-pooled query encoding."""
+        mask = as_bool(query_mask)
+        x = self.query_pos(self.query_proj(query_feats))                        # (Nq, Lq, H)
+        x = self.query_layer(x, mask)
+        logits = self.query_pool(x).squeeze(-1).masked_fill(~mask, -1e10)      # (Nq, Lq)
+        return torch.einsum("nl,nlh->nh", torch.softmax(logits, dim=1), x)
 
     def encode_video_feats(self, clip_feats: Tensor, frame_feats: Tensor, frame_mask: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor]:
         """-> clips (B, n_clips, H), frames (B, Lf, H) zero at pads, frame_mask (B, Lf) bool."""
         token = self.weight_token
-        B, C = clip_feats.shape[:2]
-        clip_tokens = Tokens(None, B, C, clip_feats.device)
-        c = self.clip_pos(self.clip_proj(clip_tokens.pack(clip_feats)), clip_tokens.positions)
-        clips = self.clip_consolidation(c, token, clip_tokens).view(B, C, -1)
+        clips = self.clip_pos(self.clip_proj(clip_feats))                       # (B, C, H)
+        clips = self.clip_consolidation(clips, token, None)                     # every clip is real
 
         frame_mask = as_bool(frame_mask)
-        Lf = frame_mask.shape[1]
-        if Lf > self.cfg.max_frames:
-            raise ValueError(f"frame_feats has {Lf} frames; the model takes at most {self.cfg.max_frames}")
-        # attention runs at the batch's longest real length, not at the padded Lf
-        used = frame_mask.any(0).nonzero()
-        L = int(used.max()) + 1 if used.numel() else 1
-        valid = frame_mask[:, :L]
-        # videos sorted by real length (longest first) so attention can run in length buckets;
-        # tokens are gathered straight from the inputs in that order and scattered back.
-        ends = (valid * torch.arange(1, L + 1, device=valid.device)).amax(1)
-        order = torch.argsort(ends, descending=True, stable=True)
-        frame_tokens = Tokens(valid.index_select(0, order), B, L, frame_feats.device)
-        frame_tokens.bucket()
-        rows = frame_tokens.rows if frame_tokens.index is not None \
-            else torch.arange(B, device=valid.device).repeat_interleave(L)
-        source = order[rows] * Lf + frame_tokens.positions                # slots in (B, Lf)
-        f = self.frame_proj(frame_feats.reshape(B * Lf, -1), source)      # (N, H) real tokens
-        f = self.frame_pos(f, frame_tokens.positions)
-        f = self.frame_consolidation(f, token, frame_tokens)
-        frames = f.new_zeros(B * Lf, f.shape[-1]).index_copy(0, source, f).view(B, Lf, -1)
-        return clips, frames, frame_mask
+        if frame_mask.shape[1] > self.cfg.max_frames:
+            raise ValueError(f"frame_feats has {frame_mask.shape[1]} frames; the model takes at most "
+                             f"{self.cfg.max_frames}")
+        frames = self.frame_pos(self.frame_proj(frame_feats))                   # (B, Lf, H)
+        frames = self.frame_consolidation(frames, token, frame_mask)
+        return clips, frames * frame_mask.unsqueeze(-1), frame_mask
 
     # ------------------------------------------------------------------ the method contract
     def encode_queries(self, batch: Mapping[str, Any]) -> Tensor:

@@ -37,7 +37,7 @@ _MASK_ADD = -10000.0  # additive key mask of the release's attention
 @dataclass
 class Switches:
     portable: bool = False
-    numpy_blas: bool = True
+    numpy_blas: bool = False   # set from the settings by configure_blas
 
 
 SWITCHES = Switches()
@@ -327,26 +327,37 @@ _OPENBLAS = _OpenBLAS()
 
 
 # Only where the two pools wait briefly (prvr.procenv.THREAD_ENV, which the train stage sets at
-# start-up): with OpenBLAS's default waits the demo's training epochs took 40 s instead of 16 s.
+# start-up): with OpenBLAS's default waits the two pools spin against each other.
 # And only for large products: each hand-over between the pools costs a wake-up, which small
 # matmuls (the demo's) do not earn back; every large matmul of a TVR-sized step is above this.
 NUMPY_BLAS_MIN_FLOP = 4e9
 
 
-def _short_waits() -> bool:
-    import os
+def configure_blas(requested: bool) -> str:
+    """Set the `numpy_blas` switch from the settings (cpu.numpy_blas) and say what was chosen.
 
-    try:
-        return int(os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")) <= 8
-    except ValueError:
-        return False
+    Asked for, it is taken only where this process started with short OpenBLAS waits
+    (prvr.procenv.short_openblas_waits reads the start-up environment: the waits can only be
+    set before numpy loads OpenBLAS); otherwise torch's BLAS, and the returned line says why."""
+    from ...procenv import short_openblas_waits
+
+    SWITCHES.numpy_blas = False
+    if not requested:
+        return "torch's BLAS (cpu.numpy_blas: false)"
+    if not short_openblas_waits():
+        return ("torch's BLAS: cpu.numpy_blas is on but this process started without short OpenBLAS "
+                "waits (OPENBLAS_THREAD_TIMEOUT <= 8; the train stage sets them at start-up)")
+    if not _OPENBLAS.ready():
+        return "torch's BLAS: cpu.numpy_blas is on but numpy's OpenBLAS was not found"
+    SWITCHES.numpy_blas = True
+    return "numpy's OpenBLAS for matmuls of at least %.0e FLOP" % NUMPY_BLAS_MIN_FLOP
 
 
 def numpy_blas_active(x: Tensor) -> bool:
-    """True when `matmul` may hand x's matmuls to numpy's OpenBLAS: the switch is on, x is a
-    float CPU tensor, the process runs with short OpenBLAS waits, and OpenBLAS was found."""
+    """True when `matmul` may hand x's matmuls to numpy's OpenBLAS: the switch is on (see
+    configure_blas), x is a float CPU tensor, and OpenBLAS was found."""
     return (SWITCHES.numpy_blas and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and _short_waits() and _OPENBLAS.ready())
+            and _OPENBLAS.ready())
 
 
 def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
