@@ -9,16 +9,21 @@
 2. `ours`: runs `stages/train.py` (its `__main__`, so whatever the stage sets up for itself,
    the allocator settings included, is in the figure) in a fresh process on that corpus with
    the TVR recipe (batch 128, hidden 384) and `--epochs` epochs (the only change to the
-   recipe: a params file under ROOT differs from params.yaml in data_root, dataset and epochs).
+   recipe: a params file under ROOT differs from params.yaml in data_root, dataset, epochs and
+   backend).
    The epoch is the stage's own loop: data, forward, losses, backward, optimiser, validation.
+   `ours` is the stage as shipped (`backend: auto`, the CPU fast path on this machine);
+   `reference` the same stage with `backend: reference`, the plain PyTorch network (skip it
+   with --no-reference).
 3. `release` (with --release DIR, a copy of the GMMFormer v2 release): a patched copy of its
    `src` is written to ROOT/release_patched (never into this repository) that reads the same
    corpus on CPU (`.cuda()` a no-op, num_workers 0, no pinned memory, `n_epoch` = --epochs);
    its `main.main()` then runs `train_one_epoch` + validation as the release does.
-Runs alternate (ours, release, ours, ...) so both see the same machine load. For each run the
+Runs alternate (ours, reference, release, ours, ...) so all see the same machine load. For each run the
 parent reads the child's rusage (os.wait4: wall, user, sys, minor + major faults, peak RSS;
 the same numbers /usr/bin/time -v prints); the child also records getrusage deltas per phase
-(setup, train epochs, validations) into ROOT/<impl>-<n>.json.
+(setup, train epochs, validations) into ROOT/<impl>-<n>.json. Every run's figures go to --out
+(default benchmarks/results/bench_epoch.json).
 """
 from __future__ import annotations
 
@@ -34,8 +39,13 @@ import sys
 import time
 from pathlib import Path
 
+from results_io import default_out, write_results
+
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("setup", "train", "validation", "rest")
+# ours: the train stage as shipped (backend: auto, the CPU fast path here); reference: the same
+# stage with backend: reference (the plain PyTorch network); release: the public release's loop.
+IMPLS = ("ours", "reference", "release")
 
 
 # ------------------------------------------------------------------------------ the corpus
@@ -62,8 +72,9 @@ def ensure_corpus(root: Path, spec: dict) -> Path:
     return data
 
 
-def write_params(root: Path, data: Path, epochs: int) -> Path:
-    """params.yaml of the repository with data_root, dataset tvr and the epoch count changed."""
+def write_params(root: Path, data: Path, epochs: int, backend: str = "auto") -> Path:
+    """params.yaml of the repository with data_root, dataset tvr, the epoch count and the
+    backend changed."""
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -71,7 +82,8 @@ def write_params(root: Path, data: Path, epochs: int) -> Path:
     params["dataset"] = "tvr"
     params["model"] = {"name": "gmmformer_v2"}
     params["methods"]["gmmformer_v2"]["tvr"]["epochs"] = int(epochs)
-    path = root / "params.yaml"
+    params["backend"] = backend
+    path = root / f"params-{backend}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
@@ -194,7 +206,8 @@ def run_child(impl: str, n: int, args, root: Path, extra: list[str]) -> dict:
     workdir.mkdir(parents=True)
     phase_file = root / f"{impl}-{n}.json"
     phase_file.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--workdir", str(workdir),
+    child = "release" if impl == "release" else "ours"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", child, "--workdir", str(workdir),
            "--phase-file", str(phase_file), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     log = open(root / f"{impl}-{n}.log", "w")
@@ -222,13 +235,15 @@ def summarize(results: list[dict]) -> str:
                      f"{ph['validation']['wall']:.1f} | {r['user']:.1f} | {r['sys']:.1f} | "
                      f"{100 * r['sys'] / max(cpu, 1e-9):.1f}% | {r['minflt'] / 1e6:.2f} M | {r['majflt']} | "
                      f"{r['peak_rss_mb']:,.0f} |")
-    by = {impl: [r for r in results if r["impl"] == impl] for impl in ("ours", "release")}
+    by = {impl: [r for r in results if r["impl"] == impl] for impl in IMPLS}
     for key, label in (("wall", "wall"), ("train", "train phase"), ("epoch", "train + validation"),
                        ("cpu", "user + sys"), ("peak_rss_mb", "peak RSS")):
         vals = {impl: [_value(r, key) for r in rs] for impl, rs in by.items() if rs}
         text = "; ".join(f"{impl} min {min(v):.1f} median {statistics.median(v):.1f}" for impl, v in vals.items())
-        if len(vals) == 2:
-            text += f"; release/ours (medians) x{statistics.median(vals['release']) / statistics.median(vals['ours']):.2f}"
+        for other in ("release", "reference"):
+            if other in vals and "ours" in vals:
+                text += (f"; {other}/ours (medians) "
+                         f"x{statistics.median(vals[other]) / statistics.median(vals['ours']):.2f}")
         lines.append(f"{label}: {text}")
     for i, r in enumerate(results):  # the first epoch pays the heap's first touch, later ones reuse it
         if len(r.get("train_epochs", [])) > 1:
@@ -256,6 +271,7 @@ def _pair(text: str) -> tuple[int, ...]:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/prvr_epoch"), help="corpus, params and logs")
+    ap.add_argument("--out", type=Path, default=default_out("bench_epoch"), help="the runs' figures, JSON (default: %(default)s)")
     ap.add_argument("--videos", type=_pair, default=(512, 128, 256), help="TRAIN,VAL,TEST videos")
     ap.add_argument("--frames", type=_pair, default=(20, 200), help="LO,HI frames per video")
     ap.add_argument("--captions", type=_pair, default=(1, 6), help="LO,HI captions per video")
@@ -264,7 +280,9 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=1, help="runs per implementation (alternating)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="OMP threads of each run")
     ap.add_argument("--release", type=Path, help="a copy of the GMMFormer v2 release (holds src/main.py)")
-    ap.add_argument("--only", choices=("ours", "release"), help="run one implementation only")
+    ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the reference backend's run (backend: reference on the CPU)")
     ap.add_argument("--child", choices=("ours", "release"), help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--phase-file", help=argparse.SUPPRESS)
@@ -275,15 +293,16 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child == "ours":
+    if args.child == "ours":   # either backend: the params file says which
         return child_ours(args)
     if args.child == "release":
         return child_release(args)
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     data = ensure_corpus(root, corpus_args(args))
-    params = write_params(root, data, args.epochs)
-    impls = [("ours", ["--params", str(params)])]
+    impls = [("ours", ["--params", str(write_params(root, data, args.epochs, "auto"))])]
+    if not args.no_reference:
+        impls.append(("reference", ["--params", str(write_params(root, data, args.epochs, "reference"))]))
     if args.release is not None:
         impls.append(("release", ["--release-src", str(patch_release(args.release.resolve(), root, data,
                                                                       args.epochs))]))
@@ -301,7 +320,7 @@ def main(argv=None) -> int:
                   f"peak RSS {r['peak_rss_mb']:,.0f} MiB; phases "
                   + ", ".join(f"{p} {v['wall']:.1f} s/{v['sys']:.1f} sys/{v['minflt']:,} flt"
                               for p, v in r["phases"].items()), flush=True)
-    (root / "results.json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, results)
     print(summarize(results))
     return 0
 

@@ -57,7 +57,7 @@ class Ours:
 
     def __init__(self, cfg: MSSLConfig):
         m = get_method("msssl")
-        self.model = m.build_model(cfg).train()
+        self.model = m.build_model(cfg, "cpu").train()  # the CPU fast path
         self.loss = m.build_loss(cfg)
         self.opt = BertAdam(m.param_groups(self.model, TVR["weight_decay"]), lr=TVR["lr"], warmup=TVR["warmup"],
                             t_total=10_000, max_grad_norm=1.0, weight_decay=TVR["weight_decay"])

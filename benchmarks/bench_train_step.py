@@ -1,6 +1,6 @@
 """Time one full GMMFormer v2 training step: forward, all losses, backward, optimiser step.
 
-    python benchmarks/bench_train_step.py                       # ours, CPU (+ CUDA when present)
+    python benchmarks/bench_train_step.py                       # both backends, CPU (+ CUDA when present)
     python benchmarks/bench_train_step.py --release /tmp/GMMFormer_v2   # + the release, same batches
 
 Synthetic batches at the TVR configuration (visual 3072, text 768, hidden 384): B videos,
@@ -70,10 +70,11 @@ def _sync(device: torch.device) -> None:
 
 
 class Ours:
-    name = "ours"
+    """Our train step on one backend (reference: the plain network; cpu: the CPU fast path)."""
 
-    def __init__(self, cfg: GMMFormerConfig, device: torch.device):
-        self.model = METHOD.build_model(cfg).to(device).train()
+    def __init__(self, cfg: GMMFormerConfig, device: torch.device, backend: str = "reference"):
+        self.name = backend
+        self.model = METHOD.build_model(cfg, backend).to(device).train()
         self.loss = METHOD.build_loss(cfg)
         groups = METHOD.param_groups(self.model, TVR_OPTIM["weight_decay"])
         self.opt = build_optimizer(groups, TVR_OPTIM, t_total=10_000)
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
                     help="all = CPU, plus CUDA when present")
     ap.add_argument("--release", type=Path, help="a checkout of the public GMMFormer v2 release")
     ap.add_argument("--seed", type=int, default=9527)
+    ap.add_argument("--backends", default="reference,cpu",
+                    help="our backends to time, comma-separated (reference, cpu)")
     return run(ap.parse_args(argv))
 
 
@@ -204,24 +207,25 @@ def run(args) -> int:
     for device in devices:
         print(f"\n## {device.type}: {machine_info(device)}")
         print("wall seconds per step (median, min) and process CPU seconds per step (median); "
-              "speed-up = release / ours (median wall; CPU)")
+              "speed-up = the first backend's / this one's (median wall; CPU)")
         print(f"{'videos':>6} {'queries':>7} {'frames':>6} | {'impl':>7} | {'step s':>7} {'fwd+loss':>8} "
               f"{'bwd+opt':>8} {'min':>7} {'cpu s':>7} | speed-up")
         for n in args.videos:
             torch.manual_seed(args.seed)
             batch = make_batch(n, cfg, args.seed + n)
-            ours = Ours(cfg, device)
-            runners = [(ours, _to(batch, device))]
+            ours = [Ours(cfg, device, b) for b in args.backends.split(",")]
+            for o in ours[1:]:
+                o.model.load_state_dict(ours[0].model.state_dict())
+            runners = [(o, _to(batch, device)) for o in ours]
             if args.release is not None:
-                weights = to_release_state_dict(ours.model.state_dict(), cfg)
+                weights = to_release_state_dict(ours[0].model.state_dict(), cfg)
                 runners.append((Release(args.release, cfg, device, weights), _to(Release.convert(batch), device)))
             torch.manual_seed(args.seed)
             results = time_steps(runners, device, args.reps, args.warmup)
+            first = results[runners[0][0].name]
             for runner, _ in runners:
                 r = results[runner.name]
-                ours = results["ours"]
-                ratio = (f"x{r['step'] / ours['step']:.2f}; x{r['cpu'] / ours['cpu']:.2f}"
-                         if runner.name == "release" else "")
+                ratio = f"x{first['step'] / r['step']:.2f}; x{first['cpu'] / r['cpu']:.2f}"
                 print(f"{n:>6} {len(batch['query_labels']):>7} {int(batch['frame_mask'].sum()):>6} | "
                       f"{runner.name:>7} | {r['step']:7.3f} {r['fwd']:8.3f} {r['bwd']:8.3f} {r['min']:7.3f} "
                       f"{r['cpu']:7.3f} | {ratio}", flush=True)

@@ -98,6 +98,14 @@ def reference_window(L, width):
     return torch.stack(rows)
 
 
+def embed(pos, proj, x):
+    """Input projection and position embedding of one sequence (l, D) in eval mode, written out
+    from the modules' parameters (either backend's modules)."""
+    h = F.layer_norm(x, x.shape[-1:], proj.norm.weight, proj.norm.bias)
+    h = F.relu(F.linear(h, proj.linear.weight, proj.linear.bias))
+    return F.layer_norm(h + pos.embedding.weight[: x.shape[0]], h.shape[-1:], pos.norm.weight, pos.norm.bias)
+
+
 def reference_block(block, x, length, window_len):
     """One GMM block on one video (x (l, H), first `length` rows real), branch by branch."""
     a = block.attn
@@ -122,23 +130,24 @@ def reference_block(block, x, length, window_len):
 
 
 @pytest.mark.parametrize("own", [False, True])
-def test_frame_encoder_matches_per_video_loop(own):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_frame_encoder_matches_per_video_loop(own, backend):
     torch.manual_seed(0)
-    model = M.build_model(small_cfg(own_length_windows=own)).eval()
+    model = M.build_model(small_cfg(own_length_windows=own), backend).eval()
     lengths = [5, 9, 2, 9, 1, 6]
     b = video_batch(lengths, pad_to=11)
     with torch.no_grad():
         got = model.encode_frames(b["frame_feats"], b["frame_mask"])
         for i, n in enumerate(lengths):
             pos = torch.arange(n)
-            x = model.frame_pos(model.frame_proj(b["frame_feats"][i, :n]), pos)
+            x = embed(model.frame_pos, model.frame_proj, b["frame_feats"][i, :n])
             window_len = n if own else max(lengths)  # release: the batch's longest video
             x = reference_block(model.frame_block1, x, n, window_len)
             x = reference_block(model.frame_block2, x, n, window_len)
             att = torch.softmax(model.frame_pool(x).squeeze(-1), 0)
             torch.testing.assert_close(got[i], att @ x, rtol=1e-5, atol=1e-5)
         clips = model.encode_clips(b["clip_feats"][:1])[0]
-        x = model.clip_pos(model.clip_proj(b["clip_feats"][0]), torch.arange(32))
+        x = embed(model.clip_pos, model.clip_proj, b["clip_feats"][0])
         x = reference_block(model.clip_block2, reference_block(model.clip_block1, x, 32, 32), 32, 32)
         torch.testing.assert_close(clips, x, rtol=1e-5, atol=1e-5)
 
@@ -354,7 +363,7 @@ def reference_query(model, feats, mask):
     out = []
     for i in range(feats.shape[0]):
         n = int(mask[i].sum())
-        x = model.query_pos(model.query_proj(feats[i, :n]), torch.arange(n))
+        x = embed(model.query_pos, model.query_proj, feats[i, :n])
         q, k, v = (x @ a.qkv_weight[0].t() + a.qkv_bias[0]).split(H, -1)
         ctx = torch.cat([torch.softmax(q[:, s] @ k[:, s].t() / math.sqrt(dh), -1) @ v[:, s]
                          for s in (slice(h * dh, (h + 1) * dh) for h in range(nh))], -1)
@@ -363,12 +372,13 @@ def reference_query(model, feats, mask):
     return torch.stack(out)
 
 
-def test_packed_kernels_match_plain_loops_in_value_and_gradient():
-    """Packing, the q/k/v scatter into length buckets, the packed head gather and pooling
-    (prvr.kernels) give the plain per-video / per-query computation's outputs AND gradients
-    (float64, eval mode), for every parameter the streams use."""
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_encoders_match_plain_loops_in_value_and_gradient(backend):
+    """Both backends (the CPU one: packing, the q/k/v scatter into length buckets, the packed
+    head gather and pooling) give the plain per-video / per-query computation's outputs AND
+    gradients (float64, eval mode), for every parameter the streams use."""
     torch.manual_seed(0)
-    model = M.build_model(small_cfg()).double().eval()
+    model = M.build_model(small_cfg(), backend).double().eval()
     lengths = [5, 9, 2, 9, 1, 6, 3]
     b = video_batch(lengths, pad_to=11)
     frames, fmask = b["frame_feats"].double(), b["frame_mask"]
@@ -385,7 +395,7 @@ def test_packed_kernels_match_plain_loops_in_value_and_gradient():
         else:
             f = []
             for i, n in enumerate(lengths):
-                x = model.frame_pos(model.frame_proj(frames[i, :n]), torch.arange(n))
+                x = embed(model.frame_pos, model.frame_proj, frames[i, :n])
                 for block in (model.frame_block1, model.frame_block2):
                     x = reference_block(block, x, n, max(lengths)).double()
                 f.append(torch.softmax(model.frame_pool(x).squeeze(-1), 0) @ x)
@@ -405,7 +415,7 @@ def test_packed_kernels_match_plain_loops_in_value_and_gradient():
 def test_unscaled_input_dropout_is_dropout_with_the_scale_in_the_weight():
     """kernels.dropout_unscaled: the same draw as kernels.dropout, zeroed in place, keep scale
     returned for the next weight; its gradient is the dropout's (float64)."""
-    from prvr.kernels import dropout, dropout_unscaled
+    from prvr.backends.cpu.kernels import dropout, dropout_unscaled
 
     x = torch.randn(50, 40, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 40, dtype=torch.float64, requires_grad=True)

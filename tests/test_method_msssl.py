@@ -36,9 +36,9 @@ def make_batch(cfg: MSSLConfig, caps=(2, 1, 3, 1), frames=(5, 12, 3, 8), seed=0)
             "query_mask": qmask, "query_labels": labels}
 
 
-def build(cfg: MSSLConfig, seed=0):
+def build(cfg: MSSLConfig, seed=0, backend: str = "reference"):
     torch.manual_seed(seed)
-    model = METHOD.build_model(cfg)
+    model = METHOD.build_model(cfg, backend)
     with torch.no_grad():  # non-trivial norms and biases, so a mapping error shows
         for n, p in model.named_parameters():
             if n.endswith("bias") or ".norm." in n:
@@ -319,13 +319,14 @@ def test_training_step_is_deterministic_on_cpu():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
-def test_training_step_on_the_portable_path():
-    """The path other devices take (F.dropout instead of the CPU kernels) runs and trains."""
-    from prvr.kernels import switches
+def test_cpu_backend_training_step_on_the_portable_path():
+    """The CPU backend on the path other devices take (F.dropout instead of the CPU kernels)
+    runs and trains."""
+    from prvr.backends.cpu.kernels import switches
 
     cfg = small_cfg()
     batch = make_batch(cfg)
-    model = build(cfg).train()
+    model = build(cfg, backend="cpu").train()
     with switches(portable=True):
         terms = METHOD.build_loss(cfg)(model(batch), batch["query_labels"], True, torch.Generator().manual_seed(2))
     terms["total"].backward()

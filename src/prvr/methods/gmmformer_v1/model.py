@@ -1,4 +1,4 @@
-"""GMMFormer v1 (Wang et al., AAAI 2024; github huangmozhi9527/GMMFormer): network and scores.
+"""GMMFormer v1 (Wang et al., AAAI 2024; github huangmozhi9527/GMMFormer): the reference network.
 
 What it computes is the public release's behaviour:
 
@@ -18,15 +18,12 @@ videos it is encoded with (release evaluation: 100 videos a batch, in caption-fi
 `own_length_windows=True` builds each video's windows from its own frame count instead; then
 neither the batch nor its padding changes a video's encoding.
 
-Speed (the kernels are prvr.kernels'): the four branches of a block run as one batched
-computation (stacked q/k/v, output and LayerNorm parameters); every dense layer (input
-projections, q/k/v, output projections, LayerNorms) runs on packed real tokens only; q/k/v
-are scattered straight into the padded attention layout (`_ScatterBuckets`) and attention
-runs per group: the queries at their longest length, the frame stream in up to four length
-buckets (videos sorted by length, each bucket padded to its own longest video). Exact:
-padded keys get weight exp(-10000) = 0 and padded slots are never read back.
-Parameters that fuse several release tensors carry `release_chunks` (equal row blocks) so the
-optimiser clips gradients per release tensor.
+This is plain PyTorch on padded batches with masks. The four branches of a block are one
+batched computation (stacked q/k/v, output and LayerNorm parameters, also the state-dict
+layout). The frame stream is cut to the batch's longest real length, which the windows need
+anyway. Parameters that fuse several release tensors carry `release_chunks` (equal row blocks)
+so the optimiser clips gradients per release tensor. The CPU fast path of the same network
+(packed real tokens, length buckets, fused dropout) is prvr.backends.cpu.gmmformer_v1.
 """
 from __future__ import annotations
 
@@ -34,14 +31,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
-from ...kernels import (Tokens, _ScatterBuckets, add_dropout, as_bool, dropout, dropout_unscaled,
-                       gather_heads)
 from ..layers import InputProjection, PositionEmbedding, attention
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0)
@@ -121,111 +115,65 @@ def gaussian_windows(lengths: Tensor, size: int, widths: Sequence[float | None])
     return torch.stack(out).float()
 
 
-def length_buckets(lengths: Sequence[int], max_groups: int = 4, overhead: float = 0.02,
-                   attn_tokens: float = 960.0) -> list[tuple[int, int]]:
-    """Cut lengths sorted in descending order into <= max_groups contiguous [a, b) ranges,
-    each padded to its first (longest) length, minimising sum b*l*(1 + l/attn_tokens) (linear
-    work + attention) plus `overhead` of the unbucketed cost per range (dynamic programme)."""
-    e = np.asarray(lengths, dtype=np.float64)
-    n = len(e)
-    if n < 2:
-        return [(0, n)]
-    w = e * (1.0 + e / attn_tokens)                                          # cost per video
-    a, b = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
-    cost = np.where(b > a, (b - a) * np.append(w, 0.0)[:, None] + overhead * n * w[0], np.inf)
-    f = np.full(n + 1, np.inf)
-    f[0] = 0.0                                                               # [0, 0) in 0 groups
-    best, args = [], []
-    for _ in range(max_groups):
-        total = f[:, None] + cost                                            # (a, b)
-        args.append(total.argmin(0))
-        f = total.min(0)
-        best.append(f[n])
-    g, cuts = int(np.argmin(best)), [n]
-    while g >= 0:                                                            # walk back
-        cuts.append(int(args[g][cuts[-1]]))
-        g -= 1
-    cuts = cuts[::-1]
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
 def _branch_layer_norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """LayerNorm of (K, ..., H) with per-branch affine parameters (K, H)."""
     shape = (weight.shape[0],) + (1,) * (x.dim() - 2) + (weight.shape[1],)
     return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:]), weight.view(shape))
 
 
-def _project(proj: InputProjection, x: Tensor) -> Tensor:
-    """proj(x) (LayerNorm -> Dropout -> Linear -> ReLU) with the dropout's keep scale folded
-    into the Linear's weight and the drop applied in place on the fresh LayerNorm output."""
-    h = F.layer_norm(x, x.shape[-1:], proj.norm.weight, proj.norm.bias, proj.norm.eps)
-    h, scale = dropout_unscaled(h, proj.p, proj.training)
-    w = proj.linear.weight if scale == 1.0 else proj.linear.weight * scale
-    return F.relu(F.linear(h, w, proj.linear.bias), inplace=True)
+def as_bool(mask: Tensor) -> Tensor:
+    """A 0/1 float mask or a bool mask -> bool (True at real tokens)."""
+    return mask if mask.dtype == torch.bool else mask > 0.5
 
 
-def _pool(x: Tensor, tokens: Tokens, linear: nn.Linear) -> Tensor:
-    """Attention pooling of packed tokens (N, H) -> (B, H), one vector per row of `tokens`;
-    padded slots get logit POOL_FILL (weight exactly 0), as in the release."""
-    B, L = tokens.batch, tokens.length
-    logits = tokens.unpack(linear(x).squeeze(1), fill=POOL_FILL).view(B, L)
-    attn = tokens.pack(torch.softmax(logits, dim=1).unsqueeze(-1))          # (N, 1)
-    rows = tokens.rows if tokens.index is not None \
-        else torch.arange(B, device=x.device).repeat_interleave(L)
-    return x.new_zeros(B, x.shape[1]).index_add(0, rows, attn * x)
+def masked_pool(x: Tensor, mask: Tensor, linear: nn.Linear) -> Tensor:
+    """Attention pooling (B, L, H), mask (B, L) -> (B, H); padded slots get logit POOL_FILL
+    (weight exactly 0), as in the release."""
+    logits = linear(x).squeeze(-1).masked_fill(~mask, POOL_FILL)
+    return torch.einsum("bl,blh->bh", torch.softmax(logits, dim=1), x)
 
 
 # ----------------------------------------------------------------------------- modules
 
 class AttentionBranches(nn.Module):
     """K post-norm self-attention layers without feed-forward, run as one batch:
-    LN_k(x + Dropout(Dense_k(softmax(scaled q_k k_k^T * G_k + mask) v_k))). Dense layers run on
-    packed real tokens; attention on padded (b, l) groups. K = 1 with no window is the query
-    encoder."""
+    LN_k(x + Dropout(Dense_k(softmax(scaled q_k k_k^T * G_k + mask) v_k))). K = 1 with no
+    window is the query encoder."""
 
     def __init__(self, hidden: int, n_heads: int, branches: int, p: float):
         super().__init__()
         K, H = branches, hidden
-        self.n_heads, self.p = n_heads, p
+        self.n_heads = n_heads
         self.qkv_weight = _mark(nn.Parameter(torch.empty(K, 3 * H, H)), 3 * K)
         self.qkv_bias = _mark(nn.Parameter(torch.zeros(K, 3 * H)), 3 * K)
         self.out_weight = _mark(nn.Parameter(torch.empty(K, H, H)), K)
         self.out_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
         self.norm_weight = _mark(nn.Parameter(torch.ones(K, H)), K)
         self.norm_bias = _mark(nn.Parameter(torch.zeros(K, H)), K)
+        self.drop = nn.Dropout(p)
 
-    def forward(self, x: Tensor, groups: Sequence[tuple[int, int, Tokens]],
-                gauss: Sequence[Tensor | None]) -> Tensor:
-        """x packed tokens (N, H); groups [(t0, t1, Tokens)]: contiguous token runs [t0, t1),
-        each one padded attention batch (b, l); gauss[i] (K, b or 1, 1, l, l) or None.
-        Returns (K, N, H)."""
-        K, H, nh = self.qkv_weight.shape[0], x.shape[-1], self.n_heads
-        qkv = F.linear(x, self.qkv_weight.reshape(K * 3 * H, H), self.qkv_bias.reshape(-1))
-        heads = _ScatterBuckets.apply(qkv.view(-1, K, 3, nh, H // nh),   # (K, b, nh, l, dh) each
-                                      [(t0, t1, *sub.scatter_spec()) for t0, t1, sub in groups])
-        parts = []
-        for i, (_, _, sub) in enumerate(groups):
-            q, k, v = heads[3 * i:3 * i + 3]
-            ctx = attention(q, k, v, gauss[i], sub.key_mask_add(x.dtype), self.p, self.training)
-            parts.append(gather_heads(ctx, sub))                             # (K, n, H)
-        ctx = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        out = torch.baddbmm(self.out_bias.unsqueeze(1), ctx, self.out_weight.transpose(1, 2))
-        out = add_dropout(x, out, self.p, self.training)
-        return _branch_layer_norm(out, self.norm_weight, self.norm_bias)
+    def forward(self, x: Tensor, mask: Tensor | None, gauss: Tensor | None) -> Tensor:
+        """x (B, L, H), mask (B, L) bool or None, gauss (K, B or 1, 1, L, L) or None -> (K, B, L, H)"""
+        B, L, H = x.shape
+        K, nh = self.qkv_weight.shape[0], self.n_heads
+        qkv = torch.einsum("blh,kch->kblc", x, self.qkv_weight) + self.qkv_bias[:, None, None]
+        q, k, v = qkv.view(K, B, L, 3, nh, H // nh).permute(3, 0, 1, 4, 2, 5)   # each (K, B, nh, L, dh)
+        ctx = attention(q, k, v, gauss, mask, self.drop).transpose(2, 3).reshape(K, B, L, H)
+        out = torch.einsum("kblh,koh->kblo", ctx, self.out_weight) + self.out_bias[:, None, None]
+        return _branch_layer_norm(x + self.drop(out), self.norm_weight, self.norm_bias)
 
 
 class GMMBlock(nn.Module):
-    """Mean of the Gaussian-window attention branches, on packed tokens."""
+    """Mean of the Gaussian-window attention branches."""
 
     def __init__(self, cfg: GMMFormerV1Config):
         super().__init__()
         self.widths = cfg.widths
         self.attn = AttentionBranches(cfg.hidden_size, cfg.n_heads, len(cfg.widths), cfg.drop)
 
-    def forward(self, x: Tensor, groups: Sequence[tuple[int, int, Tokens]],
-                gauss: Sequence[Tensor | None]) -> Tensor:
-        """packed (N, H) -> (N, H); see AttentionBranches.forward."""
-        return self.attn(x, groups, gauss).mean(0)
+    def forward(self, x: Tensor, mask: Tensor | None, gauss: Tensor | None) -> Tensor:
+        """(B, L, H) -> (B, L, H); see AttentionBranches.forward."""
+        return self.attn(x, mask, gauss).mean(0)
 
 
 class GMMFormer(nn.Module):
@@ -267,66 +215,33 @@ class GMMFormer(nn.Module):
     def encode_query_feats(self, query_feats: Tensor, query_mask: Tensor, copies: int = 1) -> Tensor:
         """(Nq, Lq, Dt), (Nq, Lq) -> (copies * Nq, H): `copies` encodings of the queries in one
         pass (each its own dropout draw in training)."""
-        mask = as_bool(query_mask)
-        Nq, Lq = mask.shape
-        x = Tokens(mask, Nq, Lq, mask.device).pack(query_feats)
-        tokens = Tokens(mask.repeat(copies, 1) if copies > 1 else mask, copies * Nq, Lq, mask.device)
-        x = x.repeat(copies, 1) if copies > 1 else x
-        x = self.query_pos(_project(self.query_proj, x), tokens.positions)            # (N, H) real tokens
-        x = self.query_layer(x, [(0, tokens.count, tokens)], [None]).squeeze(0)
-        return _pool(x, tokens, self.query_pool)
+        mask = as_bool(query_mask).repeat(copies, 1)
+        x = self.query_pos(self.query_proj(query_feats.repeat(copies, 1, 1)))       # (copies Nq, Lq, H)
+        x = self.query_layer(x, mask, None).squeeze(0)
+        return masked_pool(x, mask, self.query_pool)
 
     def encode_clips(self, clip_feats: Tensor) -> Tensor:
         """(B, n_clips, Dv) -> (B, n_clips, H); windows for n_clips positions."""
-        B, C = clip_feats.shape[:2]
-        tokens = Tokens(None, B, C, clip_feats.device)
-        x = self.clip_pos(_project(self.clip_proj, tokens.pack(clip_feats)), tokens.positions)
+        C = clip_feats.shape[1]
+        x = self.clip_pos(self.clip_proj(clip_feats))
         gauss = gaussian_windows(torch.tensor([C], device=x.device), C, self.cfg.widths)
-        groups, gauss = [(0, B * C, tokens)], [gauss.to(x.dtype)[:, :, None]]   # (K, 1, 1, C, C)
-        return self.clip_block2(self.clip_block1(x, groups, gauss), groups, gauss).view(B, C, -1)
+        gauss = gauss.to(x.dtype)[:, :, None]                                        # (K, 1, 1, C, C)
+        return self.clip_block2(self.clip_block1(x, None, gauss), None, gauss)
 
     def encode_frames(self, frame_feats: Tensor, frame_mask: Tensor) -> Tensor:
         """(B, Lf, Dv), (B, Lf) -> (B, H) pooled frame vectors (see the module docstring for
         the windows' batch dependence)."""
         mask = as_bool(frame_mask)
-        B, Lf = mask.shape
-        if Lf > self.cfg.max_frames:
-            raise ValueError(f"frame_feats has {Lf} frames; the model takes at most {self.cfg.max_frames}")
-        ends = (mask * torch.arange(1, Lf + 1, device=mask.device)).amax(1).clamp_min(1)
-        order = torch.argsort(ends, descending=True, stable=True)           # longest first
-        ends = ends[order]
-        ends_host = ends.tolist()
-        valid = mask.index_select(0, order)[:, :ends_host[0]]
-        tokens = Tokens(valid, B, ends_host[0], mask.device)
-        rows = tokens.rows if tokens.index is not None \
-            else torch.arange(B, device=mask.device).repeat_interleave(tokens.length)
-        source = order[rows] * Lf + tokens.positions                        # slots in (B, Lf)
-        x = frame_feats.reshape(B * Lf, -1).index_select(0, source)
-        x = self.frame_pos(_project(self.frame_proj, x), tokens.positions)            # (N, H) real tokens
-        groups, gauss = self._frame_groups(valid, ends, ends_host, x.dtype)
-        x = self.frame_block2(self.frame_block1(x, groups, gauss), groups, gauss)
-        vecs = _pool(x, tokens, self.frame_pool)                            # (B, H), sorted
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(B, device=order.device)
-        return vecs.index_select(0, inverse)
-
-    def _frame_groups(self, valid: Tensor, ends: Tensor, ends_host: list[int], dtype: torch.dtype
-                      ) -> tuple[list[tuple[int, int, Tokens]], list[Tensor]]:
-        """Length buckets of the sorted videos (valid (B, L) mask, real lengths descending):
-        [(first token, end token, Tokens of the bucket)] and each bucket's windows."""
-        L = ends_host[0]
-        full = None if self.cfg.own_length_windows else gaussian_windows(
-            torch.tensor([L], device=valid.device), L, self.cfg.widths).to(dtype)
-        starts = [0] + valid.sum(1).cumsum(0).tolist()
-        groups, gauss = [], []
-        for a, b in length_buckets(ends_host):
-            l = ends_host[a]
-            groups.append((starts[a], starts[b], Tokens(valid[a:b, :l], b - a, l, valid.device)))
-            if full is None:
-                gauss.append(gaussian_windows(ends[a:b], l, self.cfg.widths).to(dtype)[:, :, None])
-            else:
-                gauss.append(full[:, :, None, :l, :l])
-        return groups, gauss
+        if mask.shape[1] > self.cfg.max_frames:
+            raise ValueError(f"frame_feats has {mask.shape[1]} frames; the model takes at most "
+                             f"{self.cfg.max_frames}")
+        ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1).clamp_min(1)
+        L = int(ends.max())                     # the windows are built for the longest real length
+        mask, x = mask[:, :L], self.frame_pos(self.frame_proj(frame_feats[:, :L]))   # (B, L, H)
+        lengths = ends if self.cfg.own_length_windows else ends.new_tensor([L])
+        gauss = gaussian_windows(lengths, L, self.cfg.widths).to(x.dtype)[:, :, None]  # (K, B or 1, 1, L, L)
+        x = self.frame_block2(self.frame_block1(x, mask, gauss), mask, gauss)
+        return masked_pool(x, mask, self.frame_pool)
 
     # ------------------------------------------------------------------ the method contract
     def encode_queries(self, batch: Mapping[str, Any]) -> Tensor:

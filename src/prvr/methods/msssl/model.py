@@ -1,4 +1,4 @@
-"""MS-SL (Dong et al., ACM MM 2022, github HuiGuanLab/ms-sl): the network and its scores.
+"""MS-SL (Dong et al., ACM MM 2022, github HuiGuanLab/ms-sl): the reference network and its scores.
 
 What it computes (the public release's behaviour):
 
@@ -20,16 +20,17 @@ video are negatives of query i. That attended feature is computed where the labe
 (`forward`) and travels with the queries (queries["frame_att"]), so a distributed caller can
 gather it like any per-query tensor.
 
-How it computes it, for speed (exact up to float rounding):
+How the scores are computed (exact algebra, batched, on every backend):
 
 * the proposals are one (528, 32) averaging matrix A: query-proposal dot products are
   (query . clips) @ A^T, proposal norms come from the clips' Gram matrices, and only the
   winning proposal of each (query, video) pair is rebuilt with gradient;
 * the key-clip attention folds the key projection into the key clip (k . p = f . (p W_k)) and
-  applies the value projection after pooling, so frames are never projected per query;
-* token-wise work (projections, LayerNorms, output Linears) runs on packed real tokens.
+  applies the value projection after pooling, so frames are never projected per query.
 
-Parameter layout differs from the release (fused q/k/v); prvr.methods.msssl.release maps it.
+The encoders here are plain PyTorch on padded batches with masks; the CPU fast path of the same
+network (packed real tokens, fused dropout) is prvr.backends.cpu.msssl. Parameter layout differs
+from the release (fused q/k/v); prvr.methods.msssl.release maps it.
 """
 from __future__ import annotations
 
@@ -41,9 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...kernels import Tokens, add_dropout, as_bool, dropout
 from ..base import ConfigFromDict, TrainOutput, VideoEncoding
-from ..layers import InputProjection, PositionEmbedding
+from ..layers import InputProjection, PositionEmbedding, key_mask_add
 
 _EPS = 1e-12  # F.normalize's norm floor
 
@@ -94,6 +94,11 @@ def proposal_matrix(n_clips: int) -> Tensor:
     return inside.float() / length[:, None].float()
 
 
+def as_bool(mask: Tensor) -> Tensor:
+    """A 0/1 float mask or a bool mask -> bool (True at real tokens)."""
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
 def _mark(param: nn.Parameter, chunks: int) -> nn.Parameter:
     param.release_chunks = chunks  # equal row blocks = release tensors (per-tensor clipping)
     return param
@@ -107,22 +112,23 @@ class AttentionLayer(nn.Module):
 
     def __init__(self, hidden: int, n_heads: int, p: float):
         super().__init__()
-        self.n_heads, self.p = n_heads, p
+        self.n_heads = n_heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         _mark(self.qkv.weight, 3), _mark(self.qkv.bias, 3)
         self.out = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden)
+        self.drop = nn.Dropout(p)
 
-    def forward(self, x: Tensor, tokens: Tokens) -> Tensor:
-        """packed (N, H) -> packed (N, H)"""
-        q, k, v = (t.squeeze(0) for t in tokens.qkv_heads(self.qkv(x), 1, self.n_heads))  # (B, nh, L, dh)
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """x (B, L, H), mask (B, L) bool or None (all real) -> (B, L, H)"""
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, L, dh)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        mask_add = tokens.key_mask_add(x.dtype)
-        if mask_add is not None:
-            scores = scores + mask_add
-        probs = dropout(torch.softmax(scores, dim=-1), self.p, self.training)
-        ctx = tokens.from_heads(torch.matmul(probs, v))                              # (N, H)
-        return self.norm(add_dropout(x, self.out(ctx), self.p, self.training))
+        if mask is not None:
+            scores = scores + key_mask_add(mask, scores.dtype)
+        probs = self.drop(torch.softmax(scores, dim=-1))
+        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(B, L, H)
+        return self.norm(x + self.drop(self.out(ctx)))
 
 
 class Stream(nn.Module):
@@ -135,9 +141,9 @@ class Stream(nn.Module):
         self.pos = PositionEmbedding(n_positions, H, cfg.input_drop)
         self.encoder = AttentionLayer(H, cfg.n_heads, cfg.drop)
 
-    def forward(self, feats: Tensor, tokens: Tokens) -> Tensor:
-        """padded (B, L, D_in) -> packed (N, H)"""
-        return self.encoder(self.pos(self.proj(tokens.pack(feats)), tokens.positions), tokens)
+    def forward(self, feats: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, L, D_in), mask (B, L) bool or None -> (B, L, H)"""
+        return self.encoder(self.pos(self.proj(feats)), mask)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -222,31 +228,30 @@ class MSSL(nn.Module):
     # ------------------------------------------------------------------ encoders
     def encode_query_feats(self, query_feats: Tensor, query_mask: Tensor) -> Tensor:
         """(Nq, Lq, Dt), (Nq, Lq) -> (Nq, H): attention pooling over the real tokens."""
-        Nq, Lq = query_mask.shape
-        if Lq > self.cfg.max_query_len:
-            raise ValueError(f"query_feats has {Lq} tokens; the model takes at most {self.cfg.max_query_len}")
-        tokens = Tokens(as_bool(query_mask), Nq, Lq, query_feats.device)
-        x = self.query(query_feats, tokens)                                     # (N, H)
-        logits = tokens.unpack(self.query_pool(x).squeeze(1), fill=-1e10).view(Nq, Lq)
-        attn = tokens.pack(torch.softmax(logits, dim=1).unsqueeze(-1))         # (N, 1)
-        rows = tokens.rows if tokens.index is not None \
-            else torch.arange(Nq, device=x.device).repeat_interleave(Lq)
-        return x.new_zeros(Nq, x.shape[1]).index_add(0, rows, attn * x)
+        if query_mask.shape[1] > self.cfg.max_query_len:
+            raise ValueError(f"query_feats has {query_mask.shape[1]} tokens; the model takes at most "
+                             f"{self.cfg.max_query_len}")
+        mask = as_bool(query_mask)
+        x = self.query(query_feats, mask)                                        # (Nq, Lq, H)
+        logits = self.query_pool(x).squeeze(-1).masked_fill(~mask, -1e10)       # (Nq, Lq)
+        return torch.einsum("nl,nlh->nh", torch.softmax(logits, dim=1), x)
 
     def encode_video_feats(self, clip_feats: Tensor, frame_feats: Tensor, frame_mask: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor]:
         """-> clips (B, n_clips, H), frames (B, Lf, H) zero at pads, frame_mask (B, Lf) bool."""
-        B, C = clip_feats.shape[:2]
-        if C != self.cfg.n_clips:
-            raise ValueError(f"clip_feats has {C} clips; the model is configured for {self.cfg.n_clips}")
-        clips = self.clip(clip_feats, Tokens(None, B, C, clip_feats.device)).view(B, C, -1)
+        self._check_video_shapes(clip_feats, frame_mask)
+        clips = self.clip(clip_feats, None)                                      # every clip is real
         frame_mask = as_bool(frame_mask)
-        Lf = frame_mask.shape[1]
-        if Lf > self.cfg.max_frames:
-            raise ValueError(f"frame_feats has {Lf} frames; the model takes at most {self.cfg.max_frames}")
-        tokens = Tokens(frame_mask, B, Lf, frame_feats.device)
-        frames = tokens.unpack(self.frame(frame_feats, tokens)).view(B, Lf, -1)
+        frames = self.frame(frame_feats, frame_mask) * frame_mask.unsqueeze(-1)
         return clips, frames, frame_mask
+
+    def _check_video_shapes(self, clip_feats: Tensor, frame_mask: Tensor) -> None:
+        if clip_feats.shape[1] != self.cfg.n_clips:
+            raise ValueError(f"clip_feats has {clip_feats.shape[1]} clips; the model is configured for "
+                             f"{self.cfg.n_clips}")
+        if frame_mask.shape[1] > self.cfg.max_frames:
+            raise ValueError(f"frame_feats has {frame_mask.shape[1]} frames; the model takes at most "
+                             f"{self.cfg.max_frames}")
 
     # ------------------------------------------------------------------ the method contract
     def encode_queries(self, batch: Mapping[str, Any]) -> Tensor:
