@@ -1,4 +1,4 @@
-"""Does `prvr.kernels.matmul` on numpy's OpenBLAS pay on this machine? Two figures:
+"""Does `prvr.backends.cpu.kernels.matmul` on numpy's OpenBLAS pay on this machine? Two figures:
 
     python benchmarks/bench_blas.py                 # GEMM rates + 10 interleaved B=128 steps
     python benchmarks/bench_blas.py --steps 0       # GEMM rates only
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from prvr.kernels import SWITCHES, numpy_blas_active
+from prvr.backends.cpu.kernels import SWITCHES, numpy_blas_active
 from prvr.procenv import reexec_with_allocator_env
 
 

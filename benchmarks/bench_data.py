@@ -15,6 +15,8 @@ access alone. A third run, ``features``, times FeatureStore.get over the epoch's
 videos without the rest of the pipeline, and ``seek-features`` the same for the seeking reader.
 
     python benchmarks/bench_data.py --root /tmp/prvr_bench --scale 0.1
+
+The figures are printed and written to --out (default benchmarks/results/bench_data.json).
 """
 from __future__ import annotations
 
@@ -127,9 +129,12 @@ def run_reader(collection_dir: Path, feature: str, reader: str, batch_size: int,
             "peak_rss_anon_mib": round(anon_peak / 1024, 1)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    from results_io import default_out
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/tmp/prvr_bench", help="where the corpus is (generated if absent)")
+    ap.add_argument("--out", default=default_out("bench_data"), help="the figures, JSON (default: %(default)s)")
     ap.add_argument("--preset", default="tvr-shaped")
     ap.add_argument("--scale", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=7)
@@ -137,8 +142,11 @@ def main(argv=None) -> int:
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--readers", default="mmap,seek,features,seek-features")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from prvr.data import demo
 
     p = demo.PRESETS[args.preset]
@@ -184,6 +192,9 @@ def main(argv=None) -> int:
                 results[f"{name}_speedup_{key[6:]}"] = round(
                     results[slow][key] / max(results[fast][key], 1e-3), 1)
     print(json.dumps(results, indent=1))
+    from results_io import write_results
+
+    write_results(args.out, results)
     return 0
 
 

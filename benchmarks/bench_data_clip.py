@@ -23,6 +23,9 @@ reader runs ``--epochs`` epochs (epoch 1 includes every lazy first-use cost; lat
 are the steady state of a training run); setup (building the store's index) is timed apart.
 
     python benchmarks/bench_data_clip.py --root /tmp/prvr_bench_clip --scale 0.1
+
+The summary is printed; every run's figures go to --out (default
+benchmarks/results/bench_data_clip.json).
 """
 from __future__ import annotations
 
@@ -276,9 +279,13 @@ def _child(args, reader: str, dump: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    from results_io import default_out
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", default="/tmp/prvr_bench_clip", help="where the corpus is (generated if absent)")
+    ap.add_argument("--out", default=default_out("bench_data_clip"),
+                    help="every run's figures, JSON (default: %(default)s)")
     ap.add_argument("--preset", default="tvr-clip")
     ap.add_argument("--scale", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=7)
@@ -288,8 +295,11 @@ def main(argv=None) -> int:
     ap.add_argument("--readers", default="store,release,h5py,features,h5py-features")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_dump", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from prvr.data import demo
     from prvr.data.layout import default_h5_feature
 
@@ -328,6 +338,9 @@ def main(argv=None) -> int:
             results[f"speedup_{fast}_vs_{slow}"] = _speedups(results, fast, slow)
     print(json.dumps({k: (v["summary"] if isinstance(v, dict) and "summary" in v else v)
                       for k, v in results.items()}, indent=1))
+    from results_io import write_results
+
+    write_results(args.out, results)
     return 0
 
 

@@ -77,7 +77,11 @@ def test_round_trip_restores_model_optimizer_and_metadata(tmp_path):
     assert GMMFormerConfig(**info["model_config"]) == CFG
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    for a, b in zip(scores_of(model), scores_of(loaded)):
+    for a, b in zip(scores_of(model), scores_of(loaded)):   # auto on the CPU: the CPU backend
+        assert torch.allclose(a, b, atol=1e-5)
+    same, _ = load_model(path, "cpu", backend="reference")
+    assert type(same) is type(model) and type(loaded) is not type(model)
+    for a, b in zip(scores_of(model), scores_of(same)):
         assert torch.equal(a, b)
 
     opt2 = torch.optim.SGD(loaded.parameters(), lr=1e-3, momentum=0.9, foreach=False)
@@ -253,8 +257,8 @@ def test_bare_state_dict_needs_a_base_config(tmp_path):
         load_model(path, "cpu")
     with pytest.raises(CheckpointError, match="sd.pt: a base config needs its method"):
         load_model(path, "cpu", base_config=dataclasses.asdict(CFG))
-    loaded, info = load_model(path, "cpu", method=METHOD, base_config=dataclasses.asdict(CFG))
-    assert info["kind"] == "state_dict" and info["method"] == METHOD
+    loaded, info = load_model(path, "cpu", method=METHOD, base_config=dataclasses.asdict(CFG), backend="reference")
+    assert info["kind"] == "state_dict" and info["method"] == METHOD and info["backend"] == "reference"
     assert all(torch.equal(a, b) for a, b in zip(scores_of(loaded), scores_of(model)))
 
 
@@ -297,3 +301,28 @@ def test_recorded_method_must_be_known_and_the_first_format_is_gmmformer_v2(tmp_
     loaded, info = load_model(path, "cpu")
     assert info["kind"] == "prvr" and info["method"] == METHOD and info["epoch"] == 3
     assert all(torch.equal(a, b) for a, b in zip(scores_of(loaded), scores_of(model)))
+
+
+def test_the_static_allow_list_is_every_methods_release_globals():
+    from prvr.checkpoint import RELEASE_GLOBALS, allowed_globals
+    from prvr.methods import available, get_method
+
+    for name in available():
+        assert tuple(RELEASE_GLOBALS.get(name, ())) == tuple(get_method(name).release_globals), name
+    assert {g for globs in RELEASE_GLOBALS.values() for g in globs} <= set(allowed_globals())
+
+
+def test_loading_a_gmmformer_v2_checkpoint_imports_no_other_method(tmp_path):
+    """Loading builds only the checkpoint's own method: the allow-list asks no method, so MS-SL,
+    GMMFormer v1 and the floor are never imported (fresh interpreter, its sys.modules)."""
+    import subprocess
+
+    path = save_checkpoint(tmp_path / "v2.ckpt", make_model(), METHOD, epoch=1)
+    code = ("import sys; from prvr.checkpoint import load_model; model, info = load_model(sys.argv[1], 'cpu'); "
+            "print(info['method']); print(sorted(m for m in sys.modules if m.startswith('prvr.methods.')))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.splitlines()
+    assert out[0] == METHOD
+    loaded = eval(out[1])  # noqa: S307 - the list the child printed
+    assert any(m.startswith("prvr.methods.gmmformer_v2") for m in loaded)
+    assert not [m for m in loaded if m.split(".")[2] in ("msssl", "gmmformer_v1", "meanpool")], loaded

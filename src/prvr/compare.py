@@ -67,9 +67,12 @@ def protocol_metrics(metrics: Mapping[str, float]) -> dict[str, dict[str, float]
 
 def load_runs(dataset: str, tracking_uri: str | None = None) -> list[RunRecord]:
     """The finished runs of `prvr-<dataset>` that have test metrics, oldest first."""
-    from mlflow.tracking import MlflowClient
+    from .tracking import default_tracking_uri, experiment_name, mlflow_installed
 
-    from .tracking import default_tracking_uri, experiment_name
+    if not mlflow_installed():
+        raise ValueError("mlflow is not installed: the seeds comparison reads the MLflow store "
+                         "(pip install mlflow)")
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(experiment_name(dataset))

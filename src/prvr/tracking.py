@@ -40,6 +40,17 @@ _HTTP_ENV_DEFAULTS = {
 }
 
 
+def mlflow_installed() -> bool:
+    """Whether mlflow can be found, without importing it (tracking is optional: a machine
+    without it runs every stage with tracking off)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("mlflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def experiment_name(dataset: str) -> str:
     return f"{EXPERIMENT_PREFIX}{dataset}"
 
@@ -132,6 +143,11 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
         self._warned = False
+        if self.enabled and not mlflow_installed():
+            self.enabled, self._warned = False, True
+            log.warning("MLflow tracking is on but mlflow is not installed: tracking is off for this "
+                        "run (pip install mlflow, or pass --no-mlflow); training and the DVC outputs "
+                        "are unaffected")
         if self.enabled:
             for key, value in _HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(key, value)

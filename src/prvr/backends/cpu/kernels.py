@@ -18,7 +18,8 @@ Switches (module state, `SWITCHES`, or the `switches(...)` context manager):
   tests run the CUDA code path on CPU.
 * `numpy_blas` (on): `matmul` / `linear` use numpy's OpenBLAS where found, under short
   OpenBLAS waits and for products of at least NUMPY_BLAS_MIN_FLOP; off: torch's BLAS.
-Each kernel stays only while benchmarks/README.md shows it paying.
+Each kernel stays only while a benchmark shows it paying: benchmarks/results/kernels.md says
+what each buys, which test proves it exact and when to remove it.
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ def _keep_mask(x: Tensor | tuple, p: float) -> tuple[Tensor, float]:
     One uniform 32-bit integer per entry, kept when >= ceil(p * 2^32): the rate is p to within
     2^-32 (torch.rand's float32 draws resolve 2^-24). The integers come from numpy's SFC64
     generator, seeded by one 64-bit draw of torch's default CPU generator, so a torch seed fixes
-    every mask; SFC64 fills about 5x faster than torch's serial Mersenne Twister, which was the
+    every mask; SFC64 fills faster than torch's serial Mersenne Twister, which was the
     largest single-threaded cost of a CPU training step (benchmarks/README.md).
     """
     return keep_bits(x.shape if isinstance(x, Tensor) else tuple(x), p, _mask_seed()), 1.0 / (1.0 - p)
@@ -275,10 +276,9 @@ def norm_ffn(x: Tensor, norm: torch.nn.LayerNorm, ffn_in: torch.nn.Linear, ffn_o
 
 
 # ----------------------------------------------------------------------------- BLAS
-# torch's CPU wheel runs float matmuls through oneMKL, which on an AMD (Zen 4) CPU takes a
-# slower path than its Intel one: 120-165 GFLOP/s on the FFN's shapes on this project's 2-core
-# box, against 170-195 GFLOP/s for numpy's OpenBLAS (SkylakeX kernels) on the same arrays
-# (benchmarks/README.md). The large matmuls of the CPU nodes below go through `matmul`, which
+# torch's CPU wheel runs float matmuls through oneMKL, which on AMD CPUs takes a slower path
+# than its Intel one; numpy's OpenBLAS can be faster there (benchmarks/bench_blas.py measures
+# both on the FFN's shapes; figures in benchmarks/README.md). The large matmuls of the CPU nodes below go through `matmul`, which
 # hands the arrays (zero-copy views) to numpy when numpy's OpenBLAS is found and can be told
 # torch's thread count; otherwise, and under the `numpy_blas=False` switch, torch's own.
 
@@ -422,7 +422,7 @@ def _hidden_chunks(y: Tensor, w_in: Tensor, b_in: Tensor, keeps):
 
 def _pack_bits(keep: Tensor) -> Tensor:
     """CPU bool tensor -> uint8 tensor of its bits (np.packbits order), 1/8 of its bytes: how
-    the CPU nodes keep a dropout mask for backward (~5 ms to pack or unpack 30 M entries)."""
+    the CPU nodes keep a dropout mask for backward (packing costs far less than drawing again)."""
     return torch.from_numpy(np.packbits(keep.numpy().reshape(-1)))
 
 

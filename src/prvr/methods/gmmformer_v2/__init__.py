@@ -15,7 +15,7 @@ class GMMFormerV2(Method):
     title = "GMMFormer v2"
     config_class, model_class, loss_class = GMMFormerConfig, GMMFormer, GMMFormerLoss
     release = "github.com/huangmozhi9527/GMMFormer_v2"
-    # test split, as the paper reports them (shared/spec/gmmformer_v2.md)
+    # test split, as the paper reports them (docs/gmmformer_v2.md)
     paper = {
         "tvr": {"r1": 16.2, "r5": 37.6, "r10": 48.8, "r100": 86.4, "sumr": 189.1},
         "act": {"r1": 8.9, "r5": 27.1, "r10": 40.2, "r100": 78.7, "sumr": 154.9},

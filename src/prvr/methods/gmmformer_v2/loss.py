@@ -1,4 +1,4 @@
-"""GMMFormer v2's objective (shared/spec/gmmformer_v2.md), one vectorised module:
+"""GMMFormer v2's objective (docs/gmmformer_v2.md), one vectorised module:
 
     total = clip_nce_w * clip_nce + clip_trip + frame_nce_w * frame_nce + frame_trip
             + qdl_w * qdl + oml_w * oml
