@@ -37,16 +37,17 @@ def _load(args, settings, device):
     from prvr.checkpoint import load_model
     from prvr.config import load_settings
 
+    backend = settings["backend"]
     if args.checkpoint is None:
         return load_model(outputs(settings["dataset"], settings["method"])["best"], device,
-                          method=settings["method"])
+                          method=settings["method"], backend=backend)
     base_method = args.method or settings["method"]
     try:
         base = load_settings(args.params, args.dataset, base_method)["model"]
     except ConfigError:
         base = None
     return load_model(Path(args.checkpoint), device, method=args.method,
-                      base_config=base if args.method else None)
+                      base_config=base if args.method else None, backend=backend)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write the (queries x videos) score matrix to this HDF5 file")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="write the metrics here")
     parser.add_argument("--device", default=None, help="override evaluate.device (auto|cpu|cuda[:N])")
+    parser.add_argument("--backend", default=None, help="override backend (auto|reference|cpu)")
     args = parser.parse_args(argv)
     setup_logging()
     t0 = time.time()
 
     from prvr.checkpoint import CheckpointError
-    from prvr.config import resolve_device
+    from prvr.config import check_backend, resolve_device
     from prvr.data.datasets import Corpus
     from prvr.data.layout import DataError
     from prvr.evaluation import evaluate, save_scores_h5
@@ -72,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings(args.params, args.dataset, args.method)
+        if args.backend is not None:
+            settings["backend"] = check_backend(args.backend, "--backend", "command line")
         ds, ev = settings["dataset"], settings["evaluate"]
         by_hand = args.checkpoint is not None
-        split = args.split or str(ev.get("split", "test"))
-        device = resolve_device(args.device or ev.get("device", "auto"))
+        split = args.split or str(ev["split"])
+        device = resolve_device(args.device or ev["device"])
         model, info = _load(args, settings, device)
         method = info["method"]
         out = outputs(ds, method)
@@ -85,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         vloader, qloader = _loaders(corpus, split, ev, info, device)
         metrics, result = evaluate(model, vloader, qloader, device, ks=KS, progress=not args.no_progress,
                                    **_accel(ev))
-        extra = _extra_metrics(model, corpus, list(ev.get("extra_splits") or []), ev, info, device,
-                               not args.no_progress)
+        extra = _extra_metrics(model, corpus, list(ev["extra_splits"]), ev, info, device, not args.no_progress)
     except (ConfigError, DataError, CheckpointError, ValueError, KeyError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("wrote %s", args.out)
         log.info("done in %.1f s", time.time() - t0)
         return 0
-    _write_pipeline(out, record, args, ds, split, info, list(ev.get("extra_splits") or []))
+    _write_pipeline(out, record, args, ds, split, info, list(ev["extra_splits"]))
     log.info("wrote %s and %s (%.1f s)", args.out or out["metrics"], out["recall"], time.time() - t0)
     return 0
 
@@ -119,7 +122,7 @@ def _loaders(corpus, split: str, ev: dict, info: dict, device):
 
 def _accel(ev: dict) -> dict:
     """evaluate()'s precision and memory budget from the `evaluate` settings."""
-    return {"precision": str(ev.get("precision", "fp32")), "memory_budget_mb": ev.get("memory_budget_mb")}
+    return {"precision": str(ev["precision"]), "memory_budget_mb": ev["memory_budget_mb"]}
 
 
 def _record(metrics: dict, result, info: dict) -> dict:

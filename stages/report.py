@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from prvr.cli import setup_logging, stage_parser
-from prvr.config import ConfigError, load_params
+from prvr.config import ConfigError, evaluate_settings, load_params
 
 log = logging.getLogger("prvr.stages.report")
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         ds = args.dataset or params.get("dataset")
         if not ds:
             raise ConfigError(f"{args.params}: missing key 'dataset'")
-        split = params.get("evaluate", {}).get("split", "test")
+        split = evaluate_settings(params, args.params)["split"]
         methods = paths.trained_methods(ds)
         results = [method_result(ds, name, split) for name in methods]
         vpath = Path("data") / ds / "validation.json"

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None, setup_note: str = "not run (main called 
     from prvr.distributed import DistContext, DistError, maybe_relaunch
 
     try:
-        maybe_relaunch(int(settings["train"].get("nproc", 1)), sys.argv if argv is None
+        maybe_relaunch(int(settings["train"]["nproc"]), sys.argv if argv is None
                        else [sys.argv[0], *argv])
     except DistError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None, setup_note: str = "not run (main called 
     ds, method = settings["dataset"], settings["method"]
     out = outputs(ds, method)
     try:
-        ctx = DistContext.from_env(settings["train"].get("device", "auto"))
+        ctx = DistContext.from_env(settings["train"]["device"])
     except (DistError, RuntimeError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 1
@@ -119,7 +119,7 @@ def _write_outputs(out: dict[str, Path], settings: dict, result, tracker, ctx) -
         "device": str(ctx.device),
         "world_size": ctx.world_size,
         "settings_hash": result.fingerprint.get("settings_hash"),
-        "val_split": str(settings["train"].get("val_split", "val")),  # the report's selection sentence
+        "val_split": str(settings["train"]["val_split"]),  # the report's selection sentence
         "resumed_after_epoch": result.resumed_from,
     })
     if tracker is not None and tracker.active and result.epochs_trained_now > 0:
@@ -138,7 +138,11 @@ def process_setup(argv: list[str]) -> str:
     from prvr.config import process_settings
     from prvr.procenv import setup_process
 
-    args, _ = stage_parser(__doc__, mlflow=True).parse_known_args(argv)
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)  # --help is main()'s to answer, after the restart
+    pre.add_argument("--params", default="params.yaml")
+    args, _ = pre.parse_known_args(argv)
     try:
         backend, device, enabled = process_settings(args.params)
     except ConfigError:

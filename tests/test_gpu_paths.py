@@ -18,7 +18,7 @@ from prvr.data import demo
 from prvr.data.datasets import Corpus, make_eval_loaders, make_train_loader
 from prvr.data.layout import default_h5_feature, default_query_feature
 from prvr.distributed import DistContext
-from prvr.kernels import switches
+from prvr.backends.cpu.kernels import switches
 from prvr.evaluation import block_plan, encode_queries, encode_videos, evaluate, score_matrix
 from prvr.methods import get_method
 from prvr.training import EpochShuffleSampler, fingerprint, stream_kw, train, train_dataset, train_loader

@@ -166,3 +166,108 @@ def test_changed_settings_start_fresh(reference: Path, tmp_path: Path):
     assert "training from scratch" in again.stderr
     assert _load(work / CKPT / "last.pt")["epoch"] == 0
     assert len(_history(work)) == 1
+
+
+# ------------------------------------------------------------------------- fingerprint: its code
+
+
+def _package_copy(tmp_path: Path) -> Path:
+    src = REPO / "src" / "prvr"
+    dest = tmp_path / "prvr"
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def test_code_hash_covers_the_runs_method_not_the_others_nor_the_report(tmp_path):
+    from prvr.training import code_files, code_hash
+
+    root = _package_copy(tmp_path)
+    rel = {p.relative_to(root).as_posix() for p in code_files("gmmformer_v2", root)}
+    assert {"training.py", "methods/base.py", "methods/gmmformer_v2/model.py"} <= rel
+    assert not [f for f in rel if f.startswith(("methods/msssl/", "methods/meanpool/", "methods/gmmformer_v1/"))]
+    assert "report.py" not in rel and "compare.py" not in rel
+    before = code_hash("gmmformer_v2", root)
+    for other in ("methods/msssl/loss.py", "report.py"):
+        with open(root / other, "a", encoding="utf-8") as fh:
+            fh.write("\n# an edit elsewhere\n")
+        assert code_hash("gmmformer_v2", root) == before, other
+    with open(root / "methods/gmmformer_v2/loss.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# an edit of the run's method\n")
+    assert code_hash("gmmformer_v2", root) != before
+    with open(root / "optim.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# an edit of the training's core\n")
+    assert code_hash("msssl", root) != code_hash("msssl", _package_copy(tmp_path / "fresh"))
+
+
+def test_code_hash_is_the_same_in_another_process():
+    from prvr.training import code_hash
+
+    child = subprocess.run([sys.executable, "-c", "from prvr.training import code_hash; print(code_hash('msssl'))"],
+                           capture_output=True, text=True, timeout=120, check=True, env=tool_env())
+    assert child.stdout.strip() == code_hash("msssl")
+
+
+def test_code_paths_hold_every_module_the_training_imports():
+    """CODE_PATHS is static; it must cover what prvr/training.py reaches through its imports
+    but the two modules left out on purpose, which never change what a run computes: tracking
+    (MLflow logging) and procenv (allocator and thread-pool waits of the process)."""
+    from test_config import _closure
+
+    from prvr.training import code_files
+
+    root = REPO / "src" / "prvr"
+    hashed = set(code_files("meanpool"))
+    reached = _closure(root / "training.py", root / "methods" / "meanpool" / "__init__.py") | {root / "training.py"}
+    missing = sorted(str(p.relative_to(root)) for p in reached - hashed if p.name not in ("tracking.py", "procenv.py"))
+    assert not missing, f"prvr.training.CODE_PATHS lacks {missing}"
+
+
+# --------------------------------------------------------------------- stale checkpoints
+
+
+def _checkpoints(ckpt: Path, tag: str) -> None:
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "last.pt").write_text(f"last {tag}")
+    (ckpt / "best.pt").write_text(f"best {tag}")
+
+
+def test_stale_checkpoints_are_moved_aside_and_the_last_three_kept(tmp_path):
+    from prvr.training import set_aside
+
+    ckpt = tmp_path / "runs" / "demo" / "meanpool" / "checkpoints"
+    moved = []
+    for i in range(5):
+        _checkpoints(ckpt, str(i))
+        moved.append(set_aside(ckpt))
+        assert not (ckpt / "last.pt").exists() and not (ckpt / "best.pt").exists()
+        assert (moved[-1] / "last.pt").read_text() == f"last {i}" and (moved[-1] / "best.pt").read_text() == f"best {i}"
+    stale = ckpt.parent / "stale"
+    assert sorted(stale.iterdir()) == moved[2:]          # the newest three, in time order
+    assert all(p.parent == stale and p.name.endswith("Z") for p in moved)
+    assert set_aside(ckpt) is None                        # nothing to move: nothing happens
+    (stale / "keep-me").mkdir()                           # not ours: never deleted
+    _checkpoints(ckpt, "5")
+    set_aside(ckpt)
+    assert (stale / "keep-me").is_dir() and len([p for p in stale.iterdir() if p.name.endswith("Z")]) == 3
+
+
+def test_a_run_that_cannot_resume_moves_its_checkpoints_and_says_why(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from prvr.checkpoint import save_checkpoint
+    from prvr.training import STATE_VERSION, restore
+
+    ckpt = tmp_path / "runs" / "demo" / "meanpool" / "checkpoints"
+    old_fp = {"settings_hash": "a" * 64, "data_hash": "d" * 64, "code_hash": "c" * 64}
+    save_checkpoint(ckpt / "last.pt", torch.nn.Linear(2, 2), "meanpool", epoch=0,
+                    extra={"state_version": STATE_VERSION, "fingerprint": old_fp})
+    save_checkpoint(ckpt / "best.pt", torch.nn.Linear(2, 2), "meanpool", epoch=0)
+    run = SimpleNamespace(ctx=SimpleNamespace(is_main=True, distributed=False), ckpt_dir=ckpt,
+                          fp={**old_fp, "settings_hash": "b" * 64})
+    with caplog.at_level("WARNING", logger="prvr.training"):
+        restore(run)
+    (folder,) = (ckpt.parent / "stale").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt"]
+    assert not (ckpt / "last.pt").exists() and not (ckpt / "best.pt").exists()
+    (line,) = [r.getMessage() for r in caplog.records if "NOT resuming" in r.getMessage()]
+    assert "different settings" in line and str(folder) in line and "\n" not in line

@@ -10,10 +10,12 @@ the first version ("prvr-gmmformer-v2") load as method gmmformer_v2.
 
 A release checkpoint is recognised by the method whose `is_release_checkpoint` accepts it (or
 the one named by the caller) and converted by its `load_release`. Objects a release pickles are
-read through an explicit allow-list: each method's `release_globals` maps a stored class name
-onto a plain type that torch's weights_only unpickler already accepts (an EasyDict, a dict
-subclass, becomes a collections.OrderedDict: its items are restored and its attribute copies
-land in the instance __dict__, so no code runs). Nothing is ever fully unpickled.
+read through an explicit allow-list: a static table (`RELEASE_GLOBALS`, the same as each
+method's `release_globals`) maps a stored class name onto a plain type that torch's weights_only
+unpickler already accepts (an EasyDict, a dict subclass, becomes a collections.OrderedDict: its
+items are restored and its attribute copies land in the instance __dict__, so no code runs).
+Nothing is ever fully unpickled, and reading a checkpoint imports no method: loading one builds
+only the method it records (or is named), so a run never imports another method's code.
 """
 from __future__ import annotations
 
@@ -41,13 +43,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the one-line message names the file and the problem."""
 
 
-# (replacement, name as stored in the pickle); methods add their release's classes.
-_ALLOWED_GLOBALS = [(OrderedDict, "easydict.EasyDict")]
+# (replacement, name as stored in the pickle) of the classes each method's release checkpoints
+# pickle: static, so that reading a checkpoint imports no method (tests/test_checkpoint.py holds
+# it equal to every method's `release_globals`).
+RELEASE_GLOBALS: dict[str, tuple[tuple[type, str], ...]] = {
+    "gmmformer_v1": ((OrderedDict, "Opts.optimization.WarmupLinearSchedule"),),
+    "msssl": ((OrderedDict, "easydict.EasyDict"),),
+}
+_ALLOWED_GLOBALS = [(OrderedDict, "easydict.EasyDict")]   # ours: a release config of any method
 
 
 def allowed_globals() -> list[tuple[type, str]]:
-    """The weights_only allow-list: ours plus every method's `release_globals`."""
-    extra = [g for name in available() for g in get_method(name).release_globals]
+    """The weights_only allow-list: ours plus every release's classes (all read as plain types)."""
+    extra = [g for globs in RELEASE_GLOBALS.values() for g in globs]
     return _ALLOWED_GLOBALS + [g for g in extra if g not in _ALLOWED_GLOBALS]
 
 
@@ -222,13 +230,14 @@ def _method(path: Path, name: str):
 
 
 def load_model(path: str | os.PathLike, device: Any = "cpu", method: str | None = None,
-               base_config: Any = None):
+               base_config: Any = None, backend: str = "auto"):
     """Build a method's network from our checkpoint, a release checkpoint, or a bare state dict.
 
     method: the expected method (our checkpoints record theirs: a mismatch is an error; for a
     release checkpoint it picks the format, else every method is asked). base_config (the
     method's config, or its dict) supplies what a release checkpoint does not store (e.g.
-    feature sizes); a bare state dict needs it and `method`.
+    feature sizes); a bare state dict needs it and `method`. backend: auto | reference | cpu
+    (prvr.backends.resolve_backend on `device`); every backend loads the same state dict.
     Returns (model in eval mode on device, info dict: kind, method, path, epoch, metrics,
     model_config, settings, settings_hash, optimizer (state dict or None), extra).
     """
@@ -253,9 +262,12 @@ def load_model(path: str | os.PathLike, device: Any = "cpu", method: str | None 
         raise CheckpointError(f"{path}: not a prvr or release checkpoint "
                               f"(keys: {', '.join(sorted(map(str, ckpt))[:8]) or 'none'})")
     state = dict(strip_module_prefix(state))
-    model = m.build_model(cfg)
+    from .backends import resolve_backend
+
+    model = m.build_model(cfg, resolve_backend(backend, torch.device(device)))
     _check_state(path, model, state)
     model.load_state_dict(state)
     model.to(device).eval()
-    info.update(kind=kind, method=m.name, path=str(path), model_config=dataclasses.asdict(cfg))
+    info.update(kind=kind, method=m.name, path=str(path), model_config=dataclasses.asdict(cfg),
+                backend=resolve_backend(backend, torch.device(device)))
     return model, info

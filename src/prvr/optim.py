@@ -1,6 +1,6 @@
 """The release's "BertAdam" optimiser and warm-up-linear schedule, with batched (foreach) updates.
 
-Per step and per parameter tensor (see shared/spec/gmmformer_v2.md):
+Per step and per parameter tensor (see docs/gmmformer_v2.md):
 
     g <- g * min(1, max_grad_norm / (||g|| + 1e-6))      (clipping per tensor, in place)
     m <- b1 m + (1 - b1) g

@@ -20,22 +20,21 @@ from importlib import metadata
 
 # glibc malloc gives every block above its mmap threshold (at most 32 MiB) its own mapping and
 # unmaps it on free, so each large fresh tensor of a training step page-faults all its pages
-# again (~3 M faults, a fifth of the CPU time, per TVR step on CPU). Served from the heap and
-# never trimmed, the pages of one step are reused by the next. Read at process start only.
+# again, every step (benchmarks/README.md, "Training epoch": allocator settings). Served from
+# the heap and never trimmed, the pages of one step are reused by the next. Read at process
+# start only.
 ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
                  "MALLOC_TOP_PAD_": str(64 << 20)}
 ALLOCATOR_SWITCH = "PRVR_MALLOC"  # auto | tcmalloc | jemalloc | mimalloc | glibc | system
 
-# Allocators preloaded in place of glibc's (LD_PRELOAD), best first. glibc's heap, never
-# trimmed, still grows step by step as blocks of new sizes miss the holes of old ones (4.0 ->
-# 6.0 GiB over the four steps of the epoch benchmark's first epoch). Peak RSS of that
-# benchmark's two TVR-shaped epochs: 6,581-6,984 MiB under glibc, 3,870-3,986 (tcmalloc), 4,146
-# (jemalloc), 4,453-4,510 MiB (mimalloc); every page of the peak is a first-touch fault
-# (benchmarks/README.md, "fourth round"). tcmalloc and jemalloc come from the system (Debian:
+# Allocators preloaded in place of glibc's (LD_PRELOAD), best first by the peak RSS each gave
+# on the TVR-shaped epoch benchmark (benchmarks/README.md, "fourth round"). glibc's heap, never
+# trimmed, still grows step by step as blocks of new sizes miss the holes of old ones, and
+# every page of the peak is a first-touch fault. tcmalloc and jemalloc come from the system (Debian:
 # libtcmalloc-minimal4, libjemalloc2; conda: gperftools, jemalloc); mimalloc from the
 # cmeel-mimalloc wheel, a dependency on Linux. Each is told to keep freed memory instead of
 # handing it back to the OS, as ALLOCATOR_ENV tells glibc; mimalloc also not to use huge
-# pages, which raised its first epoch's sys time (14.5-15.1% against 8.3% of its CPU).
+# pages, which raised its first epoch's system time (same section).
 PRELOAD_ALLOCATORS = {
     "tcmalloc": (("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
                  {"TCMALLOC_RELEASE_RATE": "0", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}),
@@ -138,8 +137,8 @@ def allocator_in_use() -> str:
 # Thread waits, when both torch's OpenMP pool and numpy's OpenBLAS pool (see `matmul`) run on
 # the same cores: by default each pool's idle workers spin after a call (libgomp ~300k
 # iterations, OpenBLAS up to 2^28 cycles) and steal the cores from the other pool's next call.
-# Short waits: a B=128 TVR step 16.6 -> 14.3 s (benchmarks/README.md). Read at process start
-# only; a variable the caller set (or OMP_WAIT_POLICY) is left as it is.
+# Short waits make the shared cores pay off (benchmarks/README.md, third round). Read at
+# process start only; a variable the caller set (or OMP_WAIT_POLICY) is left as it is.
 THREAD_ENV = {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 

@@ -14,8 +14,9 @@ method contract), `restore` (resume from last.pt), then per epoch `train_epoch` 
 * Every epoch ends with `last.pt` (written atomically): model, optimiser, RNG states (torch,
   CUDA, numpy, python, the loss's negative-sampling generator), best-so-far, early-stop
   counter, history and the MLflow run id. Rerunning after a crash resumes from it, unless the
-  run's fingerprint (settings hash, data source, the source of the whole prvr package) differs:
-  then it starts fresh and says why.
+  run's fingerprint (settings hash with the backend, data source, the code the run computes
+  with: CODE_PATHS and its method's package) differs: then it moves the old checkpoints aside to
+  runs/<ds>/<m>/stale/<UTC time>/ (the last three kept), starts fresh and says why.
 * Distributed (torchrun): only rank 0 validates, checkpoints and logs; the decision to stop is
   broadcast. All collective calls go through prvr.distributed.DistContext.
 * Accelerator (prvr.accel): `train.precision` bf16 runs the forwards (and the validation's)
@@ -28,12 +29,16 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import logging
 import os
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +48,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .atomic import atomic_path
+from .backends import resolve_backend
 from .config import settings_hash
 from .metrics import METRIC_KEYS
 
@@ -50,6 +56,10 @@ log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
+STALE = "stale"                   # <run>/stale/<UTC time>/: checkpoints that could not resume
+STALE_TIME = "%Y%m%dT%H%M%S.%fZ"  # sorts in time order
+KEEP_STALE = 3
+_STALE_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
 STATE_VERSION = 2
 
 
@@ -67,25 +77,50 @@ def training_settings(settings: dict[str, Any]) -> dict[str, Any]:
     s.pop("evaluate", None)
     s.pop("data_root", None)  # where the data is comes in through the data source record
     s.get("train", {}).pop("pin_memory", None)  # where a batch waits on the host: same values
+    s.get("cpu", {}).pop("process_setup", None)  # the allocator and thread waits: same values
     s.pop("archive", None)
     s.pop("sha256", None)
     return s
 
 
-def code_hash() -> str:
-    """sha256 over the source of the whole prvr package (every .py file, by relative path)."""
-    root = Path(__file__).resolve().parent
+# The code that decides what a training run computes, relative to src/prvr/ (a folder: its .py
+# files), beside the run's own method package: the resume fingerprint hashes exactly these, so an
+# edit to another method, the report, tracking (MLflow logging), procenv (allocator and thread
+# waits) or the stages' plumbing leaves a run resumable.
+# A static list, the same in every process; tests/test_resume.py holds it to what training.py
+# imports.
+CODE_PATHS = ("__init__.py", "accel.py", "atomic.py", "checkpoint.py", "config.py", "distributed.py",
+              "evaluation.py", "losses.py", "metrics.py", "optim.py", "training.py", "data",
+              "methods/__init__.py", "methods/base.py", "methods/layers.py", "backends")
+
+
+def code_files(method: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The source files a run of `method` computes with: CODE_PATHS and prvr/methods/<method>/,
+    under `root` (default: this package)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    files: set[Path] = set()
+    for rel in (*CODE_PATHS, f"methods/{method}"):
+        path = root / rel
+        files |= set(path.rglob("*.py")) if path.is_dir() else {path} if path.is_file() else set()
+    return sorted(files)
+
+
+def code_hash(method: str, root: str | os.PathLike | None = None) -> str:
+    """sha256 over code_files(method, root), each by its path relative to root and its bytes."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
+    for p in code_files(method, root):
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
 
 def fingerprint(settings: dict[str, Any], source: dict[str, Any] | None) -> dict[str, str]:
+    """What a resume must match: the training settings (backend included), the data source and
+    the code of the run's method (code_hash)."""
     return {"settings_hash": settings_hash(training_settings(settings)),
             "data_hash": settings_hash(source or {}),
-            "code_hash": code_hash()}
+            "code_hash": code_hash(settings["method"])}
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -180,7 +215,7 @@ def data_splits(corpus, train_settings: dict[str, Any]) -> tuple[str, str]:
     holdout of the training videos (train.holdout_fraction, train.holdout_seed) is registered
     on the corpus as 'holdout_train' / 'holdout_val'; otherwise the collection's 'train' and
     the named split."""
-    mode = str(train_settings.get("val_split", "val"))
+    mode = str(train_settings["val_split"])
     if mode != "holdout":
         return "train", mode
     from dataclasses import replace
@@ -198,8 +233,7 @@ def selection_note(corpus, val_split: str, settings: dict[str, Any]) -> str | No
     """The sentence saying the model is selected on (part of) the test split, else None."""
     from .data.splits import selection_warning, split_overlap
 
-    mode = str(settings["train"].get("val_split", "val"))
-    test = str((settings.get("evaluate") or {}).get("split", "test"))
+    mode, test = str(settings["train"]["val_split"]), str(settings["evaluate"]["split"])
     if mode == "holdout" or not corpus.paths.caption_file(test).is_file():
         return None
 
@@ -309,80 +343,102 @@ def setup(settings: dict[str, Any], ckpt_dir: str | os.PathLike, ctx, source: di
     """Data, network, loss and optimiser of a fresh run (same init on every rank)."""
     from .accel import maybe_compile, use_pin_memory
     from .distributed import seed_for_rank
-    from .methods import get_method
+    from .methods import build_config, get_method
     from .optim import build_optimizer
 
     tr = settings["train"]
-    seed, method = int(tr["seed"]), get_method(settings["method"])
+    seed, method, cfg = int(tr["seed"]), get_method(settings["method"]), build_config(settings)
+    model_config = dataclasses.asdict(cfg)   # the data streams, defaults included
     corpus = build_corpus(settings)
     train_split, val_split = data_splits(corpus, tr)
-    dataset = train_dataset(corpus, settings, train_split)
+    dataset = train_dataset(corpus, {"model": model_config}, train_split)
     sampler = ctx.train_sampler(dataset, seed=seed, shuffle=True) or EpochShuffleSampler(len(dataset), seed)
-    num_workers, pin = int(tr.get("num_workers", 0)), use_pin_memory(tr.get("pin_memory", "auto"), ctx.device)
+    num_workers, pin = int(tr["num_workers"]), use_pin_memory(tr["pin_memory"], ctx.device)
     loader = train_loader(dataset, ctx.local_batch_size(int(tr["batch_size"])), num_workers, sampler, pin)
     if len(loader) == 0:
         raise TrainingError("the training split has no videos")
     val_loaders = None
     if ctx.is_main:
-        val_loaders = eval_loaders(corpus, val_split, int(tr.get("val_video_batch_size", 100)),
-                                   int(tr.get("val_query_batch_size", 50)), num_workers, settings["model"],
-                                   pin)
+        val_loaders = eval_loaders(corpus, val_split, int(tr["val_video_batch_size"]),
+                                   int(tr["val_query_batch_size"]), num_workers, model_config, pin)
     seed_everything(seed)
-    cfg = method.config_from_dict(settings["model"])
-    model = method.build_model(cfg).to(ctx.device)
+    backend = resolve_backend(settings["backend"], ctx.device)
+    model = method.build_model(cfg, backend).to(ctx.device)
+    if backend == "cpu":
+        from .backends.cpu.kernels import configure_blas
+
+        log.info("backend cpu; BLAS: %s", configure_blas(settings["cpu"]["numpy_blas"]))
+    else:
+        log.info("backend %s", backend)
     optimizer = build_optimizer(method.param_groups(model, float(settings["optim"]["weight_decay"])),
                                 settings["optim"], len(loader) * int(tr["epochs"]))
     loss_gen = torch.Generator()
     loss_gen.manual_seed(seed)
     seed_everything(seed_for_rank(seed, ctx.rank))
     run = Run(settings, method, ctx, Path(ckpt_dir), fingerprint(settings, source), loader, sampler,
-              val_loaders, model, maybe_compile(ctx.wrap(model), tr.get("compile", False)),
+              val_loaders, model, maybe_compile(ctx.wrap(model), tr["compile"]),
               method.build_loss(cfg), optimizer, loss_gen)
     run.selection_warning = selection_note(corpus, val_split, settings) if ctx.is_main else None
     return run
 
 
-def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]):
-    """The last.pt state to resume from, or None (with the reason logged)."""
+def _load_resume_state(ckpt_dir: Path, fp: dict[str, str]) -> tuple[dict | None, str | None]:
+    """(the last.pt state to resume from, None), or (None, why the checkpoints there cannot be
+    resumed), or (None, None) when there is nothing to resume."""
     from .checkpoint import load_checkpoint
 
     last = ckpt_dir / LAST
     if not last.is_file():
-        return None
+        return None, (f"{BEST} without {LAST}" if (ckpt_dir / BEST).is_file() else None)
     try:
         ckpt = load_checkpoint(last, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint is not fatal: start over
-        log.warning("%s: cannot be read (%s); starting training from scratch", last, exc)
-        return None
+        return None, f"cannot be read ({exc})"
     extra = ckpt.get("extra") or {}
     old = extra.get("fingerprint") or {}
     if extra.get("state_version") != STATE_VERSION:
-        log.warning("%s: written by another version of the training loop; starting from scratch", last)
-        return None
+        return None, "written by another version of the training loop"
     diffs = [k for k in ("settings_hash", "data_hash", "code_hash") if old.get(k) != fp[k]]
     if diffs:
         what = {"settings_hash": "settings", "data_hash": "data source", "code_hash": "code"}
-        log.warning("%s: found a run with different %s (%s); NOT resuming it, starting fresh",
-                    last, " and ".join(what[d] for d in diffs),
-                    ", ".join(f"{d} {str(old.get(d))[:12]} != {fp[d][:12]}" for d in diffs))
-        return None
+        return None, (f"found a run with different {' and '.join(what[d] for d in diffs)} ("
+                      + ", ".join(f"{d} {str(old.get(d))[:12]} != {fp[d][:12]}" for d in diffs) + ")")
     if not (ckpt_dir / BEST).is_file():
-        log.warning("%s: missing next to %s; starting training from scratch", ckpt_dir / BEST, last)
+        return None, f"{BEST} is missing beside it"
+    return ckpt, None
+
+
+def set_aside(ckpt_dir: str | os.PathLike, keep: int = KEEP_STALE) -> Path | None:
+    """Move the last.pt and best.pt of a run that cannot resume into <run>/stale/<UTC time>/
+    (moved, never deleted: the run may be wanted back) and delete all but the newest `keep`
+    (>= 1) such folders. Returns the folder, or None when there was nothing to move."""
+    ckpt_dir = Path(ckpt_dir)
+    names = [n for n in (LAST, BEST) if (ckpt_dir / n).is_file()]
+    if not names:
         return None
-    return ckpt
+    root = ckpt_dir.parent / STALE
+    dest = root / datetime.now(timezone.utc).strftime(STALE_TIME)
+    dest.mkdir(parents=True)
+    for name in names:
+        os.replace(ckpt_dir / name, dest / name)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and _STALE_NAME.fullmatch(p.name))
+    for old in folders[:-max(int(keep), 1)]:
+        shutil.rmtree(old)
+    return dest
 
 
 def restore(run: Run) -> None:
-    """Resume `run` from last.pt when its fingerprint matches; else clear stale checkpoints."""
+    """Resume `run` from last.pt when its fingerprint matches; else move the old checkpoints
+    aside (set_aside) and say why, in one line."""
     ctx, ckpt_dir = run.ctx, run.ckpt_dir
     state = None
     if ctx.is_main:
         for stale in ckpt_dir.glob(".*.pt.*.tmp"):  # half-written by a killed run
             stale.unlink(missing_ok=True)
-        state = _load_resume_state(ckpt_dir, run.fp)
-        if state is None:
-            for name in (LAST, BEST):
-                (ckpt_dir / name).unlink(missing_ok=True)
+        state, why = _load_resume_state(ckpt_dir, run.fp)
+        if why is not None:
+            log.warning("%s: %s; NOT resuming it: moved the old checkpoints to %s; starting fresh",
+                        ckpt_dir / LAST, why, set_aside(ckpt_dir))
     state = ctx.broadcast_object(state) if ctx.distributed else state
     if state is None:
         return
@@ -419,13 +475,13 @@ def train_epoch(run: Run, epoch: int, progress: bool = True) -> tuple[dict[str, 
     if hasattr(run.sampler, "set_epoch"):
         run.sampler.set_epoch(epoch)
     hard = epoch >= int(tr["hard_negative_start_epoch"])
-    precision, names = str(tr.get("precision", "fp32")), (*run.terms, "total")
+    precision, names = str(tr["precision"]), (*run.terms, "total")
     sums = {t: torch.zeros((), dtype=torch.float64, device=ctx.device) for t in names}
     n_steps, lr, show = 0, current_lr(run.optimizer), progress and ctx.is_main
     run.train_model.train()
     bar = tqdm(DevicePrefetcher(run.loader, ctx.device), desc=f"epoch {epoch}/{int(tr['epochs']) - 1}",
                unit="batch", dynamic_ncols=True, disable=not show, leave=False)
-    with tf32(bool(tr.get("tf32", True))):
+    with tf32(bool(tr["tf32"])):
         for batch in bar:
             with autocast(ctx.device, precision):
                 out = run.train_model(batch)
@@ -454,14 +510,14 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
 
     tr, name = run.settings["train"], run.settings["method"]
     val, _ = evaluate(run.model, run.val_loaders[0], run.val_loaders[1], run.ctx.device, progress=progress,
-                      precision=str(tr.get("precision", "fp32")),
-                      memory_budget_mb=(run.settings.get("evaluate") or {}).get("memory_budget_mb"))
+                      precision=str(tr["precision"]),
+                      memory_budget_mb=run.settings["evaluate"]["memory_budget_mb"])
     val = {k: float(val[k]) for k in METRIC_KEYS}
     improved = val["sumr"] > run.best_val["sumr"]
     if improved:
         run.best_val, run.best_epoch, run.es_count = dict(val), epoch, 0
         save_checkpoint(run.ckpt_dir / BEST, run.model, name, None, epoch, val, run.settings,
-                        {"fingerprint": run.fp, "run_id": run.run_id, "split": tr.get("val_split", "val")})
+                        {"fingerprint": run.fp, "run_id": run.run_id, "split": tr["val_split"]})
     else:
         run.es_count += 1
     patience = int(tr["patience"])
@@ -534,7 +590,7 @@ def train(settings: dict[str, Any], ckpt_dir: str | os.PathLike, history_csv: st
     if ctx is None:
         from .distributed import DistContext
 
-        ctx = DistContext.from_env(settings["train"].get("device", "auto"))
+        ctx = DistContext.from_env(settings["train"]["device"])
     t_start = time.perf_counter()
     run = setup(settings, ckpt_dir, ctx, source)
     restore(run)

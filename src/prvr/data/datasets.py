@@ -1,6 +1,6 @@
 """Corpus access, datasets, collate functions and loaders (the data side of the batch contract).
 
-Processing of one video (n frames, float32 (n, Dv)), as in the shared spec:
+Processing of one video (n frames, float32 (n, Dv)), as docs/gmmformer_v2.md fixes it:
 
 * clip stream: 32 bins with edges ``e = rint(linspace(0, n, 33))`` clamped to ``n - 1``;
   bin i is the mean of frames ``[e_i, e_{i+1})`` when ``e_i < e_{i+1}``, else frame ``e_i``;
@@ -19,8 +19,8 @@ in caption-file order. (The release's collate sorts a batch by frame count; that
 loss term except which random negatives are drawn, so we keep the simpler, sampler-given order.)
 Evaluation batches keep split order (videos by first appearance, queries in file order).
 
-Speed (an epoch of the data pipeline is ~10x cheaper than with a frame-by-frame reader; see
-benchmarks/README.md "Data epoch"):
+Speed (what each of these buys against a frame-by-frame reader: benchmarks/README.md, "Data
+epoch"):
 
 * Batched fetch: DataLoader fetches a batch through ``Dataset.__getitems__``, which bins and
   normalises each video straight from the feature map (``FeatureStore.apply``, no copy of
@@ -29,13 +29,13 @@ benchmarks/README.md "Data epoch"):
   tensors, and collate hands the tensors on instead of copying the items again
   (``_Prebatched``; items changed after the fetch go through the copying path). The values
   are bit-for-bit those of the item-by-item path (``ds[i]`` then collate).
-* Batch memory is recycled (``_BufferPool``): a fresh 200 MB frame batch costs ~50,000 page
-  faults, about as much CPU as the rest of the batch; a buffer is reused only once no tensor
-  or array refers to it any more.
+* Batch memory is recycled (``_BufferPool``): a fresh padded frame batch page-faults every
+  one of its pages on first touch, which costs about as much as building the batch; a buffer
+  is reused only once no tensor or array refers to it any more.
 * Captions are read with one ``preadv`` each at their offset (``TextFeatures``), which comes
-  from the query file's own object headers, read once per process
-  (``h5features.raw_f32_index``: no HDF5 open per caption, ~0.4 s less in the first epoch of
-  a TVR-sized split; checked against HDF5 on a sample, HDF5's open for anything else).
+  from the query file's offset index (``h5index.load_index``: HDF5's own offsets, built once
+  and cached under data/<dataset>/h5index/, so no HDF5 open per caption; HDF5's open and
+  read for anything else).
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .features import FeatureStore
-from .h5features import H5FeatureStore, raw_f32_index
+from .h5features import H5FeatureStore
+from .h5index import index_dir, load_index
 from .layout import (SPLITS, CollectionPaths, DataError, caption_key_alias, locate,
                      read_captions, split_video_ids)
 
@@ -154,8 +155,8 @@ def frame_stream(frames: np.ndarray, max_frames: int = MAX_FRAMES) -> np.ndarray
 
 @functools.lru_cache(maxsize=None)
 def _h5():
-    """h5py's low-level modules, imported on first use (once: a function-level import costs
-    ~5 us per call, i.e. per caption)."""
+    """h5py's low-level modules, imported on first use (once: a function-level import would
+    be paid per call, i.e. per caption)."""
     import h5py
     from h5py import h5d, h5s, h5t
 
@@ -172,18 +173,20 @@ class TextFeatures:
 
     Fast path: a caption stored as an uncompressed, contiguous little-endian float32 (tokens, D)
     dataset is read with one `os.preadv` of just the tokens asked for, at its offset; the
-    offsets of all such captions come from the file's object headers, read once per process
-    (h5features.raw_f32_index), so a caption costs one system call and no HDF5 call. The first fast read of each process is checked
+    offsets of all such captions come from the file's offset index (h5index.load_index:
+    HDF5's own offsets, cached in `index_dir`, loaded once per process), so a caption costs
+    one system call and no HDF5 call. The first fast read of each process is checked
     against HDF5's own read; anything else (chunked, compressed, other dtypes) goes through
     HDF5's read, which converts to float32."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, index_dir: str | os.PathLike | None = None):
         self.path = Path(path)
+        self.index_dir = index_dir
         self._h5 = None
         self._fd: int | None = None
         self._pid: int | None = None
         self._where: dict[str, tuple[int, int, int]] = {}   # cap_id -> (offset, tokens, D)
-        self._raw: dict[str, tuple[int, tuple[int, ...]]] | None = None   # the file's headers
+        self._plain: dict[str, tuple[int, int, int]] | None = None   # in place, from the index
         self._fast = True
         self._checked = False
 
@@ -241,15 +244,12 @@ class TextFeatures:
         where = self._where.get(cap_id)
         if where is not None:
             return where
-        where = self._from_headers(cap_id) if self._fast and self._fd is not None else None
-        if where is None or not self._checked:
-            ds, shape = self._open(cap_id)
-            offset = ds.get_offset() if self._fast and self._fd is not None else None
-            if offset is None or ds.get_type() != _h5()[3].IEEE_F32LE:
-                return self._read_h5(ds, shape, None)
-            where = (int(offset), int(shape[0]), int(shape[1]))
-        if not self._checked:   # trust the offset only once it reads what HDF5 reads
+        where = self._in_place(cap_id) if self._fast and self._fd is not None else None
+        if where is None:
+            return self._read_h5(*self._open(cap_id), None)
+        if not self._checked:   # trust the offsets only once one reads what HDF5 reads
             self._checked = True
+            ds, shape = self._open(cap_id)
             mine = np.empty(shape, dtype=np.float32)
             if (os.preadv(self._fd, [mine], where[0]) != mine.nbytes
                     or not np.array_equal(mine, self._read_h5(ds, shape, None), equal_nan=True)):
@@ -258,16 +258,19 @@ class TextFeatures:
         self._where[cap_id] = where
         return where
 
-    def _from_headers(self, cap_id: str) -> tuple[int, int, int] | None:
-        """(offset, tokens, D) from the file's object headers (h5features.raw_f32_index, read
-        once per process: no HDF5 open per caption), None for a caption not found there."""
-        if self._raw is None:
-            self._raw = raw_f32_index(self._file(), self.path)
+    def _in_place(self, cap_id: str) -> tuple[int, int, int] | None:
+        """(offset, tokens, D) of a caption readable in place, from the file's offset index
+        (loaded once per process: no HDF5 open per caption), None for any other caption."""
+        if self._plain is None:
+            index = load_index(self.path, self.index_dir)
+            plain = index.in_place((1, 2))
+            names = np.array(index.names, dtype=object)[plain].tolist()
+            self._plain = dict(zip(names, zip(index.offset[plain].tolist(),
+                                              *index.shape[plain].T.tolist())))
         for key in filter(None, (cap_id, caption_key_alias(cap_id))):
-            found = self._raw.get(key)
+            found = self._plain.get(key)
             if found is not None:
-                offset, dims = found
-                return (offset, 1, dims[0]) if len(dims) == 1 else (offset, dims[0], dims[1])
+                return found
         return None
 
     def get(self, cap_id: str, max_len: int | None = None) -> np.ndarray:
@@ -349,15 +352,17 @@ class Corpus:
     With feature_format='hdf5', `feature` is a per-video HDF5 file of FeatureData/ (read by
     H5FeatureStore) and the queries default to the CLIP file (see layout.CollectionPaths).
     `Corpus.from_settings(settings)` finds it via `prvr.data.layout.locate` (source.json of
-    the fetch stage, else the default place)."""
+    the fetch stage, else the default place) and caches the HDF5 files' offset indexes in
+    data/<dataset>/h5index (`index_dir`; None: built in memory, see h5index)."""
 
     def __init__(self, collection_dir: str | os.PathLike, feature: str,
                  collection: str | None = None, feature_format: str = "bigfile",
-                 query_feature: str | None = None):
+                 query_feature: str | None = None, index_dir: str | os.PathLike | None = None):
         collection_dir = Path(collection_dir)
         self.paths = CollectionPaths(collection_dir, collection or collection_dir.name, feature,
                                      feature_format, query_feature)
-        self.text = TextFeatures(self.paths.query_feat_file)
+        self.index_dir = index_dir
+        self.text = TextFeatures(self.paths.query_feat_file, index_dir)
         self._features: FeatureStore | H5FeatureStore | None = None
         self._splits: dict[str, SplitData] = {}
 
@@ -365,7 +370,7 @@ class Corpus:
     def from_settings(cls, settings: dict[str, Any], data_dir: str | os.PathLike = "data") -> "Corpus":
         paths = locate(settings, data_dir=data_dir)
         return cls(paths.collection_dir, paths.feature, paths.collection, paths.feature_format,
-                   paths.query_feature)
+                   paths.query_feature, index_dir(settings, data_dir))
 
     def __repr__(self) -> str:
         return f"Corpus({str(self.paths.collection_dir)!r}, {self.paths.feature!r})"
@@ -385,7 +390,8 @@ class Corpus:
     @property
     def features(self) -> FeatureStore | H5FeatureStore:
         if self._features is None:
-            self._features = (H5FeatureStore(self.paths.video_feat_file) if self.paths.is_hdf5
+            self._features = (H5FeatureStore(self.paths.video_feat_file, self.index_dir)
+                              if self.paths.is_hdf5
                               else FeatureStore(self.paths.feature_dir))
         return self._features
 
@@ -589,14 +595,14 @@ class _Lease:
 class _BufferPool:
     """Recycles the memory of the large padded batch tensors.
 
-    A fresh 200 MB batch tensor costs ~50,000 page faults (the kernel maps and zeroes every
-    page), about as much CPU as the rest of the batch. Batches are instead built in buffers
+    A fresh large batch tensor page-faults every one of its pages (the kernel maps and zeroes
+    each), about as much CPU as the rest of the batch. Batches are instead built in buffers
     that earlier batches no longer use: `take` leases a buffer (see _Lease) and it returns to
     the pool only when nothing refers to that use any more, so a buffer is never reused
     while any part of an earlier batch is alive. At most `keep` idle buffers per kind are
     retained; `clear()` lets them go. Buffers come from torch's allocator, not numpy's: numpy
-    asks for transparent huge pages on large arrays, whose first faults stalled for up to
-    ~0.5 s per 200 MB on the benchmark machine."""
+    asks for transparent huge pages on large arrays, whose first faults can stall for a long
+    time (benchmarks/README.md, "Data epoch")."""
 
     def __init__(self, keep: int = 2):
         self.keep = keep

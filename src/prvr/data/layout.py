@@ -1,6 +1,6 @@
 """The MS-SL feature layout: where its files are and how to read them safely.
 
-A collection folder (see shared spec msssl_layout.md)::
+A collection folder (see docs/msssl_layout.md)::
 
     <collection_dir>/TextData/<collection>{train,val,test}.caption.txt
     <collection_dir>/TextData/roberta_<collection>_query_feat.hdf5

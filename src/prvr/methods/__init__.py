@@ -1,30 +1,27 @@
 """PRVR methods behind one contract (prvr.methods.base).
 
-A method is the module `prvr.methods.<name>` and its module-level `METHOD` (a
+A method is the package `prvr.methods.<name>` and its module-level `METHOD` (a
 `prvr.methods.base.Method`). `model.name` in params.yaml picks it; nothing is registered at
-import time: `get_method(name)` imports the module on first use. Adding a method is adding
-one module or package here (and its recipe under `methods.<name>` in params.yaml).
+import time: `get_method(name)` imports only that package, on first use, so a run (and its
+dvc.yaml deps and resume fingerprint) involves no other method. Adding a method is adding one
+package here (and its recipe under `methods.<name>` in params.yaml).
 """
 from __future__ import annotations
 
 import importlib
-import pkgutil
-from pathlib import Path
+from typing import Any, Mapping
 
+from ..config import ConfigError, method_names
 from .base import Method, MethodLoss, MethodModel, TrainOutput, VideoEncoding
 
 __all__ = ["Method", "MethodLoss", "MethodModel", "TrainOutput", "VideoEncoding",
-           "available", "get_method", "create_model", "create_loss", "unwrap_model"]
-
-
-# Modules of this package that are not methods: the contract and the shared building blocks.
-_NOT_METHODS = {"base", "layers"}
+           "available", "get_method", "build_config", "create_model", "create_loss", "unwrap_model"]
 
 
 def available() -> list[str]:
-    """Names of the methods in this package (its modules and packages but the shared ones)."""
-    here = Path(__file__).resolve().parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name not in _NOT_METHODS)
+    """Names of the methods in this package: its packages (the contract and the shared building
+    blocks are modules)."""
+    return method_names()
 
 
 def get_method(name: str) -> Method:
@@ -35,6 +32,17 @@ def get_method(name: str) -> Method:
     if not isinstance(method, Method) or method.name != name:
         raise ValueError(f"prvr.methods.{name} does not define METHOD = a Method named '{name}'")
     return method
+
+
+def build_config(settings: Mapping[str, Any], where: str = "params.yaml") -> Any:
+    """The run's config dataclass, built by its method's own config class from settings["model"]
+    (the recipe keys prvr.config.resolve merges without importing the method): the one check
+    of a method's recipe keys; an unknown or mistyped key is a one-line ConfigError naming it."""
+    name = str(settings["method"])
+    try:
+        return get_method(name).config_from_dict(settings["model"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: methods.{name}: {exc}") from None
 
 
 def create_model(name: str, cfg, backend: str = "reference"):

@@ -78,16 +78,39 @@ class TrainOutput:
 
 class ConfigFromDict:
     """Mixin of a method's config dataclass: `from_dict` builds it from field values (a
-    recipe, or the asdict() a checkpoint stores); an unknown key is a ValueError naming it."""
+    recipe, or the asdict() a checkpoint stores); an unknown key, or a value of another kind
+    than its field's default (true/false, an integer, a number), is a ValueError naming it."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]):
         from dataclasses import fields
 
-        extra = sorted(set(d) - {f.name for f in fields(cls)})
+        defaults = {f.name: f.default for f in fields(cls)}
+        extra = sorted(set(d) - set(defaults))
         if extra:
             raise ValueError(f"unknown keys {extra}")
-        return cls(**dict(d))
+        return cls(**{k: _of_kind(k, v, defaults[k]) for k, v in d.items()})
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _of_kind(key: str, value: Any, default: Any) -> Any:
+    """`value`, checked against the kind of its field's default where that is a bool, an int or
+    a float (a number may be a numeric string: YAML 1.1 reads `1e-3` as one)."""
+    kind = type(default)
+    if kind not in _KINDS:
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, (int, float) if kind is float else kind) \
+        and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{key} {value!r}: expected {_KINDS[kind]}")
+    return value
 
 
 @runtime_checkable
@@ -155,7 +178,7 @@ class Method:
 
     def config(self, recipe: Mapping[str, Any], data: Mapping[str, Any]) -> Any:
         """The config dataclass from the method's recipe keys (params.yaml `methods.<name>`,
-        minus the loop keys of prvr.config.LOOP_KEYS) and the data facts (visual_dim,
+        minus the loop keys of prvr.config.LoopSettings) and the data facts (visual_dim,
         text_dim). Unknown keys, and data facts set in the recipe, are a ValueError naming
         them. The config must have the fields n_clips, max_frames and max_query_len (the
         data streams)."""
