@@ -4,6 +4,9 @@ fetch / validate / the demo generator know the layout, and a DVC experiment trai
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -13,11 +16,12 @@ import pytest
 import torch
 
 from prvr.data import demo
-from prvr.data.datasets import (Corpus, QueryDataset, TrainVideoDataset, VideoDataset,
+from prvr.data import h5index
+from prvr.data.datasets import (Corpus, QueryDataset, TextFeatures, TrainVideoDataset, VideoDataset,
                                 collate_queries, collate_train, collate_videos, make_eval_loaders,
                                 make_train_loader)
 from prvr.data.fetch import fetch
-from prvr.data.h5features import H5FeatureStore, raw_f32_index
+from prvr.data.h5features import H5FeatureStore
 from prvr.data.layout import CollectionPaths, DataError, default_h5_feature, default_query_feature, locate
 from prvr.data.validate import validate, validate_collection
 from conftest import assert_same_batches
@@ -39,8 +43,9 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _h5_corpus(cdir: Path) -> Corpus:
-    return Corpus(cdir, VIDEO_FILE, feature_format="hdf5", query_feature=QUERY_FILE)
+def _h5_corpus(cdir: Path, index_dir: Path | None = None) -> Corpus:
+    return Corpus(cdir, VIDEO_FILE, feature_format="hdf5", query_feature=QUERY_FILE,
+                  index_dir=index_dir)
 
 
 def _h5_paths(cdir: Path) -> CollectionPaths:
@@ -74,7 +79,7 @@ def test_item_path_and_batched_path_agree_on_hdf5(both):
     assert_same_batches([collate_videos([vds[i] for i in range(4)])], [collate_videos(vds.__getitems__(range(4)))])
 
 
-@pytest.mark.parametrize("how", ["chunked+gzip", "float64", "big-endian", "float16"])
+@pytest.mark.parametrize("how", ["chunked", "chunked+gzip", "float64", "big-endian", "float16"])
 def test_other_storage_reads_through_hdf5_with_the_same_values(both, tmp_path, how):
     cdir = _copy(both, tmp_path / "demo")
     path = cdir / "FeatureData" / VIDEO_FILE
@@ -84,7 +89,8 @@ def test_other_storage_reads_through_hdf5_with_the_same_values(both, tmp_path, h
     dtype = {"float64": "<f8", "big-endian": ">f4", "float16": "<f2"}.get(how, "<f4")
     with h5py.File(path, "w") as f:
         for k, v in data.items():
-            kw = {"chunks": True, "compression": "gzip"} if how == "chunked+gzip" else {}
+            kw = {"chunks": True} if how.startswith("chunked") else {}
+            kw.update({"compression": "gzip"} if how == "chunked+gzip" else {})
             f.create_dataset(k, data=v.astype(dtype), **kw)
     store = H5FeatureStore(path)
     assert not store._offset                      # no video is read by offset
@@ -112,10 +118,10 @@ def test_the_store_survives_pickling_into_a_worker(both):
     assert_same_batches(serial, list(make_train_loader(corpus, batch_size=8, seed=1, num_workers=2)))
 
 
-# ---------------------------------------------------------------------------------- header index
+# ---------------------------------------------------------------------------------- offset index
 
 def _every_storage(path: Path) -> np.ndarray:
-    """A file with one plain float32 dataset per plain kind and one of every other storage."""
+    """A file with plain float32 datasets and one of every other storage kind."""
     x = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
     with h5py.File(path, "w") as f:
         f.create_dataset("plain", data=x)
@@ -123,9 +129,10 @@ def _every_storage(path: Path) -> np.ndarray:
         f.create_dataset("timed", data=x, track_times=True)
         f.create_dataset("with_attrs", data=x)
         f["with_attrs"].attrs.update({f"a{i}": np.arange(40) for i in range(6)})  # header grows
-        for name, kw in {"chunked": {"chunks": (2, 5)}, "gzip": {"compression": "gzip"},
-                         "f64": {"dtype": "<f8"}, "big-endian": {"dtype": ">f4"},
-                         "f16": {"dtype": "<f2"}, "int": {"dtype": "<i4"}}.items():
+        for name, kw in {"chunked": {"chunks": (2, 5)}, "one_chunk": {"chunks": (7, 5)},
+                         "gzip": {"compression": "gzip"}, "f64": {"dtype": "<f8"},
+                         "big-endian": {"dtype": ">f4"}, "f16": {"dtype": "<f2"},
+                         "int": {"dtype": "<i4"}}.items():
             f.create_dataset(name, data=x, **kw)
         f.create_dataset("rank3", data=x[None])
         f.create_dataset("scalar", data=np.float32(1))
@@ -137,61 +144,162 @@ def _every_storage(path: Path) -> np.ndarray:
     return x
 
 
-def test_header_index_holds_only_plain_float32_datasets_where_hdf5_has_them(tmp_path):
+IN_PLACE = {"plain", "vector", "timed", "with_attrs", "soft"}
+
+
+def _in_place(index) -> dict[str, int]:
+    return {n: o for n, o, ok in zip(index.names, index.offset.tolist(), index.in_place()) if ok}
+
+
+def test_index_offsets_hold_the_bytes_h5py_reads_and_nothing_else_is_in_place(tmp_path):
     path = tmp_path / "every.hdf5"
     x = _every_storage(path)
+    index = h5index.build_index(path)
+    assert set(index.names) == IN_PLACE | {"chunked", "one_chunk", "gzip", "f64", "big-endian", "f16",
+                                           "int", "rank3", "scalar", "empty", "unwritten", "external",
+                                           "group"}
+    found = _in_place(index)
+    assert set(found) == IN_PLACE
+    raw = path.read_bytes()
     with h5py.File(path, "r") as f:
-        index = raw_f32_index(f, path)
-        assert {"plain", "vector", "timed"} <= set(index)
-        assert not set(index) & {"chunked", "gzip", "f64", "big-endian", "f16", "int", "rank3",
-                                 "scalar", "empty", "unwritten", "external", "group", "soft"}
-        for name, (offset, dims) in index.items():   # where HDF5 says, the values HDF5 reads
-            node = f[name]
-            assert node.id.get_offset() == offset and node.shape == dims
-            assert node.dtype == np.float32 and node.chunks is None and node.compression is None
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                raw = np.frombuffer(fh.read(4 * int(np.prod(dims))), dtype="<f4").reshape(dims)
-            assert np.array_equal(raw, f[name][()])
-    store = H5FeatureStore(path)                      # the rest goes through HDF5 (or is refused)
-    for name, dtype in (("plain", "<f4"), ("timed", "<f4"), ("chunked", "<f4"), ("gzip", "<f4"),
-                        ("f64", "<f8"), ("big-endian", ">f4"), ("f16", "<f2"), ("external", "<f4")):
+        for name, offset in found.items():
+            want = f[name][()]
+            assert raw[offset:offset + want.nbytes] == want.tobytes(), name
+    store = H5FeatureStore(path)            # everything else goes through HDF5 (or is refused)
+    assert set(store._offset) == IN_PLACE - {"vector"}
+    for name, dtype in (("plain", "<f4"), ("soft", "<f4"), ("chunked", "<f4"), ("one_chunk", "<f4"),
+                        ("gzip", "<f4"), ("f64", "<f8"), ("big-endian", ">f4"), ("f16", "<f2"),
+                        ("external", "<f4")):
         assert np.array_equal(store.get(name), x.astype(dtype).astype(np.float32)), name
-    assert {"plain", "timed", "soft"} <= set(store._offset) <= set(index) | {"soft", "unwritten"}
+    assert np.array_equal(store.get("unwritten"), np.zeros((3, 5), np.float32))
     assert all(store.problem(k) for k in ("vector", "int", "rank3", "scalar", "empty", "group"))
 
 
-def test_header_index_of_version_2_headers_is_empty_or_right(tmp_path):
+def test_index_of_a_latest_format_file_reads_in_place(tmp_path):
     path = tmp_path / "latest.hdf5"
     with h5py.File(path, "w", libver="latest") as f:
         for i in range(5):
             f.create_dataset(f"v{i}", data=np.full((3, 4), i, dtype=np.float32))
-    with h5py.File(path, "r") as f:
-        index = raw_f32_index(f, path)
-        assert all(f[k].id.get_offset() == o and f[k].shape == d for k, (o, d) in index.items())
+    assert set(_in_place(h5index.build_index(path))) == {f"v{i}" for i in range(5)}
     store = H5FeatureStore(path)
+    assert len(store._offset) == 5
     assert all(np.array_equal(store.get(f"v{i}"), np.full((3, 4), i, np.float32)) for i in range(5))
 
 
-def test_an_index_that_disagrees_with_hdf5_is_dropped_and_batches_stay_the_same(both, monkeypatch):
-    from prvr.data import h5features
+def _count_builds(monkeypatch) -> list:
+    built = []
+    real = h5index.build_index
+    monkeypatch.setattr(h5index, "build_index", lambda p: built.append(p) or real(p))
+    return built
 
+
+def test_the_cached_index_is_reused_until_the_file_changes(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "v.hdf5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("a", data=np.ones((2, 3), np.float32))
+    cache_dir = tmp_path / "data" / "ds" / "h5index"
+    built = _count_builds(monkeypatch)
+    first = h5index.load_index(path, cache_dir)
+    with np.load(h5index.cache_file(path, cache_dir), allow_pickle=False) as z:   # plain data
+        assert int(z["size"]) == path.stat().st_size
+    again = h5index.load_index(path, cache_dir)
+    assert len(built) == 1 and again.names == first.names == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "v.hdf5"]   # none beside it
+    with h5py.File(path, "a") as f:                     # size and mtime change
+        f.create_dataset("b", data=np.zeros((4, 3), np.float32))
+    with caplog.at_level(logging.INFO, logger="prvr.data.h5index"):
+        assert h5index.load_index(path, cache_dir).names == ["a", "b"] and len(built) == 2
+        st = path.stat()                                # the mtime alone changes
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+        h5index.load_index(path, cache_dir)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(built) == 3 and len(lines) == 2, lines
+    assert "size" in lines[0] and "changed" in lines[0] and str(path) in lines[0]
+    assert "file's mtime changed" in lines[1]
+    h5index.cache_file(path, cache_dir).write_bytes(b"PK\x03\x04 not a zip")  # a damaged cache
+    assert h5index.load_index(path, cache_dir).names == ["a", "b"] and len(built) == 4
+
+
+def test_a_cache_with_wrong_offsets_is_caught_by_the_first_read(both, tmp_path, monkeypatch):
+    """The cache is trusted on the file's path, size and mtime; a cache that is wrong anyway
+    (here: every offset one value back) costs speed, never values."""
     truth = list(make_train_loader(_h5_corpus(both), batch_size=16, seed=2))
-    parse = h5features._parse_messages
-
-    def off_by_one_row(buf):
-        found = parse(buf)
-        return None if found is None else (found[0] + 4 * found[1][-1], found[1])
-
-    monkeypatch.setattr(h5features, "_parse_messages", off_by_one_row)
-    with h5py.File(both / "TextData" / QUERY_FILE, "r") as f:
-        assert raw_f32_index(f, both / "TextData" / QUERY_FILE) == {}
-    corpus = _h5_corpus(both)
+    cache_dir = tmp_path / "h5index"
+    for path in (both / "FeatureData" / VIDEO_FILE, both / "TextData" / QUERY_FILE):
+        index = h5index.load_index(path, cache_dir)
+        offset = np.where(index.offset >= 0, index.offset - 4, -1)
+        offset[3] = index.size                       # one that would run past the file's end
+        shifted = h5index.H5Index(index.path, index.size, index.mtime_ns, index.names, index.rank,
+                                  index.shape, offset)
+        assert index.in_place().all() and shifted.in_place().sum() == len(offset) - 1
+        h5index._write_cache(h5index.cache_file(path, cache_dir), shifted)
+    built = _count_builds(monkeypatch)
+    corpus = _h5_corpus(both, cache_dir)
     assert_same_batches(truth, make_train_loader(corpus, batch_size=16, seed=2))
-    assert corpus.text._raw == {} and len(corpus.features._offset) == len(corpus.features)
+    assert not built and corpus.features._fast is False and corpus.text._fast is False
 
 
-def test_the_loader_finds_captions_and_videos_through_the_header_index(both, monkeypatch):
+def test_a_read_only_collection_folder_works_and_gets_no_file(both, tmp_path, caplog):
+    cdir = _copy(both, tmp_path / "demo")
+    before = sorted(str(p.relative_to(cdir)) for p in cdir.rglob("*"))
+    for d in (cdir / "FeatureData", cdir / "TextData", cdir):
+        d.chmod(0o555)
+    try:
+        cache_dir = tmp_path / "data" / "demo" / "h5index"
+        n = sum(len(b["video_ids"]) for b in make_train_loader(_h5_corpus(cdir, cache_dir), batch_size=16))
+        assert n == len(_h5_corpus(cdir).split("train").video_ids)
+        assert sorted(p.name for p in cache_dir.iterdir()) == [f"{QUERY_FILE}.npz", f"{VIDEO_FILE}.npz"]
+        # a cache folder that cannot be written: the index stays in memory, one warning
+        unwritable = tmp_path / "a_file"
+        unwritable.write_text("")
+        with caplog.at_level(logging.WARNING, logger="prvr.data.h5index"):
+            store = H5FeatureStore(cdir / "FeatureData" / VIDEO_FILE, unwritable / "h5index")
+        assert len(store._offset) == len(store)
+        assert [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+        assert sorted(str(p.relative_to(cdir)) for p in cdir.rglob("*")) == before
+    finally:
+        for d in (cdir, cdir / "FeatureData", cdir / "TextData"):
+            d.chmod(0o755)
+
+
+def test_bad_files_and_missing_datasets_are_one_line_naming_the_file(both, tmp_path):
+    cdir = _copy(both, tmp_path / "demo")
+    video, cache_dir = cdir / "FeatureData" / VIDEO_FILE, tmp_path / "h5index"
+    store = H5FeatureStore(video, cache_dir)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(video))}: video 'nope' has no features here$"):
+        store.get("nope")
+    text = TextFeatures(cdir / "TextData" / QUERY_FILE, cache_dir)
+    with pytest.raises(DataError, match=rf"{QUERY_FILE}: no features for caption 'nope'$"):
+        text.get("nope")
+    video.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 200)   # corrupt, with a cache present
+    for build in (lambda: H5FeatureStore(video, cache_dir), lambda: h5index.load_index(video)):
+        with pytest.raises(DataError) as exc:
+            build()
+        msg = str(exc.value)
+        assert msg.startswith(f"{video}: not a readable HDF5 file") and "\n" not in msg, msg
+    video.unlink()
+    with pytest.raises(DataError, match=rf"^{re.escape(str(video))}: not found$"):
+        H5FeatureStore(video, cache_dir)
+
+
+def test_the_validate_stage_writes_the_indexes_that_training_loads(both, tmp_path, monkeypatch):
+    root = tmp_path / "VisualSearch"
+    _copy(both, root / "demo")
+    settings, data = _settings("x_clip", data_root=str(root)), tmp_path / "data"
+    fetch(settings, data, progress=False)
+    report, _ = validate(settings, data, progress=False)
+    assert report["ok"], report["problems"]
+    cache_dir = h5index.index_dir(settings, data)
+    assert cache_dir == data / "x_clip" / "h5index"
+    assert sorted(p.name for p in cache_dir.iterdir()) == [f"{QUERY_FILE}.npz", f"{VIDEO_FILE}.npz"]
+    built = _count_builds(monkeypatch)
+    corpus = Corpus.from_settings(settings, data)
+    batch = next(iter(make_train_loader(corpus, batch_size=8, seed=0)))
+    assert not built and len(batch["video_ids"]) == 8
+    assert len(corpus.features._offset) == len(corpus.features) and corpus.text._where
+
+
+def test_the_loader_finds_captions_and_videos_through_the_index(both, monkeypatch):
     corpus = _h5_corpus(both)
     opened = []
     real_open = type(corpus.text)._open

@@ -85,12 +85,20 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
 
 @pytest.mark.slow
 def test_dvc_pipeline_end_to_end(tmp_path: Path):
-    from prvr.data.demo import generate_corpus
-    from prvr.report import chance_metrics
-
     repo = copy_repo(tmp_path / "repo")
     edit_params(repo / "params.yaml", **E2E_DEMO)
     git_commit(repo, "tiny demo")
+    test, chance = _first_repro(repo)
+    _evaluate_by_hand(repo, tmp_path, test)
+    _second_repro_and_dvc_views(repo)
+    _another_method_s_edit_leaves_the_train_stage_alone(repo)
+    _other_methods(repo, test, chance)
+    _another_dataset(repo, tmp_path)
+    _mlflow_view(repo)
+
+
+def _first_repro(repo: Path):
+    from prvr.report import chance_metrics
 
     # ---- first repro: every stage runs and writes its outputs
     first = run(["dvc", "repro"], cwd=repo, timeout=900)
@@ -117,7 +125,10 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     assert "chance (random ranking)" in report and f"{test['sumr']:.1f}" in report
     run_info = _json(repo / "runs/demo/gmmformer_v2/run.json")
     assert run_info["mlflow_run_id"] and run_info["mlflow_run_id"] in report
+    return test, chance
 
+
+def _evaluate_by_hand(repo: Path, tmp_path: Path, test: dict):
     # ---- by hand: evaluate a checkpoint, save its scores; the pipeline's outputs stay as they are
     before = _digest(repo / "metrics/demo/gmmformer_v2/test.json")
     run(["python", "stages/evaluate.py", "--checkpoint", "runs/demo/gmmformer_v2/checkpoints/best.pt",
@@ -133,6 +144,8 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     assert attrs["sumr"] == pytest.approx(test["sumr"])
     assert _digest(repo / "metrics/demo/gmmformer_v2/test.json") == before
 
+
+def _second_repro_and_dvc_views(repo: Path):
     # ---- second repro: nothing to do
     second = run(["dvc", "repro"], cwd=repo)
     assert "Running stage" not in second.stdout, second.stdout
@@ -149,6 +162,21 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     assert {"validation_sumr", "training_loss", "test_recall_at_k",
             "reports/demo/training_curves.png"} <= plot_ids, plot_ids
 
+
+def _another_method_s_edit_leaves_the_train_stage_alone(repo: Path):
+    """An edit under src/prvr/methods/msssl/ changes nothing a GMMFormer v2 run depends on."""
+    loss = repo / "src/prvr/methods/msssl/loss.py"
+    original = loss.read_text()
+    loss.write_text(original + "\n# an edit to another method\n")
+    try:
+        status = run(["dvc", "status"], cwd=repo).stdout
+    finally:
+        loss.write_text(original)
+    assert "train:" not in status and "evaluate:" not in status, status
+    assert "report:" in status, status  # the report lists every method, so it depends on all
+
+
+def _other_methods(repo: Path, test: dict, chance: dict):
     # ---- the other methods on the same demo: each keeps the others' results
     v2_digests = {rel: _digest(repo / rel) for rel in _outputs("demo", stages=("train", "evaluate"))}
     git_commit(repo, "demo results")
@@ -169,6 +197,10 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
         assert f"| {title} |" in report, title
     exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
     assert all(f'"{m}"' in exps for m in OTHER_METHODS), "dvc exp show lists each method's run"
+
+
+def _another_dataset(repo: Path, tmp_path: Path):
+    from prvr.data.demo import generate_corpus
 
     # ---- an experiment on another dataset keeps the demo's outputs
     edit_params(repo / "params.yaml", **{"model.name": "gmmformer_v2"})
@@ -194,6 +226,8 @@ def test_dvc_pipeline_end_to_end(tmp_path: Path):
     exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
     assert "metrics/cha/gmmformer_v2/test.json" in exps
 
+
+def _mlflow_view(repo: Path):
     # ---- MLflow: one experiment per dataset, one run per method, per-epoch metrics, artifacts
     from mlflow.tracking import MlflowClient
 

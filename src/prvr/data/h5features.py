@@ -2,10 +2,10 @@
 interface.
 
 The file holds one dataset per video id, shaped (frames, D), frames in time order (its row
-order; no video2frames.txt is involved). `H5FeatureStore` indexes every video once when it is
-built (shape, dtype, and where a contiguous dataset's bytes lie: for plain float32 datasets
-straight from their object headers, `raw_f32_index`, ~6 us a video instead of ~40 us through
-H5Dopen; through HDF5 for the rest) and then:
+order; no video2frames.txt is involved). `H5FeatureStore` takes every video's shape, and where
+a contiguous float32 video's bytes lie, from the file's offset index (`h5index.load_index`:
+what HDF5 reports for each dataset, cached under data/<dataset>/h5index/ so that a process
+does not open every dataset through HDF5 again), and then:
 
 * reads a contiguous, uncompressed little-endian float32 video with ONE `os.preadv` at its
   offset, into a buffer it reuses; the first such read of each process is checked against
@@ -23,13 +23,13 @@ file and the video.
 from __future__ import annotations
 
 import os
-import struct
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from .h5index import H5Index, load_index
 from .layout import DataError
 
 
@@ -62,141 +62,22 @@ def describe(node) -> tuple[tuple[int, int] | None, str | None]:
     return (int(shape[0]), int(shape[1])), None
 
 
-# ------------------------------------------------------------------ the file's own index
-# Opening a dataset through HDF5 costs ~30-50 us (name lookup, header decode, h5py objects):
-# ~0.4 s for the captions of a TVR-sized split, more than the rest of an epoch. Where a plain
-# dataset sits is written in its object header, which one pread gets: `raw_f32_index` reads the
-# headers of the root group's datasets (their addresses come from one link iteration) and keeps
-# those it fully understands: version-1 headers of contiguous, allocated, unfiltered, little-
-# endian IEEE float32 datasets of rank 1 or 2. Anything else is left to HDF5 (H5Dopen), and the
-# whole index is dropped unless a sample of it agrees with what HDF5 itself reports.
-
-_F32LE = bytes.fromhex("201f00" "04000000" "0000" "2000" "17" "08" "00" "17" "7f000000")
-_SKIP = {0x0000, 0x0005, 0x000C, 0x000D, 0x000E, 0x0011, 0x0012, 0x0013, 0x0015, 0x0016}
-
-
-def _superblock_sizes(fd: int) -> tuple[int, int] | None:
-    """(size of offsets, size of lengths) of a file whose superblock is at byte 0, else None."""
-    head = os.pread(fd, 24, 0)
-    if head[:8] != b"\x89HDF\r\n\x1a\n" or len(head) < 24:
-        return None
-    version = head[8]
-    sizes = (head[13], head[14]) if version in (0, 1) else (head[9], head[10]) if version in (2, 3) else None
-    return sizes if sizes == (8, 8) else None
-
-
-_HEADER, _MESSAGE, _LAYOUT = struct.Struct("<BxHII"), struct.Struct("<HHB"), struct.Struct("<BBQQ")
-
-
-def _parse_messages(buf: bytes) -> tuple[int, tuple[int, ...]] | None:
-    """(data offset, dims) from a version-1 object header's messages, None if not plain."""
-    if len(buf) < 16 or buf[0] != 1:
-        return None
-    _, n_msgs, _, size = _HEADER.unpack_from(buf)
-    pos, end, dims, typed, where = 16, min(16 + size, len(buf)), None, False, None
-    for _ in range(n_msgs):
-        if pos + 8 > end:
-            return None
-        kind, length, flags = _MESSAGE.unpack_from(buf, pos)
-        body, pos = pos + 8, pos + 8 + length
-        if pos > end or (flags & 0x02 and kind in (0x0001, 0x0003, 0x0008)):
-            return None                           # truncated, or a shared message
-        if kind == 0x0001:
-            dims = _dataspace_dims(buf, body, length)
-        elif kind == 0x0003:
-            typed = length >= 20 and (buf[body] & 0x0F) == 1 and buf[body + 1:body + 20] == _F32LE
-        elif kind == 0x0008:
-            if length < 18 or buf[body] not in (3, 4) or buf[body + 1] != 1:
-                return None                       # only contiguous storage
-            where = _LAYOUT.unpack_from(buf, body)[2:]
-        elif kind not in _SKIP:                   # filters, external files, continuation, ...
-            return None
-    if dims is None or not typed or where is None or where[0] == 2**64 - 1:
-        return None
-    n = _count(dims)
-    return (where[0], dims) if where[1] == 4 * n and n > 0 else None
-
-
-def _dataspace_dims(buf: bytes, body: int, length: int) -> tuple[int, ...] | None:
-    version, rank = buf[body], buf[body + 1] if length > 1 else 0
-    if length < 8 or version not in (1, 2) or rank not in (1, 2):
-        return None
-    if version == 2 and buf[body + 3] != 1:       # version 2: only a simple dataspace
-        return None
-    start = body + (8 if version == 1 else 4)
-    if length < start - body + 8 * rank:
-        return None
-    return struct.unpack_from(f"<{rank}Q", buf, start)
-
-
-def raw_f32_index(f, path: Path) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """{name: (byte offset, dims)} of the root group's datasets stored as plain float32 (see
-    above), read from their object headers; {} when the file's layout is not understood or a
-    sample of 8 entries disagrees with HDF5. `f` is the open h5py.File of `path`."""
-    if sys.byteorder != "little" or not hasattr(os, "pread"):
-        return {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _superblock_sizes(fd) is None:
-            return {}
-        links: list[tuple[bytes, int]] = []
-        hard = _h5().h5l.TYPE_HARD
-
-        def visit(name, info):
-            if info.type == hard:
-                links.append((name, info.u))
-
-        f.id.links.iterate(visit, info=True)
-        size, out = os.fstat(fd).st_size, {}
-        for name, addr in links:
-            buf = os.pread(fd, 512, addr)
-            if len(buf) >= 12 and 16 + int.from_bytes(buf[8:12], "little") > len(buf):
-                buf = os.pread(fd, 16 + int.from_bytes(buf[8:12], "little"), addr)
-            found = _parse_messages(buf)
-            if found is not None and found[0] + 4 * _count(found[1]) <= size:
-                out[name.decode("utf-8", "surrogateescape")] = found
-    finally:
-        os.close(fd)
-    return out if _agrees_with_hdf5(f, out) else {}
-
-
-def _count(dims: tuple[int, ...]) -> int:
-    return dims[0] * dims[1] if len(dims) == 2 else dims[0]
-
-
-def _agrees_with_hdf5(f, index: dict) -> bool:
-    h5py = _h5()
-    names = list(index)
-    for name in names[::max(1, len(names) // 8)][:8] + names[-1:]:
-        node = h5py.h5d.open(f.id, name.encode("utf-8", "surrogateescape"))
-        if (node.get_offset() != index[name][0] or tuple(node.shape) != index[name][1]
-                or node.get_type() != h5py.h5t.IEEE_F32LE):
-            return False
-    return True
-
-
 class H5FeatureStore:
     """Frame features of the videos in one per-video HDF5 file.
 
     `get(video_id)` -> float32 array (n_frames, D), frames in time order (row order)."""
 
-    def __init__(self, feature_file: str | os.PathLike):
+    def __init__(self, feature_file: str | os.PathLike, index_dir: str | os.PathLike | None = None):
+        """Index the file's videos: from the offset index cached in `index_dir` (the
+        dataset's data/<dataset>/h5index, see h5index.index_dir) when it is current, else
+        built (and cached there when index_dir is given)."""
         self.feature_file = Path(feature_file)
         self.index_file = self.feature_file
-        h5py = _h5()
-        with open_h5(self.feature_file) as f:
-            size = self.feature_file.stat().st_size
-            fast_type = h5py.h5t.IEEE_F32LE if sys.byteorder == "little" else None
-            self._shape: dict[str, tuple[int, int]] = {}
-            self._offset: dict[str, int] = {}
-            self._problem: dict[str, str] = {}
-            raw = raw_f32_index(f, self.feature_file) if fast_type is not None else {}
-            for name in f:
-                found = raw.get(name)
-                if found is not None and len(found[1]) == 2:   # plain float32 (n >= 1, D >= 1)
-                    self._shape[name], self._offset[name] = found[1], found[0]
-                else:
-                    self._index(f.id, name, size, fast_type)
+        index = load_index(self.feature_file, index_dir)
+        self._shape: dict[str, tuple[int, int]] = {}
+        self._offset: dict[str, int] = {}
+        self._problem: dict[str, str] = {}
+        self._from_index(index)
         widths = Counter(d for _, d in self._shape.values())
         if not widths:
             raise DataError(f"{self.feature_file}: no usable video features"
@@ -208,28 +89,36 @@ class H5FeatureStore:
                 del self._shape[vid]
                 self._offset.pop(vid, None)
         self._file = self._fd = self._pid = None
-        self._fast, self._checked = True, False
+        self._fast, self._checked = sys.byteorder == "little", False
         self._scratch = np.empty(0, dtype=np.float32)
 
-    def _index(self, fid, name: str, size: int, fast_type) -> None:
+    def _from_index(self, index: H5Index) -> None:
+        """Shapes and offsets of the videos readable in place, straight from the index (no
+        HDF5 call); every other member is described through HDF5 (its shape, dtype, why it
+        cannot be used) and read through HDF5."""
+        plain = index.in_place((2,))
+        names = np.array(index.names, dtype=object)
+        rows, cols = index.shape[plain].T.tolist()
+        self._shape.update(zip(names[plain].tolist(), zip(rows, cols)))
+        self._offset.update(zip(names[plain].tolist(), index.offset[plain].tolist()))
+        rest = names[~plain].tolist()
+        if rest:
+            with open_h5(self.feature_file) as f:
+                for name in rest:
+                    self._describe(f.id, name)
+
+    def _describe(self, fid, name: str) -> None:
         h5py = _h5()
         try:
-            node = h5py.h5d.open(fid, name.encode("utf-8"))
+            node = h5py.h5d.open(fid, name.encode("utf-8", "surrogateescape"))
         except (KeyError, ValueError, TypeError):
             self._problem[name] = "is not a dataset"
             return
         shape, why = describe(node)
         if why:
             self._problem[name] = why
-            return
-        self._shape[name] = shape
-        offset = node.get_offset()
-        if offset is not None and fast_type is not None and node.get_type() == fast_type:
-            if offset + shape[0] * shape[1] * 4 > size:
-                self._problem[name] = "runs past the end of the file (truncated?)"
-                del self._shape[name]
-                return
-            self._offset[name] = int(offset)
+        else:
+            self._shape[name] = shape
 
     def _first_problem(self) -> str:
         vid, why = next(iter(self._problem.items()))

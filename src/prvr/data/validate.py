@@ -452,14 +452,29 @@ def report_path(settings: dict[str, Any], data_dir: str | os.PathLike = "data") 
     return Path(data_dir) / str(settings["dataset"]) / "validation.json"
 
 
+def write_offset_indexes(paths: CollectionPaths, cache_dir: str | os.PathLike) -> None:
+    """Build (or confirm) the offset index of each HDF5 file of the collection in cache_dir
+    (data/<dataset>/h5index), so that training and evaluation load it instead of opening every
+    dataset through HDF5. A file that cannot be indexed is skipped: the report names it."""
+    from .h5index import load_index
+
+    for path in ([paths.video_feat_file] if paths.is_hdf5 else []) + [paths.query_feat_file]:
+        try:
+            load_index(path, cache_dir)
+        except DataError:
+            continue
+
+
 def validate(settings: dict[str, Any], data_dir: str | os.PathLike = "data", progress: bool = True
              ) -> tuple[dict[str, Any], Path]:
-    """Validate the dataset of the resolved settings and write data/<dataset>/validation.json.
+    """Validate the dataset of the resolved settings and write data/<dataset>/validation.json,
+    and, when it holds no errors, the offset indexes of its HDF5 files in data/<dataset>/h5index.
 
     The report is written (atomically) whether or not it holds errors. A corpus that cannot be
     located at all raises DataError.
     """
     from ..atomic import write_json_atomic
+    from .h5index import index_dir
     from .layout import locate
 
     paths = locate(settings, data_dir, must_exist=False)
@@ -469,6 +484,8 @@ def validate(settings: dict[str, Any], data_dir: str | os.PathLike = "data", pro
     report = validate_collection(paths, settings.get("visual_dim"), settings.get("text_dim"), progress,
                                  (settings.get("evaluate") or {}).get("extra_splits") or ())
     report = {"dataset": settings["dataset"], **report}
+    if report["ok"]:            # a collection with errors stops the pipeline: nothing to index
+        write_offset_indexes(paths, index_dir(settings, data_dir))
     out = report_path(settings, data_dir)
     write_json_atomic(out, report)
     return report, out

@@ -16,7 +16,6 @@ Same parameters, same function (tests/test_backend_equality.py); dropout draws i
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -20,7 +20,6 @@ prvr.backends.cpu.gmmformer_v2.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
