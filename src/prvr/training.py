@@ -333,6 +333,7 @@ class Run:
     run_id: str | None = None
     resumed_from: int | None = None
     selection_warning: str | None = None  # set when validation sees the test split
+    phase: dict[str, float] = field(default_factory=dict)   # the method's epoch hook, this epoch
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -475,6 +476,9 @@ def train_epoch(run: Run, epoch: int, progress: bool = True) -> tuple[dict[str, 
     if hasattr(run.sampler, "set_epoch"):
         run.sampler.set_epoch(epoch)
     hard = epoch >= int(tr["hard_negative_start_epoch"])
+    run.phase = dict(run.method.start_epoch(run.model, run.loss_fn, epoch))
+    if run.phase and ctx.is_main:
+        log.info("epoch %d: %s", epoch, " ".join(f"{k}={v:g}" for k, v in run.phase.items()))
     precision, names = str(tr["precision"]), (*run.terms, "total")
     sums = {t: torch.zeros((), dtype=torch.float64, device=ctx.device) for t in names}
     n_steps, lr, show = 0, current_lr(run.optimizer), progress and ctx.is_main
@@ -523,7 +527,7 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
     patience = int(tr["patience"])
     stop = patience >= 0 and run.es_count > patience
     row = {"epoch": epoch, "hard_negatives": int(epoch >= int(tr["hard_negative_start_epoch"])),
-           "lr": lr, "epoch_time_s": time.perf_counter() - t0,
+           "lr": lr, "epoch_time_s": time.perf_counter() - t0, **run.phase,
            **{f"loss_{t}": v for t, v in losses.items()}, **{f"val_{k}": val[k] for k in METRIC_KEYS}}
     run.history.append(row)
     run.finished = stop or epoch + 1 >= int(tr["epochs"])
@@ -536,7 +540,8 @@ def end_epoch(run: Run, epoch: int, losses: dict[str, float], lr: float, t0: flo
         tracker.log_metrics({**{f"train_{t}": v for t, v in losses.items()}, "lr": lr,
                              **{f"val_{k}": val[k] for k in METRIC_KEYS},
                              "val_best_sumr": run.best_val["sumr"], "epoch_time_s": row["epoch_time_s"],
-                             "hard_negatives": float(row["hard_negatives"])}, step=epoch)
+                             "hard_negatives": float(row["hard_negatives"]),
+                             **{k: float(v) for k, v in run.phase.items()}}, step=epoch)
     # last.pt is the epoch's commit point: written after the history and the MLflow metrics, so
     # a crash after it has lost nothing (one before it reruns the epoch)
     extra = {"state_version": STATE_VERSION, "fingerprint": run.fp, "rng": rng_state(run.loss_gen),

@@ -52,24 +52,38 @@ class GMMFormerLoss(nn.Module):
     def forward(self, out: TrainOutput, labels: Tensor, hard_negatives: bool,
                 generator: torch.Generator | None = None,
                 local: Mapping[str, tuple[Tensor, int]] | None = None) -> dict[str, Tensor]:
-        s = out.scores
-        labels = labels.to(s["clip"].device)
-        n_q, n_v = s["clip"].shape
-        for name in ("clip_raw", "frame", "frame_raw"):
-            if tuple(s[name].shape) != (n_q, n_v):
-                raise ValueError(f"scores['{name}']: expected shape {(n_q, n_v)}, got {tuple(s[name].shape)}")
-        hard, m, pool = bool(hard_negatives), self.margin, self.hard_pool_size
-        terms = {
-            "clip_nce": nce_loss(s["clip_raw"], labels),
-            "clip_trip": triplet_loss(s["clip"], labels, m, hard, pool, generator),
-            "frame_nce": nce_loss(s["frame_raw"], labels),
-            "frame_trip": triplet_loss(s["frame"], labels, m, hard, pool, generator),
-            "qdl": query_diverse_loss(_loss_query(out), labels, self.neg_factor),
-        }
+        labels = labels.to(out.scores["clip"].device)
+        terms = base_terms(out, labels, hard_negatives, self.margin, self.hard_pool_size,
+                           self.neg_factor, generator)
         matching = (local or {}).get("oml") or self.local_sums(out, labels)["oml"]
         terms["oml"] = oml_from_matching(*matching)
-        w = self.weights
-        terms["total"] = (w["clip_nce"] * terms["clip_nce"] + terms["clip_trip"]
-                          + w["frame_nce"] * terms["frame_nce"] + terms["frame_trip"]
-                          + w["qdl"] * terms["qdl"] + w["oml"] * terms["oml"])
+        terms["total"] = base_total(terms, self.weights) + self.weights["oml"] * terms["oml"]
         return terms
+
+
+BASE_TERMS = TERMS[:5]
+
+
+def base_terms(out: TrainOutput, labels: Tensor, hard_negatives: bool, margin: float, hard_pool_size: int,
+               neg_factor: tuple, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """The terms of BASE_TERMS (unweighted) from the scores of `out` ((Nq, B) "clip", "clip_raw",
+    "frame", "frame_raw") and its second query encoding. Draws: clip triplet, then frame."""
+    s = out.scores
+    n_q, n_v = s["clip"].shape
+    for name in ("clip_raw", "frame", "frame_raw"):
+        if tuple(s[name].shape) != (n_q, n_v):
+            raise ValueError(f"scores['{name}']: expected shape {(n_q, n_v)}, got {tuple(s[name].shape)}")
+    hard, m, pool = bool(hard_negatives), margin, hard_pool_size
+    return {
+        "clip_nce": nce_loss(s["clip_raw"], labels),
+        "clip_trip": triplet_loss(s["clip"], labels, m, hard, pool, generator),
+        "frame_nce": nce_loss(s["frame_raw"], labels),
+        "frame_trip": triplet_loss(s["frame"], labels, m, hard, pool, generator),
+        "qdl": query_diverse_loss(_loss_query(out), labels, neg_factor),
+    }
+
+
+def base_total(terms: Mapping[str, Tensor], w: Mapping[str, float]) -> Tensor:
+    """clip_nce_w * clip_nce + clip_trip + frame_nce_w * frame_nce + frame_trip + qdl_w * qdl."""
+    return (w["clip_nce"] * terms["clip_nce"] + terms["clip_trip"]
+            + w["frame_nce"] * terms["frame_nce"] + terms["frame_trip"] + w["qdl"] * terms["qdl"])

@@ -34,7 +34,9 @@ RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
 
 
 @dataclass
-class GMMFormerConfig(ConfigFromDict):
+class GMMFormerBaseConfig(ConfigFromDict):
+    """The network and the base objective terms, shared by GMMFormer v2 and the methods built on
+    its encoder (Holmes)."""
     # network
     visual_dim: int = 3072
     text_dim: int = 768
@@ -56,7 +58,6 @@ class GMMFormerConfig(ConfigFromDict):
     clip_nce: float = 0.05
     frame_nce: float = 0.04
     qdl: float = 8.0e-5
-    oml: float = 0.09
     qdl_delta: float = 0.15
     qdl_alpha: float = 32.0
     qdl_lambda: float = 1.0
@@ -73,6 +74,10 @@ class GMMFormerConfig(ConfigFromDict):
         if int(self.hard_pool_size) < 1:
             raise ValueError(f"hard_pool_size: expected >= 1, got {self.hard_pool_size}")
 
+
+@dataclass
+class GMMFormerConfig(GMMFormerBaseConfig):
+    oml: float = 0.09   # the optimal-matching (Hungarian) term's weight
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -211,10 +216,11 @@ class WeightTokenAttention(nn.Module):
         self.drop = nn.Dropout(p)
 
     def forward(self, token: Tensor, branches: Tensor, mask: Tensor | None) -> Tensor:
-        """token (H,), branches (K, B, L, H), mask (B, L) bool or None -> (K, B, H)"""
+        """token (H,) shared or (B, H) per video, branches (K, B, L, H), mask (B, L) bool or
+        None -> (K, B, H)"""
         K, B, L, H = branches.shape
         nh = self.n_heads
-        q = self.query(token).view(1, 1, nh, 1, H // nh)                       # (1, 1, nh, 1, dh)
+        q = self.query(token).view(1, -1, nh, 1, H // nh)                      # (1, 1 or B, nh, 1, dh)
         k, v = self.key_value(branches).view(K, B, L, 2, nh, H // nh).permute(3, 0, 1, 4, 2, 5)
         ctx = attention(q, k, v, None, mask, self.drop)                         # (K, B, nh, 1, dh)
         t = self.norm1(token + self.drop(ctx.reshape(K, B, H)))
@@ -226,7 +232,9 @@ class TemporalConsolidation(nn.Module):
     """Gaussian branches + weight-token mixing of one stream (clips or frames).
 
     Each position's output is a softmax mixture (over branches, temperature sft_factor) of the
-    branch outputs, its weights read off the weight token's per-branch summary.
+    branch outputs, its weights read off the weight token's per-branch summary. With token None
+    the token is each video's mean of the branch outputs over branches and over all L positions,
+    padded ones included (Holmes' data-dependent token).
     """
 
     def __init__(self, cfg: GMMFormerConfig, length: int):
@@ -239,10 +247,12 @@ class TemporalConsolidation(nn.Module):
         self.drop = nn.Dropout(cfg.drop)
         self.sft_factor = cfg.sft_factor
 
-    def forward(self, x: Tensor, token: Tensor, mask: Tensor | None) -> Tensor:
-        """x (B, L, H), mask (B, L) bool or None (all real) -> (B, L, H)"""
+    def forward(self, x: Tensor, token: Tensor | None, mask: Tensor | None) -> Tensor:
+        """x (B, L, H), token (H,) or None, mask (B, L) bool or None (all real) -> (B, L, H)"""
         L = x.shape[1]
         outs = self.branches(x, mask)                                           # (K, B, L, H)
+        if token is None:
+            token = outs.mean(0).mean(1)                                        # (B, H)
         t = self.token_attention(token, outs, mask)                             # (K, B, H)
         logits = self.mix_out(self.drop(F.relu(self.mix_hidden(t))))[..., :L]  # (K, B, L)
         mix = torch.softmax(logits / self.sft_factor, dim=0)                    # over branches
@@ -250,7 +260,12 @@ class TemporalConsolidation(nn.Module):
 
 
 class GMMFormer(nn.Module):
-    def __init__(self, cfg: GMMFormerConfig | None = None):
+    # True: one learned weight token shared by both streams (GMMFormer v2). False: each video's
+    # mean token (TemporalConsolidation with token None), for which every video's frames are
+    # padded to max_frames slots before encoding, as the mean runs over all of them (Holmes).
+    learned_token = True
+
+    def __init__(self, cfg: GMMFormerBaseConfig | None = None):
         super().__init__()
         cfg = cfg or GMMFormerConfig()
         self.cfg = cfg
@@ -268,7 +283,8 @@ class GMMFormer(nn.Module):
         self.frame_pos = PositionEmbedding(cfg.max_frames, H, cfg.input_drop)
         self.frame_consolidation = TemporalConsolidation(cfg, cfg.max_frames)
 
-        self.weight_token = nn.Parameter(torch.empty(H))  # shared by both streams
+        if self.learned_token:
+            self.weight_token = nn.Parameter(torch.empty(H))  # shared by both streams
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -290,7 +306,8 @@ class GMMFormer(nn.Module):
                         nn.init.zeros_(p)
                     else:
                         nn.init.normal_(p, 0.0, std)
-        nn.init.normal_(self.weight_token, 0.0, 1.0)
+        if self.learned_token:
+            nn.init.normal_(self.weight_token, 0.0, 1.0)
 
     # ------------------------------------------------------------------ encoders
     def encode_query_feats(self, query_feats: Tensor, query_mask: Tensor) -> Tensor:
@@ -303,15 +320,20 @@ class GMMFormer(nn.Module):
 
     def encode_video_feats(self, clip_feats: Tensor, frame_feats: Tensor, frame_mask: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> clips (B, n_clips, H), frames (B, Lf, H) zero at pads, frame_mask (B, Lf) bool."""
-        token = self.weight_token
+        """-> clips (B, n_clips, H), frames (B, Lf, H) zero at pads, frame_mask (B, Lf) bool
+        (Lf = max_frames without a learned token)."""
+        token = self.weight_token if self.learned_token else None
         clips = self.clip_pos(self.clip_proj(clip_feats))                       # (B, C, H)
         clips = self.clip_consolidation(clips, token, None)                     # every clip is real
 
         frame_mask = as_bool(frame_mask)
-        if frame_mask.shape[1] > self.cfg.max_frames:
+        slots = self.cfg.max_frames - frame_mask.shape[1]
+        if slots < 0:
             raise ValueError(f"frame_feats has {frame_mask.shape[1]} frames; the model takes at most "
                              f"{self.cfg.max_frames}")
+        if token is None and slots:
+            frame_feats = F.pad(frame_feats, (0, 0, 0, slots))                 # zero frames
+            frame_mask = F.pad(frame_mask, (0, slots))                          # ... masked
         frames = self.frame_pos(self.frame_proj(frame_feats))                   # (B, Lf, H)
         frames = self.frame_consolidation(frames, token, frame_mask)
         return clips, frames * frame_mask.unsqueeze(-1), frame_mask

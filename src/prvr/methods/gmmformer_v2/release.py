@@ -5,7 +5,7 @@ separate query/key/value Linears; we stack the branches and fuse q/k/v (see
 `prvr.methods.gmmformer_v2.model`). Every one of our tensors is the concatenation, in a fixed order, of one
 or more release tensors flattened: e.g. `frame_consolidation.branches.qkv_weight`
 (8, 3H, H) is [attn0.query, attn0.key, attn0.value, attn1.query, ...] row blocks. That one
-rule (`_groups`) drives both directions, so they cannot drift apart.
+rule (`release_groups`) drives both directions, so they cannot drift apart.
 """
 from __future__ import annotations
 
@@ -46,18 +46,23 @@ def _pos(prefix: str, n: int, H: int) -> list[tuple[str, Shape]]:
             (f"{prefix}.LayerNorm.weight", (H,)), (f"{prefix}.LayerNorm.bias", (H,))]
 
 
-def _block(prefix: str, K: int, H: int, length: int) -> list[tuple[str, Shape]]:
+# how the release names branch k of a block: v2 "attn{k}", Holmes (a ModuleList) "e_attns.{k}"
+BRANCH = "attn{k}"
+
+
+def _block(prefix: str, K: int, H: int, length: int, branch: str = BRANCH) -> list[tuple[str, Shape]]:
     out = []
     for k in range(K):
-        out += _layer(f"{prefix}.attn{k}", H, 4 * H)
+        out += _layer(f"{prefix}.{branch.format(k=k)}", H, 4 * H)
     out += _layer(f"{prefix}.ca", H, H)
     out += [(f"{prefix}.layer1.weight", (H, H)), (f"{prefix}.layer1.bias", (H,)),
             (f"{prefix}.layer2.weight", (length, H)), (f"{prefix}.layer2.bias", (length,))]
     return out
 
 
-def release_layout(cfg: GMMFormerConfig) -> list[tuple[str, Shape]]:
-    """Every release parameter name and shape for `cfg`, in the release's state_dict order."""
+def release_layout(cfg: GMMFormerConfig, branch: str = BRANCH) -> list[tuple[str, Shape]]:
+    """Every release parameter name and shape for `cfg`, in the release's state_dict order
+    (`branch`: the name pattern of a block's branch k)."""
     H, K = cfg.hidden_size, len(cfg.widths)
     return ([("weight_token", (1, 1, H))]
             + _pos("query_pos_embed", cfg.max_query_len, H)
@@ -66,20 +71,26 @@ def release_layout(cfg: GMMFormerConfig) -> list[tuple[str, Shape]]:
             + _proj("query_input_proj", cfg.text_dim, H)
             + _layer("query_encoder", H, 4 * H)
             + _proj("clip_input_proj", cfg.visual_dim, H)
-            + _block("clip_encoder", K, H, cfg.n_clips)
+            + _block("clip_encoder", K, H, cfg.n_clips, branch)
             + _proj("frame_input_proj", cfg.visual_dim, H)
-            + _block("frame_encoder_1", K, H, cfg.max_frames)
+            + _block("frame_encoder_1", K, H, cfg.max_frames, branch)
             + [("modular_vector_mapping.weight", (1, H))])
 
 
-def _groups(cfg: GMMFormerConfig) -> Iterator[tuple[str, list[str]]]:
-    """(our name, release names whose flattened concatenation it is)."""
+def release_groups(cfg: GMMFormerConfig, branch: str = BRANCH, token: bool = True
+                   ) -> Iterator[tuple[str, list[str]]]:
+    """(our name, release names whose flattened concatenation it is); `token`: our network has
+    the learned weight token."""
     K = len(cfg.widths)
 
     def qkv(p: str, kind: str) -> list[str]:
         return [f"{p}.self.{x}.{kind}" for x in ("query", "key", "value")]
 
-    yield "weight_token", ["weight_token"]
+    def at(rel: str, k: int) -> str:
+        return f"{rel}.{branch.format(k=k)}"
+
+    if token:
+        yield "weight_token", ["weight_token"]
     for ours, rel in (("query", "query"), ("clip", "clip"), ("frame", "frame")):
         yield f"{ours}_pos.embedding.weight", [f"{rel}_pos_embed.position_embeddings.weight"]
         for kind in ("weight", "bias"):
@@ -96,11 +107,11 @@ def _groups(cfg: GMMFormerConfig) -> Iterator[tuple[str, list[str]]]:
     for ours, rel in (("clip_consolidation", "clip_encoder"), ("frame_consolidation", "frame_encoder_1")):
         br, ca = f"{ours}.branches", f"{rel}.ca"
         for kind in ("weight", "bias"):
-            yield f"{br}.qkv_{kind}", [n for k in range(K) for n in qkv(f"{rel}.attn{k}", kind)]
-            yield f"{br}.ffn_in_{kind}", [f"{rel}.attn{k}.output.layer1.{kind}" for k in range(K)]
-            yield f"{br}.ffn_out_{kind}", [f"{rel}.attn{k}.output.layer2.{kind}" for k in range(K)]
-            yield f"{br}.norm1_{kind}", [f"{rel}.attn{k}.norm1.{kind}" for k in range(K)]
-            yield f"{br}.norm2_{kind}", [f"{rel}.attn{k}.norm2.{kind}" for k in range(K)]
+            yield f"{br}.qkv_{kind}", [n for k in range(K) for n in qkv(at(rel, k), kind)]
+            yield f"{br}.ffn_in_{kind}", [f"{at(rel, k)}.output.layer1.{kind}" for k in range(K)]
+            yield f"{br}.ffn_out_{kind}", [f"{at(rel, k)}.output.layer2.{kind}" for k in range(K)]
+            yield f"{br}.norm1_{kind}", [f"{at(rel, k)}.norm1.{kind}" for k in range(K)]
+            yield f"{br}.norm2_{kind}", [f"{at(rel, k)}.norm2.{kind}" for k in range(K)]
             ta = f"{ours}.token_attention"
             yield f"{ta}.query.{kind}", [f"{ca}.self.query.{kind}"]
             yield f"{ta}.key_value.{kind}", [f"{ca}.self.key.{kind}", f"{ca}.self.value.{kind}"]
@@ -112,27 +123,41 @@ def _groups(cfg: GMMFormerConfig) -> Iterator[tuple[str, list[str]]]:
             yield f"{ours}.mix_out.{kind}", [f"{rel}.layer2.{kind}"]
 
 
-def _our_shapes(cfg: GMMFormerConfig) -> dict[str, Shape]:
+def _our_shapes(cfg: GMMFormerConfig, model_class: type | None = None) -> dict[str, Shape]:
     from .model import GMMFormer
     with torch.device("meta"):
-        model = GMMFormer(cfg)
+        model = (model_class or GMMFormer)(cfg)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: GMMFormerConfig) -> dict[str, Tensor]:
+def convert_release_state_dict(sd: Mapping[str, Tensor], cfg: GMMFormerConfig, model_class: type | None = None,
+                               branch: str = BRANCH) -> dict[str, Tensor]:
     """A release `state_dict` (names of reference_state_dict_tvr.txt) -> our state_dict.
 
+    `model_class` (default GMMFormer) is the network it is for and `branch` the release's name
+    of branch k; the release's weight token is dropped when that network has no learned token.
     Raises ValueError naming the first missing or mis-shaped release tensor (in release
     order), or the unexpected extra names.
     """
+    from .model import GMMFormer
+
+    model_class = model_class or GMMFormer
     sd = strip_module_prefix(sd)
-    check_release_layout(sd, release_layout(cfg), cfg)
-    return fuse_release_tensors(sd, _groups(cfg), _our_shapes(cfg))
+    check_release_layout(sd, release_layout(cfg, branch), cfg)
+    return fuse_release_tensors(sd, release_groups(cfg, branch, model_class.learned_token),
+                                _our_shapes(cfg, model_class))
 
 
-def to_release_state_dict(our_sd: Mapping[str, Tensor], cfg: GMMFormerConfig) -> dict[str, Tensor]:
-    """Our state_dict -> the release's names and shapes (inverse of the conversion)."""
-    return split_release_tensors(our_sd, _groups(cfg), release_layout(cfg))
+def to_release_state_dict(our_sd: Mapping[str, Tensor], cfg: GMMFormerConfig, branch: str = BRANCH
+                          ) -> dict[str, Tensor]:
+    """Our state_dict -> the release's names and shapes (inverse of the conversion). Without a
+    weight token in ours (a network that computes it), the release's is written as zeros: its
+    network holds the parameter but never reads it."""
+    token = "weight_token" in our_sd
+    layout = release_layout(cfg, branch)
+    if not token:
+        our_sd = {**our_sd, "weight_token": torch.zeros(dict(layout)["weight_token"])}
+    return split_release_tensors(our_sd, release_groups(cfg, branch, True), layout)
 
 
 _RELEASE_KEYS = {  # release config key -> our GMMFormerConfig field
@@ -152,16 +177,21 @@ _RELEASE_KEYS = {  # release config key -> our GMMFormerConfig field
 }
 
 
-def config_from_release(release_config: Mapping[str, Any] | Any, base: GMMFormerConfig) -> GMMFormerConfig:
-    """`base` with the values the release's config (dict, EasyDict or attribute object) sets."""
-    if isinstance(release_config, Mapping):
-        get = release_config.get
-    else:
-        def get(key, default=None):
-            return getattr(release_config, key, default)
+def config_from_release(release_config: Mapping[str, Any] | Any, base: GMMFormerConfig,
+                        keys: Mapping[str, str] = _RELEASE_KEYS) -> GMMFormerConfig:
+    """`base` with the values the release's config (dict, EasyDict or attribute object) sets.
+    `keys`: release key -> our field; "name[i]" is item i of the release's list `name`."""
+    def get(key):
+        name, _, index = key.partition("[")
+        value = (release_config.get(name) if isinstance(release_config, Mapping)
+                 else getattr(release_config, name, None))
+        if index and isinstance(value, (list, tuple)):
+            i = int(index.rstrip("]"))
+            return value[i] if i < len(value) else None
+        return None if index else value
     changes: dict[str, Any] = {}
-    for key, field in _RELEASE_KEYS.items():
-        value = get(key, None)
+    for key, field in keys.items():
+        value = get(key)
         if value is None:
             continue
         kind = type(getattr(base, field))
@@ -181,14 +211,23 @@ def is_release_state_dict(sd: Any) -> bool:
 
 
 def release_metrics(model_val: Any) -> dict[str, float]:
-    """The release's model_val [r1, r5, r10, r100, sumr] as a dict (NaNs dropped)."""
+    """The release's model_val [r1, r5, r10, r100, sumr, ...] as a dict (NaNs and non-numbers
+    dropped)."""
     import math
 
+    out = {}
     try:
-        vals = [float(v) for v in model_val]
-    except (TypeError, ValueError):
+        pairs = list(zip(("r1", "r5", "r10", "r100", "sumr"), model_val))
+    except TypeError:
         return {}
-    return {k: v for k, v in zip(("r1", "r5", "r10", "r100", "sumr"), vals) if not math.isnan(v)}
+    for k, v in pairs:   # Holmes appends a None; skip what is not a number
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            continue
+        if not math.isnan(x):
+            out[k] = x
+    return out
 
 
 def load_release(ckpt: Mapping[str, Any], base: GMMFormerConfig
