@@ -17,6 +17,7 @@ Data flow of one evaluation (prvr.evaluation):
 
 Data flow of one training step (prvr.training, prvr.distributed):
 
+    phase = method.start_epoch(model, loss, epoch)    # once per epoch, before its first step
     out = model(batch)                             # TrainOutput (queries, videos, scores)
     terms = loss(out, labels, hard_negatives, generator)   # {term: 0-dim, ..., "total": 0-dim}
 
@@ -218,6 +219,12 @@ class Method:
         """How many release tensors a parameter fuses (for per-tensor gradient clipping)."""
         return int(getattr(param, "release_chunks", 1))
 
+    def start_epoch(self, model: nn.Module, loss: nn.Module, epoch: int) -> dict[str, float]:
+        """The epoch hook: the training loop calls it for every method before each epoch
+        (epochs count from 0; after a resume too, so a schedule must be a function of `epoch`).
+        A method with phases switches them here; it returns what to log of them ({} here)."""
+        return {}
+
     def is_release_checkpoint(self, ckpt: Mapping[str, Any]) -> bool:
         """True when `ckpt` (a weights_only-loaded dict) is in this method's release format."""
         return False
@@ -227,3 +234,62 @@ class Method:
         `base` supplies what the release does not store. Raises KeyError/ValueError naming the
         first missing or mis-shaped tensor."""
         raise ValueError(f"{self.name}: no release checkpoint format is known")
+
+
+# ---------------------------------------------------------------------------------------------
+# The search part of the contract (prvr.search): optional. A network that has it can be indexed
+# and searched; prvr.search asks for these names only and never names a method, and a network
+# without them gets a one-line error from the index build.
+#
+#     vectors, mask = model.index_vectors(videos)     # stage 1: (B, n, D), (B, n) bool
+#     q = model.index_queries(query)                  # (Nq, D)
+#     stage-1 score of (query, video) = max over the video's real vectors of q . vector, an
+#     approximation (or the exact value) of the method's score that ranks candidate videos
+#     start, end = model.localize(query, videos, n_frames)   # (Nq, b) int64 each
+#     the moment of each (query, video): rows [start, end) of the video's own features
+#     (video2frames order, n_frames[j] rows; end exclusive)
+#
+# The rerank of the candidates is the method's own `score` (so a hit's score is evaluate's).
+
+
+@runtime_checkable
+class SearchableModel(Protocol):
+    """The optional search part of a MethodModel."""
+
+    def index_vectors(self, videos: VideoEncoding) -> tuple[Tensor, Tensor]:
+        """Stage-1 vectors of B encoded videos: (B, n, D) and a (B, n) bool mask of the real
+        ones. The candidate score of a video is the max of `index_queries(q) . v` over them."""
+
+    def index_queries(self, query: Tensor) -> Tensor:
+        """(Nq, D) query encodings -> (Nq, D) stage-1 query vectors."""
+
+    def localize(self, query: Tensor, videos: VideoEncoding, n_frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The moment each query finds in each video: (start, end), each (Nq, b) int64 rows of
+        the video's own features, end exclusive; n_frames (b,) int64 is each video's row count."""
+
+
+SEARCH_PARTS = ("index_vectors", "index_queries", "localize")
+
+
+def missing_search_parts(model: Any) -> list[str]:
+    """The names of the search contract that `model` lacks (empty: it can be searched)."""
+    return [name for name in SEARCH_PARTS if not callable(getattr(model, name, None))]
+
+
+def clip_rows(first: Tensor, last: Tensor, n_frames: Tensor, n_clips: int) -> tuple[Tensor, Tensor]:
+    """Feature rows [start, end) covered by clips first..last (inclusive) of the clip stream.
+
+    The data side (prvr.data.datasets) builds clip i of a video with n rows from the bin edges
+    e = min(rint(linspace(0, n, n_clips + 1)), n - 1): the mean of rows [e_i, e_i+1) when that
+    is not empty, else the single row e_i. first, last: int64 (...,); n_frames broadcasts with
+    them. Rounding is half to even, as numpy's rint (i * n / n_clips is exact in float64)."""
+    n = n_frames.to(torch.float64)
+
+    def edge(i: Tensor) -> Tensor:
+        e = torch.round(i.to(torch.float64) * n / n_clips)
+        return torch.minimum(e, n - 1).to(torch.int64)
+
+    start = edge(first)
+    lo, hi = edge(last), edge(last + 1)
+    end = torch.where(hi > lo, hi, lo + 1)
+    return start, torch.maximum(end, start + 1)
