@@ -44,7 +44,7 @@ def method_result(ds: str, name: str, split: str):
     hist = paths.history_csv(ds, name)
     m = get_method(name)
     return MethodResult(name, m.title, test, {**train, **run}, read_history(hist) if hist.is_file() else [],
-                        dict(m.paper[ds]) if ds in m.paper else None)
+                        dict(m.paper[ds]) if ds in m.paper else None, m.paper_selection)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             if r.train.get("mlflow_run_id") and tracker.attach(r.train["mlflow_run_id"]):
                 for path in files.values():
                     tracker.log_artifact(path, "report")
+                if r.paper:   # the paper's row beside the run's own metrics in `mlflow ui`
+                    tracker.log_metrics({f"paper_{k}": float(v) for k, v in r.paper.items()})
+                    tracker.set_tags({"paper_selection": r.paper_selection})
     log.info("read the results of %s on %s and %s; wrote %s (%.1f s)", ", ".join(methods), ds, vpath,
              ", ".join(str(p) for p in files.values()), time.time() - t0)
     return 0

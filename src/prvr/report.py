@@ -31,6 +31,7 @@ class MethodResult:
     train: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     paper: dict[str, float] | None = None
+    paper_selection: str = "test"     # prvr.methods.base.Method.paper_selection
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -158,6 +159,31 @@ def selection_sentence(results: list[MethodResult], validation: dict[str, Any] |
     return sentence
 
 
+def paper_selection_sentence(results: list[MethodResult], validation: dict[str, Any] | None) -> str | None:
+    """For paper rows that are a release's best validation epoch: what that validation split
+    shares with the test split here (validation.json's overlap), so a reader knows whether
+    they are test numbers selected on the test split."""
+    picked = [r.title for r in results if r.paper and r.paper_selection == "best_validation"]
+    if not picked:
+        return None
+    who = ", ".join(picked)
+    head = (f"{who}, paper: the best validation epoch of the release's training logs, not a "
+            "separate test run; ")
+    o = (validation or {}).get("overlap")
+    if not o:
+        return head + "validate measured no val/test overlap for this dataset."
+    caps, vids = int(o.get("shared_captions", 0)), int(o.get("shared_videos", 0))
+    if o.get("identical"):
+        return head + (f"here the validation split is the test split ({int(o['test_captions']):,} "
+                       "captions), so those are test numbers selected on the test split.")
+    if caps or vids:
+        return head + (f"here the validation split shares {caps:,} of the {int(o['test_captions']):,} "
+                       f"test captions and {vids:,} of the {int(o['test_videos']):,} test videos, so "
+                       "those numbers were selected partly on the test split.")
+    return head + ("here the validation split shares no caption or video with the test split, so "
+                   "those are held-out numbers.")
+
+
 def extra_splits(test: dict[str, Any]) -> list[str]:
     """Names of the extra evaluation splits in a test record (keys `<name>_sumr`)."""
     return sorted(k[:-len("_sumr")] for k in test if k.endswith("_sumr") and len(k) > len("_sumr"))
@@ -194,6 +220,9 @@ def render_markdown(dataset: str, results: list[MethodResult], validation: dict[
     else:
         ref = (f"No published numbers for `{dataset}`; chance is the expected recall of a random "
                f"ranking of {first['n_videos']} videos with one relevant video per query (R@k = 100 k / V).")
+    picked = paper_selection_sentence(results, validation) if dataset in DATASET_NAMES else None
+    if picked:
+        ref += " " + picked
     lines += ["", ref, "", "## Figures", "", f"![training curves]({figures['curves']})", "",
               f"![recall at k]({figures['recall']})", ""]
     lines += _data_section(validation) + _tracking_section(dataset, results)

@@ -167,6 +167,10 @@ class Method:
     title: str = ""
     release: str = ""
     paper: Mapping[str, Mapping[str, float]] = {}
+    # How the paper's numbers were picked: "test" (a test result, as papers report them) or
+    # "best_validation" (the best validation epoch of the release's logs; the report then says
+    # what that validation split shares with the test split on the dataset).
+    paper_selection: str = "test"
     # Extra classes a release checkpoint pickles, for the weights_only unpickler's allow-list:
     # (plain replacement type, "module.Name" as stored). Never a class whose code would run.
     release_globals: Sequence[tuple[type, str]] = ()

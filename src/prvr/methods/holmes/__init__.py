@@ -26,6 +26,8 @@ class HolmesMethod(Method):
         "cha": {"r1": 2.3, "r5": 9.5, "r10": 15.2, "r100": 53.6, "sumr": 80.6},
     }
 
+    paper_selection = "best_validation"
+
     def start_epoch(self, model: nn.Module, loss: nn.Module, epoch: int) -> dict[str, float]:
         """The warm-up switch: from epoch warmup_epoch on, the intra-video term and the label
         smoothing of ambiguous queries are on."""
