@@ -21,9 +21,10 @@ release is needed without the flag, and nothing of it is copied here.
    the ranks our generator draws (clip triplet first). Tolerance 1e-4 relative; the release's
    weighted sum of its terms is checked against its total.
 4. Speed: one training step (forward, loss after the warm-up with hard negatives, backward,
-   optimiser step), as each is run by its users: the release's network, loss and BertAdam;
-   ours through the train stage's objects (the reference network: Holmes has no CPU backend),
-   alternating step by step, min and median.
+   optimiser step), as each is run by its users: the release's network, loss and BertAdam in a
+   plain interpreter; ours (each backend) through the train stage's objects in a process with
+   the train stage's CPU start-up environment. One process per implementation and round, the
+   rounds alternating; min and median over all steps.
 Figures go to benchmarks/results/holmes_parity.json.
 """
 from __future__ import annotations
@@ -219,33 +220,40 @@ def compare_terms(ours, loss, rel, terms, batch: dict, rcfg: dict, seed: int) ->
 
 # ------------------------------------------------------------------------------ speed
 
-def time_steps(runners, reps: int, warmup: int) -> dict:
-    times = {name: [] for name, _ in runners}
+def _steps(step, reps: int, warmup: int) -> dict:
+    times = []
     for i in range(warmup + reps):
-        for name, step in runners:
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            if i >= warmup:
-                times[name].append((time.perf_counter() - t0, time.process_time() - c0))
-    return {name: {"min_s": min(t for t, _ in ts), "median_s": statistics.median(t for t, _ in ts),
-                   "cpu_median_s": statistics.median(c for _, c in ts), "reps": len(ts)}
-            for name, ts in times.items()}
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0, time.process_time() - c0))
+    import resource
+
+    return {"min_s": min(t for t, _ in times), "median_s": statistics.median(t for t, _ in times),
+            "cpu_median_s": statistics.median(c for _, c in times), "reps": len(times),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def speed(cfg: HolmesConfig, rel_parts, ckpt: Path, batch: dict, reps: int, warmup: int, seed: int) -> dict:
-    rcfg, get_models, ReleaseLoss, BertAdam = rel_parts
-    model = load_model(ckpt, method="holmes")[0].train()
+def ours_step_fn(cfg: HolmesConfig, ckpt: Path, batch: dict, seed: int, backend: str):
+    """Our training step as the train stage runs it: the network on `backend`, the loss after
+    the warm-up with hard negatives, the optimiser of the train stage."""
+    model = load_model(ckpt, method="holmes", backend=backend)[0].train()
     loss = METHOD.build_loss(cfg)
     METHOD.start_epoch(model, loss, cfg.warmup_epoch)
     opt = build_optimizer(METHOD.param_groups(model, 0.01), TVR_OPTIM, t_total=10_000)
     gen = torch.Generator().manual_seed(seed)
 
-    def ours_step():
+    def step():
         terms = loss(model(batch), batch["query_labels"], True, gen)
         opt.zero_grad(set_to_none=False)
         terms["total"].backward()
         opt.step()
+    return step
 
+
+def release_step_fn(rel_parts, ckpt: Path, batch: dict):
+    """The release's training step as its main.py runs it: its network, loss and BertAdam."""
+    rcfg, get_models, ReleaseLoss, BertAdam = rel_parts
     rel = get_models(rcfg)
     rel.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
     rel.train()
@@ -258,16 +266,62 @@ def speed(cfg: HolmesConfig, rel_parts, ckpt: Path, batch: dict, reps: int, warm
                     schedule="warmup_linear")
     rb = release_batch(batch)
 
-    def release_step():
+    def step():
         total = crit(rel(rb), rb)
         ropt.zero_grad()
         total.backward()
         ropt.step()
+    return step
 
-    res = time_steps([("ours", ours_step), ("release", release_step)], reps, warmup)
-    res["speedup_min"] = res["release"]["min_s"] / res["ours"]["min_s"]
-    res["speedup_median"] = res["release"]["median_s"] / res["ours"]["median_s"]
+
+def speed(args) -> dict:
+    """Each implementation timed in its own process, as its users start it: ours with the train
+    stage's start-up environment for the CPU backend (prvr.procenv: preloaded allocator, short
+    thread waits), the release as a plain interpreter. Rounds alternate ours and the release
+    so that both see the same machine load."""
+    import json
+    import os
+    import subprocess
+
+    from prvr.procenv import allocator_env_needed, thread_env_needed
+
+    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD",)}
+    envs = {"release": plain}
+    for backend in args.backends.split(","):
+        envs[backend] = {**plain, **allocator_env_needed(plain), **thread_env_needed(plain)}
+    rounds: dict[str, list] = {name: [] for name in envs}
+    for _ in range(args.rounds):
+        for name, env in envs.items():
+            cmd = [sys.executable, __file__, "--release", str(args.release), "--videos", str(args.videos),
+                   "--reps", str(args.reps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                   "--seed", str(args.seed), "--work", str(args.work), "--time-one", name]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            rounds[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  {name}: {rounds[name][-1]}", flush=True)
+    res = {}
+    for name, rs in rounds.items():
+        res[name] = {"min_s": min(r["min_s"] for r in rs),
+                     "median_s": statistics.median(r["median_s"] for r in rs),
+                     "cpu_median_s": statistics.median(r["cpu_median_s"] for r in rs),
+                     "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "steps": sum(r["reps"] for r in rs),
+                     "environment": {k: v for k, v in envs[name].items() if k not in plain or plain[k] != v}}
+    for name in envs:
+        if name != "release":
+            res[f"speedup_{name}_min"] = res["release"]["min_s"] / res[name]["min_s"]
+            res[f"speedup_{name}_median"] = res["release"]["median_s"] / res[name]["median_s"]
     return res
+
+
+def time_one(args, cfg, parts, ckpt: Path, batch: dict) -> int:
+    import json
+
+    if args.time_one == "release":
+        step = release_step_fn(parts, ckpt, batch)
+    else:
+        step = ours_step_fn(cfg, ckpt, batch, args.seed, args.time_one)
+    torch.manual_seed(args.seed)
+    print(json.dumps(_steps(step, args.reps, args.warmup)), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -280,6 +334,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/prvr_holmes_parity"), help="work folder (outside the repo)")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="timing processes per implementation")
+    ap.add_argument("--backends", default="cpu,reference", help="our backends to time")
+    ap.add_argument("--time-one", choices=["release", "cpu", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=default_out("holmes_parity"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -289,6 +346,8 @@ def main(argv=None) -> int:
     cfg = our_config(rcfg)
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = args.work / "best.ckpt"
+    if args.time_one:
+        return time_one(args, cfg, parts, ckpt, make_batch(args.videos, cfg, args.seed + 1))
     write_release_checkpoint(ckpt, cfg, rcfg, args.seed, noise=0.02)
     ours = load_model(ckpt, method="holmes")[0].eval()
     rel = get_models(rcfg)
@@ -308,11 +367,11 @@ def main(argv=None) -> int:
               f"{row['max_relative_diff']:.2e}, release sum vs total {row['release_sum_of_terms_vs_total']:.1e}",
               flush=True)
     if not args.no_speed:
-        result["speed"] = speed(cfg, parts, ckpt, batch, args.reps, args.warmup, args.seed)
-        s = result["speed"]
-        print(f"train step: ours min {s['ours']['min_s']:.3f} s median {s['ours']['median_s']:.3f} s | release "
-              f"min {s['release']['min_s']:.3f} s median {s['release']['median_s']:.3f} s | x{s['speedup_min']:.2f} "
-              f"(min), x{s['speedup_median']:.2f} (median)", flush=True)
+        result["speed"] = s = speed(args)
+        for name in args.backends.split(","):
+            print(f"train step: ours ({name}) min {s[name]['min_s']:.3f} s median {s[name]['median_s']:.3f} s | "
+                  f"release min {s['release']['min_s']:.3f} s median {s['release']['median_s']:.3f} s | "
+                  f"x{s[f'speedup_{name}_min']:.2f} (min), x{s[f'speedup_{name}_median']:.2f} (median)", flush=True)
     result["ok"] = result["scores"]["ok"] and all(r["ok"] for r in result["loss_terms"])
     write_results(args.out, result)
     return 0 if result["ok"] else 1

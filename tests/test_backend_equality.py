@@ -18,6 +18,8 @@ SMALL = {
                          n_clips=5, hard_pool_size=3),
     "msssl": dict(visual_dim=12, text_dim=10, hidden_size=16, n_heads=2, max_query_len=7, max_frames=20,
                   n_clips=5, hard_pool_size=3),
+    "holmes": dict(visual_dim=12, text_dim=10, hidden_size=8, n_heads=2, max_query_len=7, max_frames=20,
+                   n_clips=5, hard_pool_size=3, warmup_epoch=0),   # both phases: after the warm-up
 }
 METHODS = sorted(SMALL)
 FRAMES, QUERIES = [7, 20, 2, 11], [4, 7, 1, 6, 3]
@@ -88,6 +90,7 @@ def _video_tensors(videos) -> list:
 
 def _terms_and_grads(name, model, batch, hard: bool):
     loss = get_method(name).build_loss(model.cfg)
+    get_method(name).start_epoch(model, loss, 0)   # Holmes (warmup_epoch 0): after its warm-up
     model.train()
     model.zero_grad()
     out = model(batch)
@@ -161,3 +164,14 @@ def test_a_method_without_a_fast_path_runs_its_reference_network():
     cfg = meanpool.config({"hidden_size": 8, "max_query_len": 7, "max_frames": 20, "n_clips": 5,
                            "temperature": 0.05, "init_std": 0.02}, {"visual_dim": 12, "text_dim": 10})
     assert type(meanpool.build_model(cfg, "cpu")) is type(meanpool.build_model(cfg, "reference"))
+
+
+def test_holmes_backends_agree_when_the_batch_is_shorter_than_max_frames():
+    """Holmes pads every video to max_frames for its mean token; the CPU path keeps that."""
+    ref, cpu, cfg = pair("holmes", seed=4)
+    batch = batch_for(cfg, [7, 12, 2], [4, 7, 1, 6], seed=8)
+    with torch.no_grad():
+        a, b = (m.eval().encode_videos(batch) for m in (ref, cpu))
+    assert a.seq.shape[1] == b.seq.shape[1] == cfg.max_frames > batch["frame_mask"].shape[1]
+    for x, y in zip(_video_tensors(a), _video_tensors(b)):
+        assert (x.float() - y.float()).abs().max() < 1e-5

@@ -394,3 +394,30 @@ def test_train_stage_runs_both_phases_and_evaluate_reads_a_release_checkpoint(ti
                str(ckpt), "--no-progress", "--no-mlflow"], cwd=tiny_workdir, check=False)
     assert bad.returncode != 0 and str(ckpt) in bad.stderr
     assert len([ln for ln in bad.stderr.splitlines() if "error" in ln.lower()]) == 1, bad.stderr
+
+
+# ----------------------------------------------------------------------------- the report
+
+def _holmes_result(ds: str):
+    from prvr.report import MethodResult
+
+    test = {"r1": 1.0, "r5": 5.0, "r10": 10.0, "r100": 90.0, "sumr": 106.0, "n_queries": 30, "n_videos": 15,
+            "split": "test"}
+    return MethodResult("holmes", METHOD.title, test, {"best_epoch": 1}, [], dict(METHOD.paper[ds]),
+                        METHOD.paper_selection)
+
+
+@pytest.mark.parametrize("shared,identical,words", [
+    (30, True, "the validation split is the test split"),
+    (12, False, "selected partly on the test split"),
+    (0, False, "those are held-out numbers"),
+])
+def test_the_report_says_how_the_paper_row_was_selected(shared, identical, words):
+    from prvr.report import render_markdown
+
+    overlap = {"val_captions": 30, "test_captions": 30, "shared_captions": shared, "val_videos": 15,
+               "test_videos": 15, "shared_videos": shared // 2, "identical": identical}
+    text = render_markdown("tvr", [_holmes_result("tvr")], {"overlap": overlap, "splits": {}},
+                           {"curves": "c.png", "recall": "r.png"})
+    assert "| Holmes, paper | 17.3 | 39.0 | 50.4 | 87.4 | 194.2 |" in text
+    assert "Holmes, paper: the best validation epoch of the release's training logs" in text and words in text

@@ -65,7 +65,9 @@ class PackedGaussianBranches(GaussianBranches):
 
 class PackedWeightTokenAttention(WeightTokenAttention):
     def forward(self, token: Tensor, branches: Tensor, tokens: Tokens) -> Tensor:
-        """token (H,), branches (K, N, H) packed -> (K, B, H)."""
+        """token (H,) shared or (B, H) per video, branches (K, N, H) packed -> (K, B, H)."""
+        if token.dim() == 2:
+            return self.per_video(token, branches, tokens)
         K, H, nh = branches.shape[0], branches.shape[-1], self.n_heads
         B, L, dh = tokens.batch, tokens.length, H // nh
         w_k, w_v = self.key_value.weight.view(2, nh, dh, H).unbind(0)
@@ -84,11 +86,38 @@ class PackedWeightTokenAttention(WeightTokenAttention):
         f = self.ffn_out(dropout(self.ffn_in(t), self.drop.p, self.training, relu=True))
         return self.norm2(add_dropout(t, f, self.drop.p, self.training))
 
+    def per_video(self, token: Tensor, branches: Tensor, tokens: Tokens) -> Tensor:
+        """A token per video (B, H), with every one of the B x L slots a token (tokens.index
+        None; padded keys masked by tokens.key_mask_add): each video's query folded into the
+        key projection, the value projection after pooling."""
+        K, H, nh = branches.shape[0], branches.shape[-1], self.n_heads
+        B, L, dh = tokens.batch, tokens.length, H // nh
+        if tokens.index is not None:
+            raise ValueError("a per-video token needs every slot as a token")
+        w_k, w_v = self.key_value.weight.view(2, nh, dh, H).unbind(0)
+        b_k, b_v = self.key_value.bias.view(2, nh, dh).unbind(0)
+        q = self.query(token).view(B, nh, dh) / math.sqrt(dh)
+        key_q = torch.einsum("bhd,hdc->bch", q, w_k)                      # (B, H, nh)
+        o = branches.view(K, B, L, H)
+        scores = torch.matmul(o, key_q) + (q * b_k).sum(-1)[:, None, :]   # (K, B, L, nh)
+        mask_add = tokens.key_mask_add(scores.dtype)                      # (B, 1, 1, L) or None
+        if mask_add is not None:
+            scores = scores + mask_add.view(1, B, L, 1)
+        probs = dropout(torch.softmax(scores, dim=2), self.drop.p, self.training)
+        pooled = torch.matmul(probs.transpose(2, 3), o)                   # (K, B, nh, H)
+        ctx = torch.einsum("kbnc,ndc->kbnd", pooled, w_v) + probs.sum(2)[..., None] * b_v
+        t = self.norm1(add_dropout(token, ctx.reshape(K, B, H), self.drop.p, self.training))
+        f = self.ffn_out(dropout(self.ffn_in(t), self.drop.p, self.training, relu=True))
+        return self.norm2(add_dropout(t, f, self.drop.p, self.training))
+
 
 class PackedTemporalConsolidation(TemporalConsolidation):
-    def forward(self, x: Tensor, token: Tensor, tokens: Tokens) -> Tensor:
-        """packed (N, H) -> packed (N, H)"""
+    def forward(self, x: Tensor, token: Tensor | None, tokens: Tokens) -> Tensor:
+        """packed (N, H) -> packed (N, H); token None: each video's mean of the branch outputs
+        over branches and all L slots (every slot a token, as the reference)."""
         outs = self.branches(x, tokens)                                   # (K, N, H)
+        if token is None:
+            token = outs.view(len(outs), tokens.batch, tokens.length, -1).mean(0).mean(1)   # (B, H)
         t = self.token_attention(token, outs, tokens)                     # (K, B, H)
         h = dropout(self.mix_hidden(t), self.drop.p, self.training, relu=True)
         L = tokens.length
