@@ -199,6 +199,19 @@ def test_code_hash_covers_the_runs_method_not_the_others_nor_the_report(tmp_path
     assert code_hash("msssl", root) != code_hash("msssl", _package_copy(tmp_path / "fresh"))
 
 
+def test_code_hash_of_a_method_covers_the_method_it_builds_on(tmp_path):
+    from prvr.training import code_files, code_hash
+
+    root = _package_copy(tmp_path)
+    rel = {p.relative_to(root).as_posix() for p in code_files("holmes", root)}
+    assert {"methods/holmes/loss.py", "methods/gmmformer_v2/model.py"} <= rel
+    before = {m: code_hash(m, root) for m in ("holmes", "msssl")}
+    with open(root / "methods/gmmformer_v2/model.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# an edit of the encoder Holmes builds on\n")
+    assert code_hash("holmes", root) != before["holmes"]
+    assert code_hash("msssl", root) == before["msssl"]
+
+
 def test_code_hash_is_the_same_in_another_process():
     from prvr.training import code_hash
 

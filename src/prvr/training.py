@@ -94,12 +94,29 @@ CODE_PATHS = ("__init__.py", "accel.py", "atomic.py", "checkpoint.py", "config.p
               "methods/__init__.py", "methods/base.py", "methods/layers.py", "backends")
 
 
+_SIBLING_IMPORT = re.compile(r"^\s*from \.\.(\w+)[ .]", re.MULTILINE)
+
+
+def method_packages(method: str, root: Path) -> list[str]:
+    """`method` and the other method packages its code imports (`from ..<package>`, e.g.
+    Holmes builds on gmmformer_v2), transitively; read from the source, nothing imported."""
+    seen, todo = [], [method]
+    while todo:
+        name = todo.pop()
+        if name in seen or not (root / "methods" / name).is_dir():
+            continue
+        seen.append(name)
+        for path in sorted((root / "methods" / name).rglob("*.py")):
+            todo += _SIBLING_IMPORT.findall(path.read_text(encoding="utf-8"))
+    return seen
+
+
 def code_files(method: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """The source files a run of `method` computes with: CODE_PATHS and prvr/methods/<method>/,
-    under `root` (default: this package)."""
+    """The source files a run of `method` computes with: CODE_PATHS and prvr/methods/<m>/ of
+    the method and of the method packages it builds on, under `root` (default: this package)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
     files: set[Path] = set()
-    for rel in (*CODE_PATHS, f"methods/{method}"):
+    for rel in (*CODE_PATHS, *(f"methods/{m}" for m in method_packages(method, root))):
         path = root / rel
         files |= set(path.rglob("*.py")) if path.is_dir() else {path} if path.is_file() else set()
     return sorted(files)
