@@ -62,7 +62,7 @@ def test_resolved_sections_are_complete_with_the_dataclass_defaults(params):
     ("evaluate.memory_budget_mb", -5, r"params.yaml: evaluate.memory_budget_mb -5: expected a number > 0"),
     ("datasets.demo.colection", "demo", r"params.yaml: datasets.demo.colection: unknown key"),
     ("datasets.demo.visual_dim", "256", r"params.yaml: datasets.demo.visual_dim '256': expected an integer >= 1"),
-    ("datasets.demo.feature_format", "zarr", r"params.yaml: datasets.demo.feature_format 'zarr': expected one of bigfile, hdf5"),
+    ("datasets.demo.feature_format", "zarr", r"params.yaml: datasets.demo.feature_format 'zarr': expected one of bigfile, hdf5, bigfile_hdf5"),
     ("datasets.demo.generator", [1], r"params.yaml: datasets.demo.generator \[1\]: expected a mapping or null"),
     ("methods.gmmformer_v2.demo.epochs", -1, r"params.yaml: methods.gmmformer_v2.demo.epochs -1: expected an integer >= 1"),
     ("methods.gmmformer_v2.demo.batch_size", "big", r"methods.gmmformer_v2.demo.batch_size 'big': expected an integer >= 1"),

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .features import FeatureStore
+from .features import FeatureStore, open_store
 from .h5features import H5FeatureStore
 from .h5index import index_dir, load_index
 from .layout import (SPLITS, CollectionPaths, DataError, caption_key_alias, locate,
@@ -390,9 +390,7 @@ class Corpus:
     @property
     def features(self) -> FeatureStore | H5FeatureStore:
         if self._features is None:
-            self._features = (H5FeatureStore(self.paths.video_feat_file, self.index_dir)
-                              if self.paths.is_hdf5
-                              else FeatureStore(self.paths.feature_dir))
+            self._features = open_store(self.paths, self.index_dir)
         return self._features
 
     @property

@@ -405,7 +405,8 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", s
 
     `layout` (default: the preset's, else 'bigfile'): 'bigfile' (FeatureData/<feature>/),
     'hdf5' (the CLIP layout instead: FeatureData/<video_file>, TextData/<query_file>, see
-    write_h5_layout) or 'both'.
+    write_h5_layout), 'both', or 'bigfile_hdf5' (FeatureData/<feature>/feature.hdf5 +
+    video2frames.txt, see write_frames_h5_layout).
 
     Deterministic in (preset, seed, scale, options). Builds in a temporary folder next to the
     target and renames it into place (an existing corpus there is replaced). `dense_gt` and
@@ -435,7 +436,9 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", s
             n_rows, n_caps_total = _write_bigfile_corpus(p, world, seed, plans, sizes, tmp, bar)
             bar.close()
             _write_options(p, tmp, seed, plans, dense_gt, val_is_test)
-            if layout != "bigfile":
+            if layout == "bigfile_hdf5":
+                write_frames_h5_layout(tmp, p, progress)
+            elif layout != "bigfile":
                 write_h5_layout(tmp, p, keep_bigfile=layout == "both", video_file=video_file,
                                 query_file=query_file, progress=progress)
             _replace_dir(tmp, target)
@@ -448,7 +451,19 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", s
     return target
 
 
-LAYOUTS = ("bigfile", "hdf5", "both")
+LAYOUTS = ("bigfile", "hdf5", "both", "bigfile_hdf5")
+
+
+def write_frames_h5_layout(collection_dir: Path, p: Preset, progress: bool = True) -> None:
+    """Rewrite a generated BigFile corpus in feature_format bigfile_hdf5: the feature folder's
+    frames converted to feature.hdf5 (prvr.data.convert_bigfile), then feature.bin, shape.txt
+    and id.txt removed; video2frames.txt and the RoBERTa query file stay."""
+    from .convert_bigfile import convert_bigfile
+
+    feat_dir = collection_dir / "FeatureData" / p.feature
+    convert_bigfile(feat_dir, progress=progress)
+    for name in ("feature.bin", "shape.txt", "id.txt"):
+        (feat_dir / name).unlink()
 
 
 def write_h5_layout(collection_dir: Path, p: Preset, keep_bigfile: bool = False,

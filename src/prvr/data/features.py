@@ -164,3 +164,18 @@ class FeatureStore:
             raw.madvise(_DONTNEED, start, stop - start)
         except (OSError, ValueError):  # not supported here: keep the pages, reading still works
             self.release_pages = False
+
+
+def open_store(paths, index_dir: str | os.PathLike | None = None):
+    """The frame reader of a collection's feature_format, the one place that picks it:
+    FeatureStore (bigfile), H5FeatureStore (hdf5, the CLIP file) or FramesH5Store
+    (bigfile_hdf5). All give `get` / `apply` / `num_frames` / `in` / `dim` / `index_file`
+    with the same frames for the same data; the HDF5 ones also `problem(video_id)`.
+    `paths` is a layout.CollectionPaths; `index_dir` caches HDF5 offset indexes."""
+    from .h5features import FramesH5Store, H5FeatureStore
+
+    if paths.feature_format == "bigfile":
+        return FeatureStore(paths.feature_dir)
+    if paths.feature_format == "bigfile_hdf5":
+        return FramesH5Store(paths.feature_dir, index_dir)
+    return H5FeatureStore(paths.video_feat_file, index_dir)

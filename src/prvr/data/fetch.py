@@ -404,6 +404,8 @@ def _generate_collection(settings: dict[str, Any], generator: dict[str, Any], da
     kwargs.update({k: bool(generator[k]) for k in ("dense_gt", "val_is_test") if generator.get(k)})
     if fmt["feature_format"] == "hdf5":   # the CLIP layout, under the dataset's file names
         kwargs.update(layout="hdf5", video_file=feature, query_file=fmt["query_feature"])
+    elif fmt["feature_format"] == "bigfile_hdf5":   # feature.hdf5 + video2frames.txt
+        kwargs.update(layout="bigfile_hdf5")
     log.info("generating the %s corpus (preset %s, seed %d) under %s", ds, preset, seed, out_dir)
     try:
         collection_dir = Path(generate(out_dir, preset=preset, seed=seed, progress=progress, **kwargs))

@@ -260,3 +260,35 @@ def scan_videos(path: Path, split_videos: dict[str, list[str]], progress: bool =
             out["frames"][split], out["absent"][split] = frames, absent
             out["bad"][split], out["non_finite"][split] = bad, non_finite
     return out
+
+
+class FramesH5Store(H5FeatureStore):
+    """feature_format bigfile_hdf5: FeatureData/<feature>/feature.hdf5 (one (n_frames, D)
+    dataset per video, rows in video2frames order) next to video2frames.txt.
+
+    Read as H5FeatureStore reads its file (offset index, one preadv per contiguous float32
+    video, the file opened lazily in each process); video2frames.txt says which videos there
+    are and how many frames each has. A listed video without a dataset, a dataset whose frame
+    count disagrees with the listing, or a dataset of a video not listed, stays known (`in`)
+    with its problem, like every other unusable dataset."""
+
+    def __init__(self, feature_dir: str | os.PathLike, index_dir: str | os.PathLike | None = None):
+        from .layout import FRAMES_H5, read_video2frames
+
+        self.feature_dir = Path(feature_dir)
+        self.video2frames_file = self.feature_dir / "video2frames.txt"
+        listed = {vid: len(frames) for vid, frames in read_video2frames(self.video2frames_file).items()}
+        super().__init__(self.feature_dir / FRAMES_H5, index_dir)
+        v2f = self.video2frames_file.name
+        for vid, (n, _) in list(self._shape.items()):
+            if vid not in listed:
+                self._problem[vid] = f"is not listed in {v2f}"
+            elif listed[vid] != n:
+                self._problem[vid] = f"has {n} frames, {v2f} lists {listed[vid]}"
+            else:
+                continue
+            del self._shape[vid]
+            self._offset.pop(vid, None)
+        for vid, n in listed.items():
+            if vid not in self._shape and vid not in self._problem:
+                self._problem[vid] = f"has no dataset here ({v2f} lists {n} frames)"

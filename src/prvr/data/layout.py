@@ -12,6 +12,17 @@ per-video (frames, D) datasets and one of per-caption query features::
     <collection_dir>/FeatureData/<feature>          e.g. new_clip_vit_32_tvr_vid_features.hdf5
     <collection_dir>/TextData/<query_feature>       e.g. clip_ViT_B_32_tvr_query_feat.hdf5
 
+or, with ``feature_format: bigfile_hdf5`` (the layout of recent releases such as Holmes and
+RAL: the MS-SL folders with the BigFile frames converted to HDF5), the BigFile folder with
+feature.bin/shape.txt/id.txt replaced by one HDF5 file holding one (n_frames, D) float32
+dataset per video id, rows in the order video2frames.txt lists the video's frames::
+
+    <collection_dir>/FeatureData/<feature>/{feature.hdf5,video2frames.txt}
+    <collection_dir>/TextData/roberta_<collection>_query_feat.hdf5
+
+(`python -m prvr.data.convert_bigfile FeatureData/<feature>` writes feature.hdf5 from a
+BigFile folder.)
+
 Every reader here treats file contents as data. `video2frames.txt` is a Python dict literal
 in the public release; it is parsed by a strict scanner that accepts only
 ``{str: [str, ...], ...}`` and never evaluates anything. Nothing read from a data file is
@@ -35,7 +46,11 @@ MSSL_DATA_PAGE = "https://github.com/HuiGuanLab/ms-sl"
 DEMO_CORPUS_SUBDIR = "corpus"
 
 # Visual feature formats: an MS-SL BigFile folder, or one HDF5 file of per-video datasets.
-FEATURE_FORMATS = ("bigfile", "hdf5")
+# "bigfile_hdf5": the BigFile folder's frames in FeatureData/<feature>/feature.hdf5 instead.
+FEATURE_FORMATS = ("bigfile", "hdf5", "bigfile_hdf5")
+
+# The per-video HDF5 file of a feature folder (feature_format bigfile_hdf5).
+FRAMES_H5 = "feature.hdf5"
 
 
 def default_query_feature(collection: str, feature_format: str = "bigfile") -> str:
@@ -98,9 +113,22 @@ class CollectionPaths:
         return self.feature_format == "hdf5"
 
     @property
+    def reads_video2frames(self) -> bool:
+        """The feature folder's video2frames.txt lists each video's frames (bigfile, bigfile_hdf5)."""
+        return self.feature_format in ("bigfile", "bigfile_hdf5")
+
+    @property
     def video_feat_file(self) -> Path:
-        """The per-video HDF5 file (feature_format 'hdf5')."""
+        """The per-video HDF5 file: FeatureData/<feature> ('hdf5'),
+        FeatureData/<feature>/feature.hdf5 ('bigfile_hdf5')."""
+        if self.feature_format == "bigfile_hdf5":
+            return self.feature_dir / FRAMES_H5
         return self.collection_dir / "FeatureData" / self.feature
+
+    @property
+    def video_h5_files(self) -> list[Path]:
+        """The per-video HDF5 files of the layout (none for bigfile)."""
+        return [] if self.feature_format == "bigfile" else [self.video_feat_file]
 
     @property
     def feature_dir(self) -> Path:
@@ -125,6 +153,9 @@ class CollectionPaths:
     def required_files(self) -> list[Path]:
         if self.is_hdf5:
             return [*self.caption_files.values(), self.query_feat_file, self.video_feat_file]
+        if self.feature_format == "bigfile_hdf5":
+            return [*self.caption_files.values(), self.query_feat_file, self.video_feat_file,
+                    self.video2frames_file]
         return [*self.caption_files.values(), self.query_feat_file, self.shape_file,
                 self.id_file, self.feature_file, self.video2frames_file]
 

@@ -252,7 +252,7 @@ def _check_v2f_frame_ids(v2f_file: Path, P: _Problems, v2f: dict[str, list[str]]
 def _check_h5_videos(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
                      splits: dict, visual_dim: int | None, progress: bool, report: dict
                      ) -> tuple[int | None, dict[str, range] | None]:
-    """The per-video HDF5 file (feature_format hdf5): every video of a split present, a 2-d
+    """The per-video HDF5 file (feature_format hdf5, bigfile_hdf5): every video of a split present, a 2-d
     float dataset with frames, of width visual_dim, finite. (width, {video: range(frames)})."""
     from .h5features import scan_videos
 
@@ -280,6 +280,26 @@ def _check_h5_videos(paths: CollectionPaths, P: _Problems, split_videos: dict[st
     return (next(iter(dims)) if len(dims) == 1 else None), {v: range(n) for v, n in scan["counts"].items()}
 
 
+def _check_bigfile_hdf5(paths: CollectionPaths, P: _Problems, split_videos: dict[str, list[str]],
+                        splits: dict, visual_dim: int | None, progress: bool, report: dict
+                        ) -> tuple[int | None, dict[str, list[str]] | None]:
+    """feature_format bigfile_hdf5: video2frames.txt as for BigFile (no id.txt to check frame
+    ids against), feature.hdf5 as the per-video HDF5 file, and each split video's frame count
+    in feature.hdf5 equal to the number of frames video2frames.txt lists."""
+    v2f = _check_video2frames(paths, P, split_videos, splits, None)
+    d, counts = _check_h5_videos(paths, P, split_videos, splits, visual_dim, progress, report)
+    if v2f is not None and counts is not None:
+        for split, videos in split_videos.items():
+            off = [v for v in videos if v in v2f and v in counts and len(counts[v]) != len(v2f[v])]
+            if off:
+                v = off[0]
+                P.error(paths.video_feat_file, f"{len(off)} videos of split '{split}' have a frame "
+                        f"count other than {paths.video2frames_file.name} lists: video '{v}' has "
+                        f"{len(counts[v])} frames, {paths.video2frames_file.name} lists {len(v2f[v])}"
+                        + (f" (also {_examples(off[1:])})" if len(off) > 1 else ""))
+    return d, v2f
+
+
 def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
                         text_dim: int | None = None, progress: bool = True,
                         dense_splits: Iterable[str] = ()) -> dict[str, Any]:
@@ -299,7 +319,8 @@ def validate_collection(paths: CollectionPaths, visual_dim: int | None = None,
     _check_overlap(paths, P, split_caps, report)
 
     # -- visual features ------------------------------------------------------------------------
-    check = _check_h5_videos if paths.is_hdf5 else _check_bigfile
+    check = {"bigfile": _check_bigfile, "hdf5": _check_h5_videos,
+             "bigfile_hdf5": _check_bigfile_hdf5}[paths.feature_format]
     d, v2f = check(paths, P, split_videos, splits, visual_dim, progress, report)
 
     # -- text features --------------------------------------------------------------------------
@@ -458,7 +479,7 @@ def write_offset_indexes(paths: CollectionPaths, cache_dir: str | os.PathLike) -
     dataset through HDF5. A file that cannot be indexed is skipped: the report names it."""
     from .h5index import load_index
 
-    for path in ([paths.video_feat_file] if paths.is_hdf5 else []) + [paths.query_feat_file]:
+    for path in paths.video_h5_files + [paths.query_feat_file]:
         try:
             load_index(path, cache_dir)
         except DataError:
