@@ -50,6 +50,19 @@ def open_h5(path: Path):
         raise DataError(f"{path}: not a readable HDF5 file ({str(exc).splitlines()[0]})") from None
 
 
+LINK_PROBLEM = "is an external link to another file, not a dataset (never followed)"
+
+
+def is_external_link(fid, bname: bytes) -> bool:
+    """Whether the root member `bname` is an external link (which HDF5 would follow into a
+    file named by the data; it is never opened). False for a name that is not there."""
+    h5py = _h5()
+    try:
+        return fid.links.get_info(bname).type == h5py.h5l.TYPE_EXTERNAL
+    except (KeyError, RuntimeError, ValueError):
+        return False
+
+
 def describe(node) -> tuple[tuple[int, int] | None, str | None]:
     """((frames, D), None) for a usable video dataset (low-level h5d id), else (None, why)."""
     shape, dtype = node.shape, node.dtype
@@ -109,8 +122,12 @@ class H5FeatureStore:
 
     def _describe(self, fid, name: str) -> None:
         h5py = _h5()
+        bname = name.encode("utf-8", "surrogateescape")
+        if is_external_link(fid, bname):
+            self._problem[name] = LINK_PROBLEM
+            return
         try:
-            node = h5py.h5d.open(fid, name.encode("utf-8", "surrogateescape"))
+            node = h5py.h5d.open(fid, bname)
         except (KeyError, ValueError, TypeError):
             self._problem[name] = "is not a dataset"
             return
@@ -234,6 +251,9 @@ def scan_videos(path: Path, split_videos: dict[str, list[str]], progress: bool =
             frames, absent, bad, non_finite = [], [], [], []
             for vid in videos:
                 bar.update(1)
+                if is_external_link(f.id, vid.encode("utf-8")):
+                    bad.append((vid, LINK_PROBLEM))
+                    continue
                 try:
                     node = h5py.h5d.open(f.id, vid.encode("utf-8"))
                 except (KeyError, ValueError, TypeError):

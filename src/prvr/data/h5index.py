@@ -83,8 +83,13 @@ def _member(fid, name: str, f32) -> tuple[int, int, int, int]:
     """(rank, rows, cols, in-place offset or -1) of one root member, through h5py."""
     from h5py import h5d
 
+    from .h5features import is_external_link
+
+    bname = name.encode("utf-8", "surrogateescape")
+    if is_external_link(fid, bname):     # never followed into another file
+        return NOT_A_DATASET, 0, 0, -1
     try:
-        node = h5d.open(fid, name.encode("utf-8", "surrogateescape"))
+        node = h5d.open(fid, bname)
     except (KeyError, ValueError, TypeError):
         return NOT_A_DATASET, 0, 0, -1
     shape = node.shape
