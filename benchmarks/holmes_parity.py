@@ -238,6 +238,10 @@ def ours_step_fn(cfg: HolmesConfig, ckpt: Path, batch: dict, seed: int, backend:
     """Our training step as the train stage runs it: the network on `backend`, the loss after
     the warm-up with hard negatives, the optimiser of the train stage."""
     model = load_model(ckpt, method="holmes", backend=backend)[0].train()
+    if backend == "cpu":   # as the train stage does for the CPU backend (params.yaml cpu.numpy_blas)
+        from prvr.backends.cpu.kernels import configure_blas
+
+        print("BLAS:", configure_blas(True), file=sys.stderr)
     loss = METHOD.build_loss(cfg)
     METHOD.start_epoch(model, loss, cfg.warmup_epoch)
     opt = build_optimizer(METHOD.param_groups(model, 0.01), TVR_OPTIM, t_total=10_000)

@@ -322,8 +322,11 @@ def test_release_checkpoint_loads_as_holmes_with_its_settings(tmp_path):
     assert ours.cfg.qdl_delta == 0.2 and ours.cfg.margin == 0.2
     for k, v in net.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
-    auto = load_model(path, base_config=dataclass_replace(CFG, max_frames=128, n_clips=32))[0]
+    auto = load_model(path, base_config=dataclass_replace(CFG, max_frames=128, n_clips=32),
+                      backend="reference")[0]
     assert type(auto).__name__ == "Holmes"
+    packed = load_model(path, base_config=dataclass_replace(CFG, max_frames=128, n_clips=32))[0]
+    assert type(packed).__name__ == "PackedHolmes"
 
 
 def test_holmes_and_other_checkpoints_refuse_each_other(tmp_path):
