@@ -159,11 +159,11 @@ def our_ranks(seed: int, n_q: int, labels: torch.Tensor, n_v: int, hard: bool, p
 
 
 @contextlib.contextmanager
-def pinned_randint(ranks: dict):
-    """torch.randint answering the release's calls: per view (frame first) the B v2t draws of
-    size (1,) (random mode only), then the t2v draw of size (Nq,)."""
+def pinned_randint(ranks: dict, order: tuple = ("frame", "clip")):
+    """torch.randint answering the release's calls: per view (in the release's `order`) the B
+    v2t draws of size (1,) (random mode only), then the t2v draw of size (Nq,)."""
     queue = []
-    for view in ("frame", "clip"):
+    for view in order:
         t2v, v2t = ranks[view]
         if v2t is not None:
             queue += [v.view(1) for v in v2t]

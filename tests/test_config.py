@@ -25,6 +25,12 @@ def test_every_dataset_and_method_resolves(params):
 
     for ds in params["datasets"]:
         for method in params["methods"]:
+            recipe = params["datasets"][ds].get("recipe") or ds
+            if recipe in params["methods"][method] and params["methods"][method][recipe] is None:
+                # a release that publishes no recipe for the dataset: refused, naming why
+                with pytest.raises(ConfigError, match=rf"methods\.{method}\.{recipe} is null: .*publishes no recipe"):
+                    resolve(params, ds, method)
+                continue
             s = resolve(params, ds, method)
             assert s["dataset"] == ds and s["method"] == method
             assert s["model"]["visual_dim"] == params["datasets"][ds]["visual_dim"]
@@ -258,24 +264,25 @@ def test_a_methods_train_and_evaluate_depend_on_no_other_method(method):
     for stage in ("train", "evaluate"):
         deps = _deps(stage, method)
         assert methods / method in deps and methods not in deps
-        # GMMFormer v2's package is the one shared base (Holmes builds on it; dvc.yaml cannot
-        # name a method's own bases): every method may depend on it, on no other method
-        others = [d for d in deps for m in METHODS if m not in (method, SHARED_BASE)
+        # the shared bases (GMMFormer v2's package, which Holmes, RAL and Holmes-DQ build on, and
+        # Holmes', Holmes-DQ's; dvc.yaml cannot name a method's own bases): every method may
+        # depend on them, on no other method
+        others = [d for d in deps for m in METHODS if m not in (method, *SHARED_BASES)
                   and (methods / m == d or methods / m in d.parents)]
         assert not others, f"{stage} of {method} depends on {others}"
 
 
-SHARED_BASE = "gmmformer_v2"
+SHARED_BASES = ("gmmformer_v2", "holmes")
 
 
 def test_only_the_shared_base_is_imported_across_method_packages():
-    """What dvc.yaml's one shared base dep covers: no method package imports another, except
-    from the shared base (the resume fingerprint follows these imports exactly)."""
+    """What dvc.yaml's shared base deps cover: no method package imports another, except from
+    the shared bases (the resume fingerprint follows these imports exactly)."""
     from prvr.training import method_packages
 
     for method in METHODS:
         bases = set(method_packages(method, SRC / "prvr")) - {method}
-        assert bases <= {SHARED_BASE}, f"{method} imports {bases - {SHARED_BASE}}"
+        assert bases <= set(SHARED_BASES), f"{method} imports {bases - set(SHARED_BASES)}"
 
 
 def test_fetch_and_validate_depend_on_no_model_code():

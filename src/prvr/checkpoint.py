@@ -208,6 +208,9 @@ def _release(path: Path, ckpt: Mapping[str, Any], method: str | None, base_confi
         if not found:
             raise CheckpointError(f"{path}: not a release checkpoint of any known method "
                                   f"({', '.join(available())}); name one with --method")
+        if len(found) > 1:   # a method built on another's release (RAL on v2): the one whose layout fits
+            fits = [n for n in found if _converts(get_method(n), ckpt, base_config)]
+            found = fits or found
         method = found[0]
     m = _method(path, method)
     if not m.is_release_checkpoint(ckpt):
@@ -220,6 +223,14 @@ def _release(path: Path, ckpt: Mapping[str, Any], method: str | None, base_confi
                               f"({type(exc).__name__}: {_first_line(exc)})") from None
     return m, cfg, state, {"settings": None, "settings_hash": None, "optimizer": ckpt.get("optimizer"),
                            "epoch": None, "metrics": {}, "extra": {}, **info}
+
+
+def _converts(m, ckpt: Mapping[str, Any], base_config: Any) -> bool:
+    try:
+        m.load_release(ckpt, base_config)
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _method(path: Path, name: str):

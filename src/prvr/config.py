@@ -354,7 +354,12 @@ def _method_name(params: Mapping[str, Any], method: str | None, where: str) -> s
 def _recipe(params: Mapping[str, Any], dataset: str, method: str, recipe_name: str, where: str
             ) -> tuple[dict[str, Any], dict[str, str]]:
     """The union of `train`, methods.<m>.all and methods.<m>.<recipe_name>, with each key's layer."""
-    if recipe_name not in (params.get("methods") or {}).get(method, {}) and recipe_name != dataset:
+    recipes = (params.get("methods") or {}).get(method) or {}
+    if recipe_name in recipes and recipes[recipe_name] is None:
+        raise ConfigError(f"{where}: methods.{method}.{recipe_name} is null: {method}'s release "
+                          f"publishes no recipe for it; write one there (or point "
+                          f"datasets.{dataset}.recipe at another of methods.{method})")
+    if recipe_name not in recipes and recipe_name != dataset:
         raise ConfigError(f"{where}: datasets.{dataset}.recipe '{recipe_name}' has no "
                           f"section 'methods.{method}.{recipe_name}'")
     return merge_once([("train", _section(params, "train", required=False, where=where)),

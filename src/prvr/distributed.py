@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .methods import TrainOutput, VideoEncoding, unwrap_model
+from .methods.base import TOKEN_QUERY_KEYS
 
 __all__ = [
     "DistContext",
@@ -319,8 +320,9 @@ class DistContext:
         """The objective of the global batch.
 
         One process: ``loss_fn(out, labels, hard_negatives, generator)``. Distributed: gather
-        ``out.queries`` and ``out.videos`` of every rank with gradient (sequences padded to a
-        common length, labels offset by each rank's first video), rebuild the scores with the
+        ``out.queries`` and ``out.videos`` of every rank with gradient (sequences, and the query
+        token axis of TOKEN_QUERY_KEYS, padded to a common length; labels offset by each rank's
+        first video), rebuild the scores with the
         method's ``train_scores``, and run ``loss_fn`` on the global output with its
         ``local_sums`` combined over ranks. Every rank returns the same values; after DDP
         averages, the gradients equal those of one device on the global batch. ``generator``
@@ -363,14 +365,16 @@ class DistContext:
                             "with the run seed (not seed_for_rank) on every rank")
 
     def _all_sizes(self, out: TrainOutput, labels: Tensor) -> list[list[int]]:
-        """Every rank's (Nq, B, L) and a digest of its field names and trailing shapes."""
+        """Every rank's (Nq, B, L, digest of its field names and trailing shapes, query tokens)."""
         v = out.videos
-        layout = [(k, tuple(t.shape[1:])) for k, t in sorted(out.queries.items())]
+        layout = [(k, tuple(t.shape[2:] if k in TOKEN_QUERY_KEYS else t.shape[1:]))
+                  for k, t in sorted(out.queries.items())]
         layout += [(k, tuple(t.shape[1:])) for k, t in sorted(v.fixed.items())]
         layout += [("<seq>", tuple(v.seq.shape[2:]) if v.seq is not None else None)]
         digest = int.from_bytes(hashlib.sha256(repr(layout).encode()).digest()[:7], "little")
         n_f = int(v.seq.shape[1]) if v.seq is not None else 0
-        sizes = torch.tensor([labels.numel(), len(v), n_f, digest], dtype=torch.long,
+        n_t = max((int(t.shape[1]) for k, t in out.queries.items() if k in TOKEN_QUERY_KEYS), default=0)
+        sizes = torch.tensor([labels.numel(), len(v), n_f, digest, n_t], dtype=torch.long,
                              device=labels.device)
         all_sizes = [torch.empty_like(sizes) for _ in range(self.world_size)]
         dist.all_gather(all_sizes, sizes)
@@ -387,17 +391,18 @@ class DistContext:
         collective per step, in the same order on every rank) and one plain collective for the
         integer side (labels, sequence mask)."""
         table = self._all_sizes(out, labels)
-        mq, mv, mf = (max(r[i] for r in table) for i in range(3))
+        mq, mv, mf, mt = (max(r[i] for r in table) for i in (0, 1, 2, 4))
         v = out.videos
         dtype = out.queries["query"].dtype
-        pieces = [(k, "q", t) for k, t in sorted(out.queries.items())]
+        pieces = [(k, "t" if k in TOKEN_QUERY_KEYS else "q", t) for k, t in sorted(out.queries.items())]
         pieces += [(k, "v", t) for k, t in sorted(v.fixed.items())]
         if v.seq is not None:
             pieces.append(("<seq>", "s", v.seq))
         blocks = []
         for _, kind, t in pieces:
-            pad = [0, 0] * (t.dim() - (2 if kind == "s" else 1))
+            pad = [0, 0] * (t.dim() - (2 if kind in "st" else 1))
             pad += [0, mf - t.shape[1], 0, mv - t.shape[0]] if kind == "s" else \
+                [0, mt - t.shape[1], 0, mq - t.shape[0]] if kind == "t" else \
                 [0, (mq if kind == "q" else mv) - t.shape[0]]
             blocks.append(F.pad(t, pad).reshape(-1).to(dtype))
         parts = gather_with_grad(torch.cat(blocks))
@@ -407,26 +412,26 @@ class DistContext:
         ints = torch.cat(ints)
         int_parts = [torch.empty_like(ints) for _ in range(self.world_size)]
         dist.all_gather(int_parts, ints)
-        return self._unpack(pieces, table, (mq, mv, mf), parts, int_parts, v.seq is not None)
+        return self._unpack(pieces, table, (mq, mv, mf, mt), parts, int_parts, v.seq is not None)
 
     def _unpack(self, pieces, table, maxima, parts, int_parts, has_seq):
-        mq, mv, mf = maxima
+        mq, mv, mf, mt = maxima
         got: dict[str, list[Tensor]] = {k: [] for k, _, _ in pieces}
         labels, masks, offset = [], [], 0
         for (rq, rv, *_), part, ipart in zip(table, parts, int_parts):
             start = 0
             for key, kind, t in pieces:
-                lead = {"q": (mq,), "v": (mv,), "s": (mv, mf)}[kind]
+                lead = {"q": (mq,), "t": (mq, mt), "v": (mv,), "s": (mv, mf)}[kind]
                 tail = t.shape[len(lead):]
                 n = int(np.prod(lead + tuple(tail)))
                 block = part[start:start + n].view(*lead, *tail).to(t.dtype)
-                got[key].append(block[:rq] if kind == "q" else block[:rv])
+                got[key].append(block[:rq] if kind in "qt" else block[:rv])
                 start += n
             labels.append(ipart[:rq] + offset)
             if has_seq:
                 masks.append(ipart[mq:].view(mv, mf)[:rv].bool())
             offset += rv
-        queries = {k: torch.cat(got[k]) for k, kind, _ in pieces if kind == "q"}
+        queries = {k: torch.cat(got[k]) for k, kind, _ in pieces if kind in "qt"}
         fixed = {k: torch.cat(got[k]) for k, kind, _ in pieces if kind == "v"}
         videos = VideoEncoding(fixed, torch.cat(got["<seq>"]) if has_seq else None,
                                torch.cat(masks) if has_seq else None)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from .accel import autocast
 from .atomic import atomic_path
-from .methods import VideoEncoding, unwrap_model
+from .methods import QueryEncoding, VideoEncoding, cat_queries, unwrap_model
 from .metrics import KS, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,8 @@ def encode_videos(model: torch.nn.Module, loader: Iterable[dict], device: torch.
 
 def encode_queries(model: torch.nn.Module, loader: Iterable[dict], device: torch.device | str,
                    progress: bool = True, precision: str = "fp32"):
-    """(query embeddings (Q, H) float32 on device, query_ids, query_video_ids)."""
+    """(query embeddings float32 on device: (Q, H), or a QueryEncoding for a token-level method;
+    query_ids, query_video_ids)."""
     model = unwrap_model(model)
     device = torch.device(device)
     embs, qids, qvids = [], [], []
@@ -253,22 +254,27 @@ def encode_queries(model: torch.nn.Module, loader: Iterable[dict], device: torch
                 qvids.extend(q.split("#", 1)[0] for q in batch["query_ids"])
     if not qids:
         raise ValueError("the query loader yielded no queries")
-    return torch.cat(embs), qids, qvids
+    return cat_queries(embs), qids, qvids
 
 
-def block_bytes(bank: VideoBank, longest: int) -> tuple[int, int]:
+def block_bytes(bank: VideoBank, longest: int, token_len: int = 0) -> tuple[int, int]:
     """(bytes per video of an unpacked block, bytes per (query, video) pair of scoring it):
     the block's fp32 fixed tensors and padded sequence (the gather and its int64 index), and
     four fp32 temporaries over the video's rows (fixed rows + longest) and the hidden size,
-    plus the pair's score (device and host copy)."""
+    plus the pair's score (device and host copy). A token-level query (token_len tokens) adds
+    four fp32 (token, row) temporaries per pair."""
     hidden = int(bank.seq.shape[1]) if bank.seq is not None else \
         max((int(t.shape[-1]) for t in bank.fixed.values()), default=1)
     fixed_elems = sum(int(t[:1].numel()) for t in bank.fixed.values())
     fixed_rows = sum(max(int(t[:1].numel()) // hidden, 1) for t in bank.fixed.values())
     seq_rows = longest if bank.seq is not None else 0
     per_video = 4 * fixed_elems + seq_rows * (4 * hidden + 8 + 1)
-    per_pair = 16 * (fixed_rows + seq_rows + hidden) + 8
+    per_pair = 16 * (fixed_rows + seq_rows + hidden) + 8 + 16 * token_len * max(seq_rows, 1)
     return per_video, per_pair
+
+
+def _token_len(query) -> int:
+    return query.token_len if isinstance(query, QueryEncoding) else 0
 
 
 def measured_block_bytes(bank: VideoBank, query: torch.Tensor, score_fn: ScoreFn, device: torch.device,
@@ -296,16 +302,17 @@ def measured_block_bytes(bank: VideoBank, query: torch.Tensor, score_fn: ScoreFn
 
 
 def block_plan(bank: VideoBank, n_queries: int, query_dim: int, device: torch.device | str,
-               memory_budget_mb: float | None = None, sizes: tuple[int, int] | None = None
-               ) -> tuple[int, int]:
+               memory_budget_mb: float | None = None, sizes: tuple[int, int] | None = None,
+               token_len: int = 0) -> tuple[int, int]:
     """(video_chunk, query_chunk) whose block fits the memory budget next to what scoring keeps
     on the device: the bank (when it is there, and not on CPU) and the query embeddings.
-    sizes: (bytes per video, bytes per pair), measured; default the estimate (block_bytes)."""
+    sizes: (bytes per video, bytes per pair), measured; default the estimate (block_bytes).
+    token_len: the query tokens of a token-level method (their encodings are resident too)."""
     device, budget = torch.device(device), _budget_bytes(memory_budget_mb)
     n_v = len(bank)
     longest = int(bank.lengths.max()) if bank.seq is not None and n_v else 0
-    per_video, per_pair = sizes or block_bytes(bank, longest)
-    resident = 4 * n_queries * query_dim
+    per_video, per_pair = sizes or block_bytes(bank, longest, token_len)
+    resident = 4 * n_queries * query_dim * (1 + token_len)
     if device.type != "cpu" and bank.device == device:
         resident += bank.nbytes()
     avail = budget - resident
@@ -330,10 +337,12 @@ def score_matrix(query: torch.Tensor, bank: VideoBank, score_fn: ScoreFn,
     if query_chunk is None or video_chunk is None:
         sizes = None
         if device.type == "cuda" and n_v and n_q:   # probe at most half the budget, 16 x 64
-            v0, q0 = block_plan(bank, n_q, int(query.shape[-1]), device, _budget_bytes(memory_budget_mb) / 2 / _MB)
+            v0, q0 = block_plan(bank, n_q, int(query.shape[-1]), device, _budget_bytes(memory_budget_mb) / 2 / _MB,
+                                token_len=_token_len(query))
             with autocast(device, precision):
                 sizes = measured_block_bytes(bank, query, score_fn, device, min(v0, 16), min(q0, 64))
-        v_plan, q_plan = block_plan(bank, n_q, int(query.shape[-1]), device, memory_budget_mb, sizes)
+        v_plan, q_plan = block_plan(bank, n_q, int(query.shape[-1]), device, memory_budget_mb, sizes,
+                                    _token_len(query))
         video_chunk, query_chunk = video_chunk or v_plan, query_chunk or q_plan
         log.debug("scoring in blocks of %d videos x %d queries", video_chunk, query_chunk)
     scores = torch.empty(n_q, n_v, dtype=torch.float32)

@@ -136,7 +136,7 @@ def _metrics_table(dataset: str, results: list[MethodResult], chance: dict[str, 
                      + f" | {f'{int(n_params):,}' if n_params else '-'} | {_fmt(r.seconds_per_epoch)} | "
                      f"{r.train.get('best_epoch', '-')} |")
         if r.paper:
-            lines.append(f"| {r.title}, paper | " + " | ".join(_fmt(r.paper[k]) for k in METRIC_KEYS)
+            lines.append(f"| {r.title}, paper | " + " | ".join(_fmt(r.paper.get(k)) for k in METRIC_KEYS)
                          + " | | | |")
     lines.append("| chance (random ranking) | " + " | ".join(_fmt(chance[k]) for k in METRIC_KEYS)
                  + " | | | |")

@@ -12,9 +12,9 @@ import importlib
 from typing import Any, Mapping
 
 from ..config import ConfigError, method_names
-from .base import Method, MethodLoss, MethodModel, TrainOutput, VideoEncoding
+from .base import Method, MethodLoss, MethodModel, QueryEncoding, TrainOutput, VideoEncoding, cat_queries
 
-__all__ = ["Method", "MethodLoss", "MethodModel", "TrainOutput", "VideoEncoding",
+__all__ = ["Method", "MethodLoss", "MethodModel", "QueryEncoding", "TrainOutput", "VideoEncoding", "cat_queries",
            "available", "get_method", "build_config", "create_model", "create_loss", "unwrap_model"]
 
 

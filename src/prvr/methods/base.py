@@ -12,7 +12,7 @@ Data flow of one evaluation (prvr.evaluation):
 
     videos = model.encode_videos(batch)            # VideoEncoding of B videos
     ... kept for the whole split in a VideoBank (fixed tensors stacked, sequences packed)
-    query = model.encode_queries(batch)            # (Nq, D)
+    query = model.encode_queries(batch)            # (Nq, D), or a QueryEncoding (token level)
     scores = model.score(query, bank block)        # {"score": (Nq, b), <component>: (Nq, b)}
 
 Data flow of one training step (prvr.training, prvr.distributed):
@@ -59,6 +59,87 @@ class VideoEncoding:
         for t in self.fixed.values():
             return int(t.shape[0])
         return 0 if self.seq is None else int(self.seq.shape[0])
+
+
+@dataclass
+class QueryEncoding:
+    """A token-level query encoding (RAL, Holmes-DQ): what `encode_queries` returns when a
+    method's score reads each query token, not one vector.
+
+    pooled (Nq, D): the query vector (the clip-scale score's).
+    tokens (Nq, L, H): per-token encodings, zero at padded tokens; mask (Nq, L) bool, True at
+    real tokens; weights (Nq, L): each real token's weight in the score (0 at pads).
+    Slicing keeps the rows and trims the token axis to the longest real query of the slice, so
+    a block's score (which masks pads) never depends on how the queries were padded.
+    """
+
+    pooled: Tensor
+    tokens: Tensor
+    mask: Tensor
+    weights: Tensor
+
+    def __post_init__(self) -> None:
+        n, L = self.mask.shape
+        if self.pooled.shape[0] != n or tuple(self.tokens.shape[:2]) != (n, L) \
+                or tuple(self.weights.shape) != (n, L):
+            raise ValueError(f"QueryEncoding: pooled {tuple(self.pooled.shape)}, tokens "
+                             f"{tuple(self.tokens.shape)}, mask {tuple(self.mask.shape)}, weights "
+                             f"{tuple(self.weights.shape)} disagree on (Nq, L)")
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The pooled vectors' shape (Nq, D), as a plain (Nq, D) encoding has."""
+        return self.pooled.shape
+
+    def __getitem__(self, rows: slice) -> "QueryEncoding":
+        mask = self.mask[rows]
+        L = int(mask.sum(1).max()) if mask.numel() else 0
+        return QueryEncoding(self.pooled[rows], self.tokens[rows, :L], mask[:, :L], self.weights[rows, :L])
+
+    def to(self, device: Any, non_blocking: bool = False) -> "QueryEncoding":
+        return QueryEncoding(*(t.to(device, non_blocking=non_blocking)
+                               for t in (self.pooled, self.tokens, self.mask, self.weights)))
+
+    def float(self) -> "QueryEncoding":
+        return QueryEncoding(self.pooled.float(), self.tokens.float(), self.mask, self.weights.float())
+
+    @property
+    def device(self) -> torch.device:
+        return self.pooled.device
+
+    @property
+    def token_len(self) -> int:
+        return int(self.mask.shape[1])
+
+    @staticmethod
+    def cat(parts: Sequence["QueryEncoding"]) -> "QueryEncoding":
+        """Concatenate along the queries, padding the token axis to the longest part."""
+        L = max(p.token_len for p in parts)
+
+        def pad(t: Tensor, value=0) -> Tensor:
+            extra = L - t.shape[1]
+            if not extra:
+                return t
+            return torch.cat([t, t.new_full((t.shape[0], extra, *t.shape[2:]), value)], 1)
+
+        return QueryEncoding(torch.cat([p.pooled for p in parts]), torch.cat([pad(p.tokens) for p in parts]),
+                             torch.cat([pad(p.mask, False) for p in parts]),
+                             torch.cat([pad(p.weights) for p in parts]))
+
+
+def cat_queries(parts: Sequence[Any]) -> Any:
+    """Concatenate query encodings of one kind: (Nq, D) tensors or QueryEncodings."""
+    if parts and isinstance(parts[0], QueryEncoding):
+        return QueryEncoding.cat(parts)
+    return torch.cat(list(parts))
+
+
+# Keys of TrainOutput.queries whose dimension 1 is the query-token axis (padded per batch): the
+# DDP gather pads them to the longest over the ranks, as it pads dimension 0.
+TOKEN_QUERY_KEYS = ("tokens", "token_mask", "token_weight", "token_weight_raw")
 
 
 @dataclass

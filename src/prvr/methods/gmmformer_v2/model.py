@@ -374,6 +374,10 @@ class GMMFormer(nn.Module):
         return TrainOutput(queries, videos, self.train_scores(queries, videos))
 
     # ------------------------------------------------------------------ optimiser
+    def undecayed_norm(self, name: str) -> bool:
+        """A LayerNorm parameter of an input projection or position embedding."""
+        return name.split(".")[0].endswith(("_proj", "_pos")) and ".norm." in name
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """The release's decay rule: no decay for biases and for the LayerNorms of the
         input projections and position embeddings; decay for everything else (encoder
@@ -382,8 +386,7 @@ class GMMFormer(nn.Module):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            embed_norm = name.split(".")[0].endswith(("_proj", "_pos")) and ".norm." in name
-            (no_decay if name.endswith("bias") or embed_norm else decay).append(p)
+            (no_decay if name.endswith("bias") or self.undecayed_norm(name) else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
