@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ TVR_OPTIM = dict(lr=3e-4, weight_decay=0.01, warmup_proportion=0.01, grad_clip_n
 LAYOUT = {"ral": ("src", "Models/RAL4gmmv2/model.py"), "holmes_dq": ("multisrc", "Models/holmes/model.py")}
 
 
-def import_release(root: Path, method: str):
+def import_release(root: Path, method: str, work: Path):
     sub, model_file = LAYOUT[method]
     src = root / sub
     if not (src / model_file).is_file():
@@ -64,8 +65,15 @@ def import_release(root: Path, method: str):
 
     spec = importlib.util.spec_from_file_location(f"{method}_tvr_cfg", src / "Configs" / "tvr.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_cfg_defaults(), get_models, ReleaseLoss, BertAdam
+    here = os.getcwd()
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)   # the release's config makes its results folders where it runs
+    try:
+        spec.loader.exec_module(mod)
+        cfg = mod.get_cfg_defaults()
+    finally:
+        os.chdir(here)
+    return cfg, get_models, ReleaseLoss, BertAdam
 
 
 def release_keys(method: str):
@@ -268,7 +276,6 @@ def release_step_fn(parts, rcfg: dict, ckpt: Path, batch: dict):
 def speed(args) -> dict:
     """Each implementation in its own process: ours with the train stage's start-up environment
     (prvr.procenv), the release as a plain interpreter; rounds alternate."""
-    import os
     import subprocess
 
     from prvr.procenv import allocator_env_needed, thread_env_needed
@@ -311,7 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    parts = import_release(args.release, args.method)
+    parts = import_release(args.release, args.method, args.work)
     rcfg = dict(parts[0])
     rcfg.setdefault("visual_feat_dim", 3072)   # its data loader sets it from the features (TVR: 3072)
     m = get_method(args.method)

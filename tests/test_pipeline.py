@@ -16,8 +16,9 @@ from conftest import REPO, TINY_DEMO, copy_repo, edit_params, git_commit, run
 V2 = "methods.gmmformer_v2.demo"
 E2E_DEMO = {**TINY_DEMO, "datasets.demo.generator.scale": 0.5, f"{V2}.hidden_size": 64,
             f"{V2}.batch_size": 32, f"{V2}.epochs": 3, f"{V2}.hard_negative_start_epoch": 1,
-            "methods.holmes.demo.warmup_epoch": 1}   # Holmes' two phases both run in 3 epochs
-OTHER_METHODS = ("msssl", "gmmformer_v1", "meanpool", "holmes")
+            "methods.holmes.demo.warmup_epoch": 1,   # Holmes' two phases both run in 3 epochs
+            "methods.holmes_dq.demo.warmup_epoch": 1}
+OTHER_METHODS = ("msssl", "gmmformer_v1", "meanpool", "holmes", "ral", "holmes_dq")
 
 STAGE_OUTPUTS = {
     "fetch": ["data/{ds}/source.json"],
@@ -194,7 +195,8 @@ def _other_methods(repo: Path, test: dict, chance: dict):
     for rel, digest in v2_digests.items():
         assert _digest(repo / rel) == digest, f"{rel} changed by another method's experiment"
     report = (repo / "reports/demo/report.md").read_text()
-    for title in ("GMMFormer v2", "MS-SL", "GMMFormer v1", "mean-pool floor", "Holmes"):
+    for title in ("GMMFormer v2", "MS-SL", "GMMFormer v1", "mean-pool floor", "Holmes", "RAL (on GMMFormer v2)",
+                  "Holmes (dual query)"):
         assert f"| {title} |" in report, title
     exps = run(["dvc", "exp", "show", "--json"], cwd=repo).stdout
     assert all(f'"{m}"' in exps for m in OTHER_METHODS), "dvc exp show lists each method's run"

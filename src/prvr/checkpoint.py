@@ -49,6 +49,7 @@ class CheckpointError(RuntimeError):
 RELEASE_GLOBALS: dict[str, tuple[tuple[type, str], ...]] = {
     "gmmformer_v1": ((OrderedDict, "Opts.optimization.WarmupLinearSchedule"),),
     "msssl": ((OrderedDict, "easydict.EasyDict"),),
+    "ral": ((OrderedDict, "Opts.optimization.WarmupLinearSchedule"),),
 }
 _ALLOWED_GLOBALS = [(OrderedDict, "easydict.EasyDict")]   # ours: a release config of any method
 
