@@ -56,8 +56,13 @@ def token_frame_scores(tokens: Tensor, mask: Tensor, weights: Tensor, frames: Te
     if cosine:
         tokens, frames = F.normalize(tokens, dim=-1), F.normalize(frames, dim=-1)
     sim = torch.einsum("qth,bfh->qbtf", tokens, frames)                         # (Nq, b, L, Lf)
-    sim = sim.masked_fill(~frame_mask[None, :, None, :], torch.finfo(sim.dtype).min).amax(-1)
     short = (frame_mask.sum(1) < max_frames)[None, :, None]                      # 0 a candidate
+    if bool((~frame_mask).any(1).le(short[0, :, 0]).all()):
+        # every padded slot is in a short video, where 0 (what a zero slot gives) is a
+        # candidate anyway: no mask needed, and no second (Nq, b, L, Lf) tensor
+        sim = sim.amax(-1)
+    else:
+        sim = sim.masked_fill(~frame_mask[None, :, None, :], torch.finfo(sim.dtype).min).amax(-1)
     sim = torch.where(short, sim.clamp_min(0.0), sim)
     sim = sim.masked_fill(~as_bool(mask)[:, None, :], 0.0)
     return torch.einsum("qbt,qt->qb", sim, weights.to(sim.dtype))
