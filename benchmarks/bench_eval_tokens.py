@@ -151,8 +151,8 @@ def main(argv=None) -> int:
             results["runs"].append(r)
             print(json.dumps(r), flush=True)
             env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-            child = subprocess.run([sys.executable, __file__, "--growth-child", str(params), method, str(ckpt)],
-                                   capture_output=True, text=True, env=env, check=True)
+            child = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--growth-child", str(params), method, str(ckpt)],
+                                   capture_output=True, text=True, env=env, check=True, cwd=args.work)
             g = {"method": method, **json.loads(child.stdout.strip().splitlines()[-1])}
             results["scoring"].append(g)
             print(json.dumps(g), flush=True)
