@@ -237,9 +237,13 @@ def release_model(parts, rcfg: dict, ckpt: Path, rcfg_extra: dict):
     return rel
 
 
-def ours_step_fn(method: str, cfg, ckpt: Path, batch: dict, seed: int):
+def ours_step_fn(method: str, cfg, ckpt: Path, batch: dict, seed: int, backend: str):
     m = get_method(method)
-    model = load_model(ckpt, method=method, backend="reference")[0].train()
+    model = load_model(ckpt, method=method, backend=backend)[0].train()
+    if backend == "cpu":   # as the train stage does for the CPU backend (params.yaml cpu.numpy_blas)
+        from prvr.backends.cpu.kernels import configure_blas
+
+        print("BLAS:", configure_blas(True), file=sys.stderr)
     loss = m.build_loss(cfg)
     m.start_epoch(model, loss, 10_000)
     opt = build_optimizer(m.param_groups(model, 0.01), TVR_OPTIM, t_total=10_000)
@@ -281,7 +285,8 @@ def speed(args) -> dict:
     from prvr.procenv import allocator_env_needed, thread_env_needed
 
     plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    envs = {"release": plain, "reference": {**plain, **allocator_env_needed(plain), **thread_env_needed(plain)}}
+    ours_env = {**plain, **allocator_env_needed(plain), **thread_env_needed(plain)}
+    envs = {"release": plain, **{b: ours_env for b in args.backends.split(",")}}
     rounds: dict[str, list] = {name: [] for name in envs}
     for _ in range(args.rounds):
         for name, env in envs.items():
@@ -297,8 +302,10 @@ def speed(args) -> dict:
         res[name] = {"min_s": min(r["min_s"] for r in rs), "median_s": statistics.median(r["median_s"] for r in rs),
                      "cpu_median_s": statistics.median(r["cpu_median_s"] for r in rs),
                      "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "steps": sum(r["reps"] for r in rs)}
-    res["speedup_min"] = res["release"]["min_s"] / res["reference"]["min_s"]
-    res["speedup_median"] = res["release"]["median_s"] / res["reference"]["median_s"]
+    for name in envs:
+        if name != "release":
+            res[f"speedup_{name}_min"] = res["release"]["min_s"] / res[name]["min_s"]
+            res[f"speedup_{name}_median"] = res["release"]["median_s"] / res[name]["median_s"]
     return res
 
 
@@ -314,7 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/prvr_token_parity"))
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--time-one", choices=["release", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--backends", default="cpu,reference", help="our backends to time")
+    ap.add_argument("--time-one", choices=["release", "cpu", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -327,9 +335,10 @@ def main(argv=None) -> int:
     ckpt = args.work / f"{args.method}_release.ckpt"
     batch = make_batch(args.videos, cfg, args.seed + 1)
     if args.time_one:
-        write_release_checkpoint(args.method, ckpt, cfg, rcfg, args.seed, 0.02) if not ckpt.exists() else None
+        if not ckpt.exists():
+            write_release_checkpoint(args.method, ckpt, cfg, rcfg, args.seed, 0.02)
         step = release_step_fn(parts, rcfg, ckpt, batch) if args.time_one == "release" else \
-            ours_step_fn(args.method, cfg, ckpt, batch, args.seed)
+            ours_step_fn(args.method, cfg, ckpt, batch, args.seed, args.time_one)
         torch.manual_seed(args.seed)
         print(json.dumps(_steps(step, args.reps, args.warmup)), flush=True)
         return 0
@@ -347,7 +356,11 @@ def main(argv=None) -> int:
               "machine": machine_info(torch.device("cpu")), "videos": args.videos,
               "queries": int(batch["query_labels"].numel()), "scores": scores, "loss_terms": terms}
     if not args.no_speed:
-        result["speed"] = speed(args)
+        result["speed"] = sp = speed(args)
+        for name in args.backends.split(","):
+            print(f"train step: ours ({name}) min {sp[name]['min_s']:.2f} s median {sp[name]['median_s']:.2f} s | "
+                  f"release min {sp['release']['min_s']:.2f} s median {sp['release']['median_s']:.2f} s | "
+                  f"x{sp[f'speedup_{name}_min']:.2f} (min), x{sp[f'speedup_{name}_median']:.2f} (median)", flush=True)
     result["ok"] = scores["ok"] and all(r["ok"] for r in terms)
     write_results(args.out or default_out(f"{args.method}_parity"), result)
     return 0 if result["ok"] else 1
