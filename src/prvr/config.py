@@ -317,8 +317,50 @@ def method_names() -> list[str]:
     return sorted(p.parent.name for p in METHODS_DIR.glob("*/__init__.py"))
 
 
-# Top-level sections of params.yaml besides RunSettings' keys (cpu: prvr.procenv's start-up).
-_SECTIONS = ("dataset", "model", "train", "evaluate", "datasets", "methods", "cpu")
+# Top-level sections of params.yaml besides RunSettings' keys (cpu: prvr.procenv's start-up;
+# search: prvr.search, read by search_settings only, never by a training's settings).
+_SECTIONS = ("dataset", "model", "train", "evaluate", "datasets", "methods", "cpu", "search")
+
+_SEARCH_KEYS = {"split": str, "k": int, "block_videos": int, "stage1": dict, "eval_queries": int, "datasets": dict}
+_STAGE1_KEYS = {"kind": str, "candidates": int, "nprobe": int, "ef_search": int}
+_FACT_KEYS = {"feature_stride_s": float, "moments_file": str}
+
+
+def search_settings(params: Mapping[str, Any], where: str = "params.yaml") -> dict[str, Any]:
+    """The `search` section, checked (unknown keys, kinds, ranges) with its defaults."""
+    section = dict(params.get("search") or {})
+    out = {"split": "test", "k": 10, "block_videos": 256, "eval_queries": 500, "datasets": {},
+           "stage1": {"kind": "auto", "candidates": 100, "nprobe": 32, "ef_search": 128}}
+
+    def check(value, kind, name):
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"{where}: {name} {value!r}: expected {kind.__name__}")
+        if kind is int and value < (0 if name.endswith("eval_queries") else 1):
+            raise ConfigError(f"{where}: {name} {value!r}: out of range")
+        return value
+
+    for key, value in section.items():
+        if key not in _SEARCH_KEYS:
+            raise ConfigError(f"{where}: search.{key}: unknown key (known: {', '.join(_SEARCH_KEYS)})")
+        check(value, _SEARCH_KEYS[key], f"search.{key}")
+        if key == "stage1":
+            for k2, v2 in value.items():
+                if k2 not in _STAGE1_KEYS:
+                    raise ConfigError(f"{where}: search.stage1.{k2}: unknown key (known: {', '.join(_STAGE1_KEYS)})")
+                out["stage1"][k2] = check(v2, _STAGE1_KEYS[k2], f"search.stage1.{k2}")
+        elif key == "datasets":
+            for ds, facts in value.items():
+                for k2, v2 in (facts or {}).items():
+                    if k2 not in _FACT_KEYS:
+                        raise ConfigError(f"{where}: search.datasets.{ds}.{k2}: unknown key "
+                                          f"(known: {', '.join(_FACT_KEYS)})")
+                    if v2 is not None:
+                        check(v2, _FACT_KEYS[k2], f"search.datasets.{ds}.{k2}")
+                out["datasets"][ds] = dict(facts or {})
+        else:
+            out[key] = value
+    return out
 
 
 def _run_settings(params: Mapping[str, Any], where: str) -> RunSettings:

@@ -3,7 +3,8 @@ dvc.yaml declares (tests/test_pipeline.py checks the two agree).
 
 Per dataset and method, so training a second method keeps the first one's results:
     runs/<ds>/<method>/checkpoints/{last,best}.pt, runs/<ds>/<method>/run.json
-    metrics/<ds>/<method>/{train.json, train_history.csv, test.json, recall_at_k.json}
+    metrics/<ds>/<method>/{train.json, train_history.csv, test.json, recall_at_k.json, search.json}
+    runs/<ds>/<method>/index/ (the search index of the best checkpoint)
 and one report per dataset, over every method trained there: reports/<ds>/.
 """
 from __future__ import annotations
@@ -39,6 +40,14 @@ def test_json(dataset: str, method: str) -> Path:
 
 def recall_json(dataset: str, method: str) -> Path:
     return metrics_dir(dataset, method) / "recall_at_k.json"
+
+
+def index_dir(dataset: str, method: str) -> Path:
+    return RUNS / dataset / method / "index"
+
+
+def search_json(dataset: str, method: str) -> Path:
+    return metrics_dir(dataset, method) / "search.json"
 
 
 def report_dir(dataset: str) -> Path:

@@ -306,6 +306,18 @@ def dense_ground_truth(preset: Preset, seed: int, lengths: np.ndarray, caps: np.
     return out
 
 
+def write_moments(p: Preset, world: _World, seed: int, plan, path: Path, split: str = "test") -> None:
+    """Each caption's moment of a split (its video re-rendered: the spans its captions describe)."""
+    lengths, caps = plan
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for i in range(len(lengths)):
+            vid = video_id(p, split, i)
+            spans = _render_video(p, world, seed, split, i, int(lengths[i]), int(caps[i]))[2]
+            for c, (start, end) in enumerate(spans.tolist()):
+                fh.write(json.dumps({"query_id": f"{vid}#enc#{c}", "video_id": vid,
+                                     "start_feature": int(start), "end_feature": int(end)}) + "\n")
+
+
 def _write_options(p: Preset, tmp: Path, seed: int, plans, dense_gt: bool, val_is_test: bool) -> None:
     """The optional files: val captions = test captions; the dense split of the test videos."""
     text_dir = tmp / "TextData"
@@ -400,7 +412,8 @@ def custom_preset(base: str, videos: tuple[int, int, int] | None = None,
 def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", seed: int = 7,
                     scale: float = 1.0, progress: bool = True, dense_gt: bool = False,
                     val_is_test: bool = False, layout: str | None = None,
-                    video_file: str | None = None, query_file: str | None = None) -> Path:
+                    video_file: str | None = None, query_file: str | None = None,
+                    moments: bool = False) -> Path:
     """Write `<out_dir>/<collection>/` in MS-SL layout; returns that folder.
 
     `layout` (default: the preset's, else 'bigfile'): 'bigfile' (FeatureData/<feature>/),
@@ -410,7 +423,10 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", s
 
     Deterministic in (preset, seed, scale, options). Builds in a temporary folder next to the
     target and renames it into place (an existing corpus there is replaced). `dense_gt` and
-    `val_is_test`: see the module docstring."""
+    `val_is_test`: see the module docstring. `moments` (opt-in) also writes
+    `<collection>test.moments.jsonl`: each test caption's moment as feature rows
+    {"query_id", "video_id", "start_feature", "end_feature"} (end exclusive), the ground truth
+    of the search's moment metrics."""
     if isinstance(preset, Preset):
         p, preset = preset, preset.name
     elif preset not in PRESETS:
@@ -436,6 +452,8 @@ def generate_corpus(out_dir: str | os.PathLike, preset: str | Preset = "demo", s
             n_rows, n_caps_total = _write_bigfile_corpus(p, world, seed, plans, sizes, tmp, bar)
             bar.close()
             _write_options(p, tmp, seed, plans, dense_gt, val_is_test)
+            if moments:
+                write_moments(p, world, seed, plans["test"], tmp / f"{p.collection}test.moments.jsonl")
             if layout == "bigfile_hdf5":
                 write_frames_h5_layout(tmp, p, progress)
             elif layout != "bigfile":
@@ -536,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the dense ground-truth split <collection>denseval")
     ap.add_argument("--val-is-test", action="store_true",
                     help="write the test captions as the validation split too (as MS-SL's TVR)")
+    ap.add_argument("--moments", action="store_true",
+                    help="also write <collection>test.moments.jsonl (each test caption's moment)")
     ap.add_argument("--layout", default=None, choices=LAYOUTS,
                     help="feature layout (default: the preset's; bigfile but for the *-clip presets)")
     ap.add_argument("--videos", type=_ints, default=None, metavar="TRAIN,VAL,TEST",
@@ -550,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = custom_preset(args.preset, args.videos, args.frames, args.captions, args.frames_median)
         path = generate_corpus(args.out, preset, args.seed, args.scale,
                                dense_gt=args.dense_gt, val_is_test=args.val_is_test,
-                               layout=args.layout)
+                               layout=args.layout, moments=args.moments)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

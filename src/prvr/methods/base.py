@@ -345,8 +345,8 @@ class SearchableModel(Protocol):
         """Stage-1 vectors of B encoded videos: (B, n, D) and a (B, n) bool mask of the real
         ones. The candidate score of a video is the max of `index_queries(q) . v` over them."""
 
-    def index_queries(self, query: Tensor) -> Tensor:
-        """(Nq, D) query encodings -> (Nq, D) stage-1 query vectors."""
+    def index_queries(self, query: Tensor | QueryEncoding) -> Tensor:
+        """encode_queries' output for Nq queries -> (Nq, D) stage-1 query vectors."""
 
     def localize(self, query: Tensor, videos: VideoEncoding, n_frames: Tensor) -> tuple[Tensor, Tensor]:
         """The moment each query finds in each video: (start, end), each (Nq, b) int64 rows of
@@ -378,3 +378,24 @@ def clip_rows(first: Tensor, last: Tensor, n_frames: Tensor, n_clips: int) -> tu
     lo, hi = edge(last), edge(last + 1)
     end = torch.where(hi > lo, hi, lo + 1)
     return start, torch.maximum(end, start + 1)
+
+
+class ClipSearch:
+    """The search contract for a network whose VideoEncoding holds its clip stream as
+    fixed["clips"] (B, n_clips, H) and whose score's clip scale is the max cosine over those
+    clips (GMMFormer v1 / v2, Holmes, RAL, Holmes-DQ): stage 1 indexes the normalised clips,
+    and the moment is the best clip's rows."""
+
+    def index_vectors(self, videos: VideoEncoding) -> tuple[Tensor, Tensor]:
+        clips = torch.nn.functional.normalize(videos.fixed["clips"].float(), dim=-1)
+        return clips, torch.ones(clips.shape[:2], dtype=torch.bool, device=clips.device)
+
+    def index_queries(self, query: Tensor | QueryEncoding) -> Tensor:
+        q = query.pooled if isinstance(query, QueryEncoding) else query
+        return torch.nn.functional.normalize(q.float(), dim=-1)
+
+    def localize(self, query: Tensor | QueryEncoding, videos: VideoEncoding, n_frames: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        vectors, _ = self.index_vectors(videos)
+        best = torch.einsum("qh,bch->qbc", self.index_queries(query), vectors).argmax(-1)   # (Nq, b)
+        return clip_rows(best, best, n_frames.to(best.device)[None, :], int(self.cfg.n_clips))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import ConfigFromDict, TrainOutput, VideoEncoding
+from ..base import ClipSearch, ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0)
@@ -176,7 +176,7 @@ class GMMBlock(nn.Module):
         return self.attn(x, mask, gauss).mean(0)
 
 
-class GMMFormer(nn.Module):
+class GMMFormer(ClipSearch, nn.Module):
     def __init__(self, cfg: GMMFormerV1Config | None = None):
         super().__init__()
         cfg = cfg or GMMFormerV1Config()

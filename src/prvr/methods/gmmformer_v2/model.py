@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import ConfigFromDict, TrainOutput, VideoEncoding
+from ..base import ClipSearch, ConfigFromDict, TrainOutput, VideoEncoding
 from ..layers import InputProjection, PositionEmbedding, attention
 
 RELEASE_WIDTHS = (None, 0.5, 1.0, 5.0, 10.0, 3.0, 0.1, 8.0)
@@ -259,7 +259,7 @@ class TemporalConsolidation(nn.Module):
         return (outs * mix.unsqueeze(-1)).sum(0)
 
 
-class GMMFormer(nn.Module):
+class GMMFormer(ClipSearch, nn.Module):
     # True: one learned weight token shared by both streams (GMMFormer v2). False: each video's
     # mean token (TemporalConsolidation with token None), for which every video's frames are
     # padded to max_frames slots before encoding, as the mean runs over all of them (Holmes).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,6 +48,18 @@ class MeanPool(nn.Module):
 
     def train_scores(self, queries: Mapping[str, Tensor], videos: VideoEncoding) -> dict[str, Tensor]:
         return self.score(queries["query"], videos)
+
+    # the search contract: one vector per video, and no moment finer than the whole video
+    def index_vectors(self, videos: VideoEncoding) -> tuple[Tensor, Tensor]:
+        v = F.normalize(videos.fixed["video"].float(), dim=-1).unsqueeze(1)          # (B, 1, H)
+        return v, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+
+    def index_queries(self, query: Tensor) -> Tensor:
+        return F.normalize(query.float(), dim=-1)
+
+    def localize(self, query: Tensor, videos: VideoEncoding, n_frames: Tensor) -> tuple[Tensor, Tensor]:
+        end = n_frames.to(query.device)[None, :].expand(query.shape[0], -1)
+        return torch.zeros_like(end), end.clone()
 
     def forward(self, batch: Mapping[str, Any]) -> TrainOutput:
         queries = {"query": self.encode_queries(batch)}

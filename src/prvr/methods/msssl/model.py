@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..base import ConfigFromDict, TrainOutput, VideoEncoding
+from ..base import ClipSearch, ConfigFromDict, TrainOutput, VideoEncoding, clip_rows
 from ..layers import InputProjection, PositionEmbedding, key_mask_add
 
 _EPS = 1e-12  # F.normalize's norm floor
@@ -199,7 +199,7 @@ def _video_slots(labels: Tensor, n_videos: int) -> tuple[Tensor, int]:
 
 # ----------------------------------------------------------------------------- the network
 
-class MSSL(nn.Module):
+class MSSL(ClipSearch, nn.Module):
     def __init__(self, cfg: MSSLConfig | None = None):
         super().__init__()
         cfg = cfg or MSSLConfig()
@@ -274,6 +274,16 @@ class MSSL(nn.Module):
         frame = (F.normalize(att, dim=-1) * F.normalize(query, dim=-1)[None]).sum(-1).t()
         return {"score": self.cfg.clip_scale_w * s["clip"] + self.cfg.frame_scale_w * frame,
                 "clip": s["clip"], "frame": frame}
+
+    def localize(self, query: Tensor, videos: VideoEncoding, n_frames: Tensor) -> tuple[Tensor, Tensor]:
+        """The moment is the key clip: the best proposal's window of clips, as feature rows."""
+        key = clip_scale(query, videos.fixed["clips"], self.proposals)["key"]    # (Nq, b)
+        window = self.proposals[key] > 0                                       # (Nq, b, C)
+        C = window.shape[-1]
+        pos = torch.arange(C, device=key.device)
+        first = torch.where(window, pos, C).amin(-1)
+        last = torch.where(window, pos, -1).amax(-1)
+        return clip_rows(first, last, n_frames.to(key.device)[None, :], int(self.cfg.n_clips))
 
     def own_frame_features(self, query: Tensor, videos: VideoEncoding, labels: Tensor) -> Tensor:
         """(Nq, H): each query's own video (labels) attended by that query's key clip."""
