@@ -42,9 +42,11 @@ def method_result(ds: str, name: str, split: str):
     run_path = paths.run_json(ds, name)
     run = _read_json(run_path, "train") if run_path.is_file() else {}
     hist = paths.history_csv(ds, name)
+    search_path = paths.search_json(ds, name)
+    search = _read_json(search_path, "search_eval") if search_path.is_file() else None
     m = get_method(name)
     return MethodResult(name, m.title, test, {**train, **run}, read_history(hist) if hist.is_file() else [],
-                        dict(m.paper[ds]) if ds in m.paper else None, m.paper_selection)
+                        dict(m.paper[ds]) if ds in m.paper else None, m.paper_selection, search)
 
 
 def main(argv: list[str] | None = None) -> int:

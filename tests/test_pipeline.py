@@ -27,6 +27,8 @@ STAGE_OUTPUTS = {
               "runs/{ds}/{m}/run.json", "metrics/{ds}/{m}/train.json",
               "metrics/{ds}/{m}/train_history.csv"],
     "evaluate": ["metrics/{ds}/{m}/test.json", "metrics/{ds}/{m}/recall_at_k.json"],
+    "index": ["runs/{ds}/{m}/index/manifest.json"],
+    "search_eval": ["metrics/{ds}/{m}/search.json"],
     "report": ["reports/{ds}/report.md", "reports/{ds}/training_curves.png", "reports/{ds}/recall_at_k.png"],
 }
 
@@ -49,6 +51,8 @@ def test_dvc_yaml_outputs_are_the_library_paths():
                                         str(paths.run_json(ds, m)), str(paths.train_json(ds, m)),
                                         str(paths.history_csv(ds, m))])
     assert declared["evaluate"] == sorted([str(paths.test_json(ds, m)), str(paths.recall_json(ds, m))])
+    assert declared["index"] == [str(paths.index_dir(ds, m))]
+    assert declared["search_eval"] == [str(paths.search_json(ds, m))]
     assert all(o.startswith(str(paths.report_dir(ds))) for o in declared["report"])
 
 

@@ -32,6 +32,7 @@ class MethodResult:
     history: list[dict[str, float]] = field(default_factory=list)
     paper: dict[str, float] | None = None
     paper_selection: str = "test"     # prvr.methods.base.Method.paper_selection
+    search: dict[str, Any] | None = None   # metrics/<ds>/<m>/search.json (the search_eval stage)
 
     @property
     def seconds_per_epoch(self) -> float | None:
@@ -202,6 +203,41 @@ def _extra_tables(results: list[MethodResult]) -> list[str]:
     return lines
 
 
+def _search_table(results: list[MethodResult]) -> list[str]:
+    """The two-stage search of each method's index against exhaustive scoring, its latency and
+    size, and where ground truth exists, its moments."""
+    rows = [r for r in results if r.search]
+    if not rows:
+        return []
+    lines = ["", "## Search", "",
+             "Two-stage search (faiss over the method's index vectors, then its own score) against "
+             "exhaustive scoring of the same split (`stages/search_eval.py`):", "",
+             "| method | queries | recall@k | top-1 agreement | p50 ms | p99 ms | bytes/video | stage 1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        s = r.search
+        k = s.get("k", 10)
+        lines.append(f"| {r.title} | {s.get('queries')} | {_fmt3(s.get(f'recall_at_{k}'))} (k={k}) | "
+                     f"{_fmt3(s.get('top1_agreement'))} | {_fmt(s.get('latency_p50_ms'))} | "
+                     f"{_fmt(s.get('latency_p99_ms'))} | {_fmt(s.get('bytes_per_video'))} | {s.get('stage1_kind', '-')} |")
+    moments = [r for r in rows if r.search.get("moment_queries")]
+    if moments:
+        lines += ["", "Moments (the right video in the top k with IoU >= t; IoU of the moment found in the "
+                  "right video, and a same-length span placed at random):", "",
+                  "| method | queries | R@1 IoU.5 | R@5 IoU.5 | R@10 IoU.5 | R@10 IoU.7 | IoU | chance IoU |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in moments:
+            s = r.search
+            lines.append(f"| {r.title} | {int(s['moment_queries'])} | {_fmt(s.get('r1_iou0.5'))} | "
+                         f"{_fmt(s.get('r5_iou0.5'))} | {_fmt(s.get('r10_iou0.5'))} | {_fmt(s.get('r10_iou0.7'))} | "
+                         f"{_fmt3(s.get('iou_right_video'))} | {_fmt3(s.get('iou_chance'))} |")
+    return lines
+
+
+def _fmt3(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+
 def render_markdown(dataset: str, results: list[MethodResult], validation: dict[str, Any] | None,
                     figures: dict[str, str]) -> str:
     """The report text (deterministic for the same inputs)."""
@@ -223,7 +259,8 @@ def render_markdown(dataset: str, results: list[MethodResult], validation: dict[
     picked = paper_selection_sentence(results, validation) if dataset in DATASET_NAMES else None
     if picked:
         ref += " " + picked
-    lines += ["", ref, "", "## Figures", "", f"![training curves]({figures['curves']})", "",
+    lines += ["", ref] + _search_table(results)
+    lines += ["", "## Figures", "", f"![training curves]({figures['curves']})", "",
               f"![recall at k]({figures['recall']})", ""]
     lines += _data_section(validation) + _tracking_section(dataset, results)
     return "\n".join(lines)

@@ -108,6 +108,8 @@ def candidate_videos(scores: np.ndarray, ids: np.ndarray, vec_video: np.ndarray,
     keep &= video >= 0
     rank = np.where(keep, np.arange(k)[None, :], k)            # kept positions, in rank order
     pos = np.sort(rank, axis=1)[:, :n]
+    if pos.shape[1] < n:
+        pos = np.pad(pos, ((0, 0), (0, n - pos.shape[1])), constant_values=k)
     out = np.full((nq, n), -1, dtype=np.int64)
     valid = pos < k
     out[valid] = video[np.nonzero(valid)[0], pos[valid]]
