@@ -56,7 +56,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # ------------------------------------------------------------------------------ stage 1
 
 def choose_kind(n_vectors: int, kind: str = "auto") -> str:
-    """flat up to 200k vectors (exact, fp32 in RAM), IVF-PQ beyond (compressed codes)."""
+    """flat up to 200k vectors (exact, fp32 in RAM), IVF-PQ beyond (compressed codes, the
+    shortlist re-scored on 8-bit codes)."""
     if kind != "auto":
         if kind not in ("flat", "hnsw", "ivfpq"):
             raise SearchError(f"search.stage1.kind '{kind}': expected auto, flat, hnsw or ivfpq")
@@ -77,7 +78,10 @@ def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0):
     else:
         nlist = int(max(16, min(4 * np.sqrt(n), n // 39)))
         m = next(m for m in (48, 32, 24, 16, 12, 8, 4, 2, 1) if d % m == 0 and m <= d)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        # the PQ shortlist is re-scored on 8-bit scalar-quantised vectors (1 byte a dimension)
+        index = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit,
+                                                                  faiss.METRIC_INNER_PRODUCT))
         rng = np.random.default_rng(seed)
         train = vectors[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
         index.train(np.ascontiguousarray(train, dtype=np.float32))
@@ -88,7 +92,10 @@ def build_faiss(vectors: np.ndarray, kind: str, seed: int = 0):
 
 def set_search_params(index, kind: str, params: Mapping[str, Any]) -> None:
     if kind == "ivfpq":
-        index.nprobe = int(params.get("nprobe", 32))
+        import faiss
+
+        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 32))
+        index.k_factor = 4.0
     elif kind == "hnsw":
         index.hnsw.efSearch = int(params.get("ef_search", 128))
 
@@ -165,52 +172,67 @@ def build_index(checkpoint: str | os.PathLike, params: Mapping[str, Any], datase
     if not video_ids:
         raise SearchError(f"split {split} of {dataset} has no videos")
     n_frames = np.array([corpus.features.num_frames(v) for v in video_ids], dtype=np.int64)
-    stage1_vectors = np.concatenate(vecs)
-    kind = choose_kind(len(stage1_vectors), str(stage1.get("kind", "auto")))
-    t_faiss = time.perf_counter()
-    index = build_faiss(stage1_vectors, kind)
-    faiss_s = time.perf_counter() - t_faiss
+    seq = (np.concatenate(seqs), np.concatenate(lengths)) if seqs else None
+    manifest = {
+        "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+        "method": info["method"], "model_config": info["model_config"],
+        "dataset": dataset, "split": split, "data_dir": str(Path(data_dir).resolve()), "settings": settings,
+        "facts": dict(search["datasets"].get(dataset) or {}),
+    }
+    manifest = write_index_folder(out_dir, video_ids, n_frames, np.concatenate(vecs), np.concatenate(vec_video),
+                                  {k: np.concatenate(v) for k, v in fixed.items()}, seq, stage1, manifest)
+    manifest["build_s"] = time.perf_counter() - t0
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    log.info("indexed %d videos (%d vectors, %s) of %s/%s into %s: %.1f MB, %.1f s", len(video_ids),
+             manifest["n_vectors"], manifest["stage1"]["kind"], dataset, split, out_dir,
+             manifest["bytes"] / 2 ** 20, manifest["build_s"])
+    return manifest
 
+
+def write_index_folder(out_dir: str | os.PathLike, video_ids: Sequence[str], n_frames: np.ndarray,
+                       stage1_vectors: np.ndarray, vec_video: np.ndarray, fixed: Mapping[str, np.ndarray],
+                       seq: tuple[np.ndarray, np.ndarray] | None, stage1: Mapping[str, Any],
+                       manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Write an index folder atomically from encoded arrays: stage-1 vectors (N, D) (stored
+    float16) with the video of each, the exact fixed tensors (V, ...) and the sequence (packed
+    rows, rows per video), the faiss index; `manifest` is completed and written. Returns it."""
+    import faiss
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    kind = choose_kind(len(stage1_vectors), str(stage1.get("kind", "auto")))
+    index = build_faiss(stage1_vectors, kind)
+    faiss_s = time.perf_counter() - t0
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        import faiss
-
-        np.save(tmp / "stage1.npy", stage1_vectors)
-        np.save(tmp / "stage1_video.npy", np.concatenate(vec_video))
-        np.save(tmp / "n_frames.npy", n_frames)
-        for k, parts in fixed.items():
-            np.save(tmp / f"exact_{k}.npy", np.concatenate(parts))
-        if seqs:
-            np.save(tmp / "exact_seq.npy", np.concatenate(seqs))
-            np.save(tmp / "exact_offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64))
+        np.save(tmp / "stage1.npy", np.asarray(stage1_vectors, dtype=np.float16))
+        np.save(tmp / "stage1_video.npy", np.asarray(vec_video, dtype=np.int32))
+        np.save(tmp / "n_frames.npy", np.asarray(n_frames, dtype=np.int64))
+        for k, a in fixed.items():
+            np.save(tmp / f"exact_{k}.npy", np.asarray(a, dtype=np.float32))
+        if seq is not None:
+            rows, lengths = seq
+            np.save(tmp / "exact_seq.npy", np.asarray(rows, dtype=np.float32))
+            np.save(tmp / "exact_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         (tmp / "video_ids.txt").write_text("\n".join(video_ids) + "\n", encoding="utf-8")
         faiss.write_index(index, str(tmp / "stage1.faiss"))
         nbytes = sum(f.stat().st_size for f in tmp.iterdir())
-        manifest = {
-            "format": FORMAT, "version": VERSION,
-            "checkpoint": str(checkpoint.resolve()), "checkpoint_sha256": sha256_file(checkpoint),
-            "method": info["method"], "model_config": info["model_config"],
-            "dataset": dataset, "split": split, "data_dir": str(Path(data_dir).resolve()),
-            "n_videos": len(video_ids), "n_vectors": int(len(stage1_vectors)),
-            "vector_dim": int(stage1_vectors.shape[1]), "fixed": sorted(fixed), "has_seq": bool(seqs),
-            "stage1": {"kind": kind, "dtype": "float16", "candidates": int(stage1["candidates"]),
-                       "nprobe": int(stage1["nprobe"]), "ef_search": int(stage1["ef_search"])},
-            "facts": dict(search["datasets"].get(dataset) or {}),
-            "settings": settings,
-            "bytes": int(nbytes), "bytes_per_video": nbytes / len(video_ids),
-            "build_s": time.perf_counter() - t0, "faiss_build_s": faiss_s,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        out = {"format": FORMAT, "version": VERSION, **manifest,
+               "n_videos": len(video_ids), "n_vectors": int(len(stage1_vectors)),
+               "vector_dim": int(stage1_vectors.shape[1]), "fixed": sorted(fixed), "has_seq": seq is not None,
+               "stage1": {"kind": kind, "dtype": "float16", "candidates": int(stage1.get("candidates", 100)),
+                          "nprobe": int(stage1.get("nprobe", 32)), "ef_search": int(stage1.get("ef_search", 128))},
+               "bytes": int(nbytes), "bytes_per_video": nbytes / len(video_ids),
+               "faiss_build_s": faiss_s, "build_s": time.perf_counter() - t0}
+        (tmp / "manifest.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("indexed %d videos (%d vectors, %s) of %s/%s into %s: %.1f MB, %.1f s", len(video_ids),
-             len(stage1_vectors), kind, dataset, split, out_dir, nbytes / 2 ** 20, manifest["build_s"])
-    return manifest
+    return out
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -299,7 +321,7 @@ class SearchIndex:
         return bank.block(0, len(rows), self.device)
 
     def _stage1(self, q: torch.Tensor, n: int) -> np.ndarray:
-        k = min(self.faiss.ntotal, max(4 * n, n + 64))
+        k = min(self.faiss.ntotal, 3 * n)
         scores, ids = self.faiss.search(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), k)
         return candidate_videos(scores, ids, self.vec_video, n)
 
@@ -362,11 +384,12 @@ class SearchIndex:
         """(scores, video rows), each (Nq, k): every video scored exactly, block by block."""
         from ..evaluation import VideoBank, score_matrix
 
-        fixed = {key: torch.from_numpy(np.array(a)) for key, a in self.fixed.items()}
-        seq = None if self.seq is None else torch.from_numpy(np.array(self.seq))
-        offsets = None if self.offsets is None else torch.from_numpy(self.offsets)
-        bank = VideoBank(self.video_ids, fixed, seq, offsets)
-        scores = score_matrix(query, bank, lambda q, v: self.model.score(q, v)["score"], self.device,
+        if getattr(self, "_bank", None) is None:   # read into RAM once
+            fixed = {key: torch.from_numpy(np.array(a)) for key, a in self.fixed.items()}
+            seq = None if self.seq is None else torch.from_numpy(np.array(self.seq))
+            offsets = None if self.offsets is None else torch.from_numpy(self.offsets)
+            self._bank = VideoBank(self.video_ids, fixed, seq, offsets)
+        scores = score_matrix(query, self._bank, lambda q, v: self.model.score(q, v)["score"], self.device,
                               progress=False)
         top = scores.topk(min(k, len(self.video_ids)), dim=1)
         return top.values, top.indices
