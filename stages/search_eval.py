@@ -3,7 +3,7 @@ exhaustive scoring, how fast it answers, and (where ground truth exists) how wel
 moment. Writes metrics/<ds>/<m>/search.json (a DVC metric; the report and MLflow read it).
 
     python stages/search_eval.py [--index DIR] [--out FILE] [--params params.yaml]
-                                 [--dataset NAME] [--method NAME] [--no-mlflow]
+                                 [--dataset NAME] [--method NAME] [--no-mlflow] [--no-progress]
 
 Over `search.eval_queries` queries of the indexed split (0: all), in split order:
 - recall@k: the mean overlap of the search's top k with exhaustive scoring's top k, and top-1
@@ -27,23 +27,27 @@ from prvr.cli import setup_logging, stage_parser
 log = logging.getLogger("prvr.stages.search_eval")
 
 
-def evaluate_search(index, query_ids: list[str], k: int) -> dict:
-    """The recall, agreement and latency figures of `index` on `query_ids`."""
+def evaluate_search(index, query_ids: list[str], k: int, hits: int | None = None, progress: bool = True) -> dict:
+    """The recall, agreement and latency figures of `index` on `query_ids`; `results` holds each
+    query's top `hits` (>= k: the moment metrics read the top 10 whatever k is)."""
     import numpy as np
+    from tqdm import tqdm
 
+    hits = max(int(hits or k), k)
     batch = index.query_features(query_ids)
     q = index.encode(batch)
     ex_scores, ex_rows = index.exhaustive(q, k)
-    results = index.search_encoded(q, k)
+    results = index.search_encoded(q, hits)
     where = {v: i for i, v in enumerate(index.video_ids)}
     overlap, top1 = [], []
-    for i, hits in enumerate(results):
-        got = [where[h["video_id"]] for h in hits]
+    for i, found in enumerate(results):
+        got = [where[h["video_id"]] for h in found[:k]]
         want = ex_rows[i].tolist()
         overlap.append(len(set(got) & set(want)) / max(len(want), 1))
         top1.append(bool(got) and got[0] == want[0])
+    index.search_ids(query_ids[:1], k)          # warm-up: first-call set-up is not a query's latency
     times = []
-    for qid in query_ids:
+    for qid in tqdm(query_ids, desc="latency", unit="query", disable=not progress, dynamic_ncols=True):
         t0 = time.perf_counter()
         index.search_ids([qid], k)
         times.append((time.perf_counter() - t0) * 1000)
@@ -91,14 +95,13 @@ def _rows(query, pos: list[int]):
 
     from prvr.methods import QueryEncoding
 
-    idx = torch.tensor(pos)
     if isinstance(query, QueryEncoding):
         return QueryEncoding.cat([query[i:i + 1] for i in pos])
-    return query.index_select(0, idx)
+    return query.index_select(0, torch.tensor(pos, dtype=torch.long))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser(__doc__, data_dir=True, progress=False, mlflow=True)
+    parser = stage_parser(__doc__, data_dir=True, mlflow=True)
     parser.add_argument("--index", default=None, help="index folder (default: runs/<ds>/<m>/index/)")
     parser.add_argument("--out", default=None, help="metrics file (default: metrics/<ds>/<m>/search.json)")
     args = parser.parse_args(argv)
@@ -106,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     from prvr import paths
     from prvr.atomic import write_json_atomic
+    from prvr.checkpoint import CheckpointError
     from prvr.config import ConfigError, load_params, load_settings, search_settings
     from prvr.data.layout import DataError
     from prvr.search import SearchError, open_index
+    from prvr.search.moments import KS
 
     try:
         params = load_params(args.params)
@@ -123,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             ids = ids[:search["eval_queries"]]
         log.info("read %s (%d videos, %s), %d queries of %s", folder, index.manifest["n_videos"],
                  index.manifest["stage1"]["kind"], len(ids), index.manifest["split"])
-        ev = evaluate_search(index, ids, int(search["k"]))
+        if not ids:
+            raise SearchError(f"{folder}: split {index.manifest['split']} has no queries")
+        ev = evaluate_search(index, ids, int(search["k"]), max(KS), progress=not args.no_progress)
         facts = search["datasets"].get(index.manifest["dataset"]) or {}
         record = {k: v for k, v in ev.items() if not k.startswith("_") and k != "results"}
         record.update(moments(index, ev["results"], facts, settings, ev["_encoded"]))
-    except (ConfigError, DataError, SearchError, ValueError, KeyError) as exc:
+    except (ConfigError, DataError, CheckpointError, SearchError, ValueError, KeyError, OSError) as exc:
         print(f"search_eval: error: {exc}", file=sys.stderr)
         return 1
     m = index.manifest

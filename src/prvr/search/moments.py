@@ -28,54 +28,98 @@ def temporal_iou(a0, a1, b0, b1) -> np.ndarray:
 
 
 def chance_iou(length: np.ndarray, n_rows: np.ndarray, gt0: np.ndarray, gt1: np.ndarray) -> np.ndarray:
-    """Per query: the mean IoU with the ground truth of a span of `length` rows placed uniformly
-    at every start in its video of `n_rows` rows (the chance level of a localiser that knows only
-    how long moments are)."""
-    length = np.clip(np.asarray(length), 1, np.asarray(n_rows))
+    """Per query: the chance level of a localiser. The expected IoU with the ground truth
+    [gt0, gt1) of a span as long as the one localised (`length` rows, clipped to [1, n_rows])
+    whose start is drawn uniformly from the n_rows - length + 1 starts that keep it inside the
+    video of `n_rows` rows: a localiser that got the length right and the place at random."""
+    n_rows = np.maximum(np.asarray(n_rows, dtype=np.int64), 1)
+    length = np.clip(np.asarray(length, dtype=np.int64), 1, n_rows)
     starts = np.arange(int(np.max(n_rows)))[None, :]                       # (1, N)
-    valid = starts <= (np.asarray(n_rows) - length)[:, None]                # (Q, N)
+    valid = starts <= (n_rows - length)[:, None]                            # (Q, N)
     iou = temporal_iou(starts, starts + length[:, None], np.asarray(gt0)[:, None], np.asarray(gt1)[:, None])
     return (iou * valid).sum(1) / valid.sum(1)
 
 
 def read_ground_truth(path: Path, caption_texts: Mapping[str, str] | None = None,
                       n_frames: Mapping[str, int] | None = None) -> tuple[dict[str, tuple[str, int, int]], dict]:
-    """({caption id: (video id, start row, end row)}, info) from a moments file: the demo's rows
-    file, or TVR's annotations joined through `caption_texts` {caption id: text} and
-    `n_frames` {video id: rows}. info says how many annotations matched."""
-    out: dict[str, tuple[str, int, int]] = {}
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    rows = []
-    for i, ln in enumerate(lines, 1):
+    """({caption id: (video id, start row, end row)}, info) from a moments file (JSON lines, only
+    parsed): the demo's rows file {"query_id", "video_id", "start_feature", "end_feature"}, or
+    TVR's annotations {"desc", "vid_name", "ts": [start, end] s, "duration"} joined to caption
+    ids through `caption_texts` {caption id: text} and `n_frames` {video id: rows}. info counts
+    the annotations, the captions matched and (TVR) the annotations that matched no caption.
+    A malformed line is a ValueError naming the file and the line."""
+    path = Path(path)
+    rows: list[tuple[int, dict]] = []
+    for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not ln.strip():
+            continue
         try:
-            rows.append(json.loads(ln))
+            r = json.loads(ln)
         except ValueError:
             raise ValueError(f"{path}: line {i} is not JSON") from None
-    if rows and "start_feature" in rows[0]:
-        for r in rows:
-            out[str(r["query_id"])] = (str(r["video_id"]), int(r["start_feature"]), int(r["end_feature"]))
-        return out, {"annotations": len(rows), "matched": len(out), "format": "rows"}
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: line {i} is not a JSON object")
+        rows.append((i, r))
+    if not rows:
+        raise ValueError(f"{path}: no annotations")
+    if "start_feature" in rows[0][1]:
+        return _read_rows(path, rows)
+    return _join_tvr(path, rows, caption_texts, n_frames)
+
+
+def _read_rows(path: Path, rows: list[tuple[int, dict]]) -> tuple[dict[str, tuple[str, int, int]], dict]:
+    out: dict[str, tuple[str, int, int]] = {}
+    for i, r in rows:
+        try:
+            qid, vid, start, end = str(r["query_id"]), str(r["video_id"]), r["start_feature"], r["end_feature"]
+        except KeyError as exc:
+            raise ValueError(f"{path}: line {i} lacks {exc.args[0]} (a rows file has query_id, video_id, "
+                             f"start_feature, end_feature)") from None
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)) or not 0 <= start < end:
+            raise ValueError(f"{path}: line {i}: start_feature {start!r}, end_feature {end!r}: expected "
+                             f"integers 0 <= start < end")
+        out[qid] = (vid, start, end)
+    return out, {"annotations": len(rows), "matched": len(out), "format": "rows"}
+
+
+def _join_tvr(path: Path, rows: list[tuple[int, dict]], caption_texts: Mapping[str, str] | None,
+              n_frames: Mapping[str, int] | None) -> tuple[dict[str, tuple[str, int, int]], dict]:
+    """TVR's seconds become rows through the video's duration and its row count (the features
+    span the video evenly): [floor(t0 / duration * n), ceil(t1 / duration * n)), clipped to the
+    video, at least one row. Only videos of `n_frames` (the indexed collection) take part."""
     if caption_texts is None or n_frames is None:
         raise ValueError(f"{path}: second-based annotations need the captions and the videos' rows")
     by_key: dict[tuple[str, str], list[str]] = {}
     for cap_id, text in caption_texts.items():
         by_key.setdefault((cap_id.split("#", 1)[0], _norm(text)), []).append(cap_id)
-    for r in rows:
+    out: dict[str, tuple[str, int, int]] = {}
+    unmatched = 0
+    for i, r in rows:
         try:
-            vid, text, (t0, t1), duration = str(r["vid_name"]), str(r["desc"]), r["ts"], float(r["duration"])
+            vid, text, ts, duration = str(r["vid_name"]), str(r["desc"]), r["ts"], float(r["duration"])
+            t0, t1 = (float(t) for t in ts)
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: an annotation without vid_name, desc, ts [start, end] and duration") from None
-        for cap_id in by_key.get((vid, _norm(text)), []):
-            n = n_frames.get(vid)
-            if n and duration > 0:
-                start = min(int(math.floor(float(t0) / duration * n)), n - 1)
-                end = max(min(int(math.ceil(float(t1) / duration * n)), n), start + 1)
-                out[cap_id] = (vid, start, end)
-    return out, {"annotations": len(rows), "matched": len(out), "captions": len(caption_texts), "format": "tvr"}
+            raise ValueError(f"{path}: line {i}: expected vid_name, desc, ts [start, end] and duration "
+                             f"(TVR's annotation format) or query_id, video_id, start_feature, end_feature") from None
+        if not (duration > 0 and math.isfinite(duration) and math.isfinite(t0) and math.isfinite(t1) and t0 <= t1):
+            raise ValueError(f"{path}: line {i}: ts {ts!r}, duration {r['duration']!r}: expected "
+                             f"0 <= start <= end and duration > 0")
+        caps = by_key.get((vid, _norm(text)), [])
+        n = int(n_frames.get(vid, 0))
+        if not caps or n <= 0:
+            unmatched += 1
+            continue
+        start = min(max(int(math.floor(t0 / duration * n)), 0), n - 1)
+        end = max(min(int(math.ceil(t1 / duration * n)), n), start + 1)
+        for cap_id in caps:
+            out[cap_id] = (vid, start, end)
+    return out, {"annotations": len(rows), "matched": len(out), "unmatched_annotations": unmatched,
+                 "captions": len(caption_texts), "format": "tvr"}
 
 
 def _norm(text: str) -> str:
-    return " ".join(text.lower().replace(".", " ").split())
+    """Caption text for the join: lower case, words only (punctuation and spacing differ)."""
+    return " ".join("".join(c if c.isalnum() or c == "'" else " " for c in text.lower()).split())
 
 
 def moment_metrics(results: Sequence[Mapping[str, Any]], truth: Mapping[str, tuple[str, int, int]],
