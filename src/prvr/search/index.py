@@ -235,6 +235,16 @@ def write_index_folder(out_dir: str | os.PathLike, video_ids: Sequence[str], n_f
     return out
 
 
+def _columns(videos, cols: torch.Tensor):
+    """The videos `cols` of a VideoEncoding block."""
+    from ..methods import VideoEncoding
+
+    fixed = {k: v.index_select(0, cols) for k, v in videos.fixed.items()}
+    if videos.seq is None:
+        return VideoEncoding(fixed)
+    return VideoEncoding(fixed, videos.seq.index_select(0, cols), videos.seq_mask.index_select(0, cols))
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / "manifest.json"
     try:
@@ -321,6 +331,8 @@ class SearchIndex:
         return bank.block(0, len(rows), self.device)
 
     def _stage1(self, q: torch.Tensor, n: int) -> np.ndarray:
+        if n >= len(self.video_ids):   # every video is a candidate: stage 2 alone is exact
+            return np.broadcast_to(np.arange(len(self.video_ids)), (q.shape[0], len(self.video_ids))).copy()
         k = min(self.faiss.ntotal, 3 * n)
         scores, ids = self.faiss.search(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), k)
         return candidate_videos(scores, ids, self.vec_video, n)
@@ -344,15 +356,19 @@ class SearchIndex:
             valid = torch.from_numpy(c >= 0)
             allowed[torch.nonzero(valid, as_tuple=True)[0], torch.from_numpy(col[c >= 0])] = True
             top = scores.masked_fill(~allowed, float("-inf")).topk(k, dim=1)
-            nf = torch.from_numpy(self.n_frames[rows])
+            # the moment of the hits only: localize on the block's columns that made a top k
+            cols = torch.unique(top.indices)
+            sub = _columns(videos, cols)
+            nf = torch.from_numpy(self.n_frames[rows[cols.numpy()]])
             with torch.no_grad():
-                start, end = self.model.localize(q, videos, nf)
+                start, end = self.model.localize(q, sub, nf)
+            at = torch.searchsorted(cols, top.indices)
             for i in range(scores.shape[0]):
                 hits = []
-                for s, j in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                for s, j, c in zip(top.values[i].tolist(), top.indices[i].tolist(), at[i].tolist()):
                     if s == float("-inf"):
                         continue
-                    hits.append(self._hit(int(rows[j]), s, int(start[i, j]), int(end[i, j])))
+                    hits.append(self._hit(int(rows[j]), s, int(start[i, c]), int(end[i, c])))
                 out.append(hits)
         return out
 
