@@ -85,6 +85,8 @@ def moments(index, results: list[dict], facts: dict, settings: dict, query) -> d
     out = moment_metrics(results, truth, own, n_frames)
     out.update({"moment_file": str(path), "moment_annotations": info["annotations"],
                 "moment_matched": info["matched"]})
+    if "unmatched_annotations" in info:     # TVR's: no indexed video, or no caption with that text
+        out["moment_unmatched_annotations"] = info["unmatched_annotations"]
     log.info("moment ground truth %s: %d annotations, %d matched captions", path, info["annotations"], info["matched"])
     return out
 

@@ -163,6 +163,23 @@ def test_the_demo_moments_cover_every_test_caption_inside_its_video(corpora):
         assert qid.split("#", 1)[0] == vid and 0 <= start < end <= corpus.features.num_frames(vid)
 
 
+def test_the_fetch_stage_passes_the_moments_option_to_the_generator_only_when_set(tmp_path):
+    from prvr.data.fetch import fetch
+
+    calls = []
+
+    def generate(out_dir, **kwargs):
+        calls.append(kwargs)
+        (Path(out_dir) / "demo").mkdir(parents=True, exist_ok=True)
+        return Path(out_dir) / "demo"
+
+    base = load_settings(REPO / "params.yaml", "demo", "gmmformer_v2")
+    for generator in ({"preset": "demo", "seed": 7}, {"preset": "demo", "seed": 7, "moments": True}):
+        fetch({**base, "generator": generator}, tmp_path / "data", progress=False, generate=generate)
+    assert "moments" not in calls[0] and calls[1]["moments"] is True
+    assert search_settings(load_params(REPO / "params.yaml"))["datasets"]["demo"]["moments_file"] == MOMENTS_FILE
+
+
 # ----------------------------------------------------------------------------- settings and dvc.yaml
 
 def test_search_settings_stay_out_of_the_training_fingerprint_and_the_train_stage(tmp_path):
@@ -313,3 +330,37 @@ def test_bad_input_to_search_eval_is_one_line_and_keeps_the_old_metrics(work, tm
     assert "manifest.json" in _last_line(proc)
     assert out.read_text() == '{"old": 1}' and sorted(p.name for p in tmp_path.iterdir()) == [
         "bad.jsonl", "corpus", "idx", "params.yaml", "search.json"]
+
+
+def test_search_eval_joins_tvr_format_annotations_to_the_same_moment_metrics(work, tmp_path):
+    """The demo's moments rewritten as TVR annotations (seconds at 0.5 s a row, captions by
+    text, one annotation for a video outside the index) give the rows file's metrics."""
+    from prvr.data.datasets import Corpus
+
+    folder = work / "runs" / "demo" / "gmmformer_v2" / "index"
+    if not (folder / "manifest.json").is_file():
+        _stage("index", cwd=work)
+    rows_out, tvr_out = tmp_path / "rows.json", tmp_path / "tvr.json"
+    _stage("search_eval", "--no-mlflow", "--out", str(rows_out), cwd=work)
+    collection = work / "data/demo/corpus/demo"
+    truth, _ = read_ground_truth(collection / MOMENTS_FILE)
+    corpus = Corpus(collection, "demo_feats")
+    split = corpus.split("test")
+    annotations = [{"desc_id": i, "desc": text.upper() + ".", "type": "v", "vid_name": truth[qid][0],
+                    "ts": [truth[qid][1] * 0.5, truth[qid][2] * 0.5],
+                    "duration": corpus.features.num_frames(truth[qid][0]) * 0.5}
+                   for i, (qid, text) in enumerate(zip(split.query_ids, split.texts))]
+    annotations.append({"desc_id": -1, "desc": "x", "type": "v", "vid_name": "elsewhere", "ts": [0, 1], "duration": 2})
+    tvr = _jsonl(tmp_path / "tvr_val_release.jsonl", annotations)
+    params = tmp_path / "params.yaml"
+    params.write_text((work / "params.yaml").read_text())
+    edit_params(params, **{"search.datasets.demo.moments_file": str(tvr)})
+    _stage("search_eval", "--no-mlflow", "--params", str(params), "--out", str(tvr_out), cwd=work)
+    a, b = json.loads(rows_out.read_text()), json.loads(tvr_out.read_text())
+    assert b["moment_annotations"] == len(annotations) and b["moment_unmatched_annotations"] == 1
+    # every (video, text) pair is unique in this corpus, so each caption gets its own moment back
+    texts = [(q.split("#", 1)[0], t.lower()) for q, t in zip(split.query_ids, split.texts)]
+    assert len(set(texts)) == len(texts)
+    assert b["moment_matched"] == a["moment_matched"] == len(split.query_ids)
+    for key in [k for k in a if k.startswith("r") and "_iou" in k] + ["iou_right_video", "iou_chance"]:
+        assert b[key] == pytest.approx(a[key]), key

@@ -400,8 +400,9 @@ def _generate_collection(settings: dict[str, Any], generator: dict[str, Any], da
     preset = str(generator.get("preset", ds))
     seed = int(generator.get("seed", 0))
     kwargs = {"scale": float(generator["scale"])} if "scale" in generator else {}
-    # demo options for the honest-numbers checks (prvr.data.demo); off unless set
-    kwargs.update({k: bool(generator[k]) for k in ("dense_gt", "val_is_test") if generator.get(k)})
+    # demo options for the honest-numbers checks (prvr.data.demo), and `moments` (each test
+    # caption's moment, the search's ground truth); off unless set
+    kwargs.update({k: bool(generator[k]) for k in ("dense_gt", "val_is_test", "moments") if generator.get(k)})
     if fmt["feature_format"] == "hdf5":   # the CLIP layout, under the dataset's file names
         kwargs.update(layout="hdf5", video_file=feature, query_file=fmt["query_feature"])
     elif fmt["feature_format"] == "bigfile_hdf5":   # feature.hdf5 + video2frames.txt

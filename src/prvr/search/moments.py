@@ -109,8 +109,9 @@ def _join_tvr(path: Path, rows: list[tuple[int, dict]], caption_texts: Mapping[s
         if not caps or n <= 0:
             unmatched += 1
             continue
-        start = min(max(int(math.floor(t0 / duration * n)), 0), n - 1)
-        end = max(min(int(math.ceil(t1 / duration * n)), n), start + 1)
+        # a row boundary computed in floating point (e.g. 3.5 / 7.0 * 14) stays that boundary
+        start = min(max(int(math.floor(t0 / duration * n + 1e-6)), 0), n - 1)
+        end = max(min(int(math.ceil(t1 / duration * n - 1e-6)), n), start + 1)
         for cap_id in caps:
             out[cap_id] = (vid, start, end)
     return out, {"annotations": len(rows), "matched": len(out), "unmatched_annotations": unmatched,
