@@ -60,21 +60,37 @@ def evaluate_search(index, query_ids: list[str], k: int, hits: int | None = None
             "_encoded": q}
 
 
-def moments(index, results: list[dict], facts: dict, settings: dict, query) -> dict:
-    from prvr.search.moments import moment_metrics, read_ground_truth
+def ground_truth(index, facts: dict, settings: dict):
+    """(path, {caption id: (video, start, end)}, info) of the dataset's moments file, or None
+    when it names none or none exists; read before any timing, so a bad file stops the stage
+    at once (ValueError naming the file and line)."""
+    from prvr.search.moments import read_ground_truth
 
     name = facts.get("moments_file")
     if not name:
-        return {}
+        return None
     candidates = [index.corpus.collection_dir / name, Path(settings["data_root"]).expanduser() / name]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         log.info("no moment ground truth (%s): moment metrics skipped", " or ".join(map(str, candidates)))
-        return {}
+        return None
     split = index.corpus.split(index.manifest["split"])
     texts = dict(zip(split.query_ids, split.texts))
     n_frames = dict(zip(index.video_ids, index.n_frames.tolist()))
     truth, info = read_ground_truth(path, texts, n_frames)
+    log.info("read moment ground truth %s: %d annotations, %d matched captions", path, info["annotations"],
+             info["matched"])
+    return path, truth, info
+
+
+def moments(index, results: list[dict], loaded, query) -> dict:
+    """The moment metrics of `results` against `loaded` (ground_truth's answer)."""
+    from prvr.search.moments import moment_metrics
+
+    if loaded is None:
+        return {}
+    path, truth, info = loaded
+    n_frames = dict(zip(index.video_ids, index.n_frames.tolist()))
     ids = [r["query_id"] for r in results]
     own_ids = [q for q in ids if q in truth and truth[q][0] in n_frames]
     own = {}
@@ -87,7 +103,6 @@ def moments(index, results: list[dict], facts: dict, settings: dict, query) -> d
                 "moment_matched": info["matched"]})
     if "unmatched_annotations" in info:     # TVR's: no indexed video, or no caption with that text
         out["moment_unmatched_annotations"] = info["unmatched_annotations"]
-    log.info("moment ground truth %s: %d annotations, %d matched captions", path, info["annotations"], info["matched"])
     return out
 
 
@@ -132,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
                  index.manifest["stage1"]["kind"], len(ids), index.manifest["split"])
         if not ids:
             raise SearchError(f"{folder}: split {index.manifest['split']} has no queries")
-        ev = evaluate_search(index, ids, int(search["k"]), max(KS), progress=not args.no_progress)
         facts = search["datasets"].get(index.manifest["dataset"]) or {}
+        truth = ground_truth(index, facts, settings)
+        ev = evaluate_search(index, ids, int(search["k"]), max(KS), progress=not args.no_progress)
         record = {k: v for k, v in ev.items() if not k.startswith("_") and k != "results"}
-        record.update(moments(index, ev["results"], facts, settings, ev["_encoded"]))
+        record.update(moments(index, ev["results"], truth, ev["_encoded"]))
     except (ConfigError, DataError, CheckpointError, SearchError, ValueError, KeyError, OSError) as exc:
         print(f"search_eval: error: {exc}", file=sys.stderr)
         return 1

@@ -337,11 +337,8 @@ def test_search_eval_joins_tvr_format_annotations_to_the_same_moment_metrics(wor
     text, one annotation for a video outside the index) give the rows file's metrics."""
     from prvr.data.datasets import Corpus
 
-    folder = work / "runs" / "demo" / "gmmformer_v2" / "index"
-    if not (folder / "manifest.json").is_file():
-        _stage("index", cwd=work)
-    rows_out, tvr_out = tmp_path / "rows.json", tmp_path / "tvr.json"
-    _stage("search_eval", "--no-mlflow", "--out", str(rows_out), cwd=work)
+    a = _search_json(work)                   # the rows file's metrics
+    tvr_out = tmp_path / "tvr.json"
     collection = work / "data/demo/corpus/demo"
     truth, _ = read_ground_truth(collection / MOMENTS_FILE)
     corpus = Corpus(collection, "demo_feats")
@@ -356,7 +353,7 @@ def test_search_eval_joins_tvr_format_annotations_to_the_same_moment_metrics(wor
     params.write_text((work / "params.yaml").read_text())
     edit_params(params, **{"search.datasets.demo.moments_file": str(tvr)})
     _stage("search_eval", "--no-mlflow", "--params", str(params), "--out", str(tvr_out), cwd=work)
-    a, b = json.loads(rows_out.read_text()), json.loads(tvr_out.read_text())
+    b = json.loads(tvr_out.read_text())
     assert b["moment_annotations"] == len(annotations) and b["moment_unmatched_annotations"] == 1
     # every (video, text) pair is unique in this corpus, so each caption gets its own moment back
     texts = [(q.split("#", 1)[0], t.lower()) for q, t in zip(split.query_ids, split.texts)]
@@ -364,3 +361,51 @@ def test_search_eval_joins_tvr_format_annotations_to_the_same_moment_metrics(wor
     assert b["moment_matched"] == a["moment_matched"] == len(split.query_ids)
     for key in [k for k in a if k.startswith("r") and "_iou" in k] + ["iou_right_video", "iou_chance"]:
         assert b[key] == pytest.approx(a[key]), key
+
+
+def _search_json(work: Path) -> dict:
+    out = work / "metrics" / "demo" / "gmmformer_v2" / "search.json"
+    if not out.is_file():
+        _stage("index", cwd=work)
+        _stage("search_eval", "--no-mlflow", cwd=work)
+    return json.loads(out.read_text())
+
+
+def test_the_report_shows_the_search_and_moment_figures_of_search_json(work):
+    from prvr.report import MethodResult, render_markdown
+
+    s = _search_json(work)
+    test = {"r1": 1.0, "r5": 5.0, "r10": 10.0, "r100": 90.0, "sumr": 106.0, "n_queries": 59, "n_videos": 15,
+            "split": "test"}
+    text = render_markdown("demo", [MethodResult("gmmformer_v2", "GMMFormer v2", test, {"best_epoch": 1}, search=s)],
+                           None, {"curves": "c.png", "recall": "r.png"})
+    lines = text.splitlines()
+    row = next(ln for ln in lines[lines.index("## Search"):] if ln.startswith("| GMMFormer v2 |"))
+    assert f"{s['recall_at_5']:.3f} (k=5)" in row and f"{s['top1_agreement']:.3f}" in row
+    moments = [ln for ln in lines if ln.startswith("| GMMFormer v2 |")][-1]
+    assert moments != row and f"{s['iou_chance']:.3f}" in moments and f"{s['iou_right_video']:.3f}" in moments
+    assert "Search" not in render_markdown("demo", [MethodResult("gmmformer_v2", "GMMFormer v2", test, {})], None,
+                                           {"curves": "c.png", "recall": "r.png"})
+
+
+def test_search_eval_logs_its_figures_on_the_training_s_mlflow_run(work, tmp_path):
+    from prvr.tracking import Tracker
+
+    _search_json(work)
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    tracker = Tracker("demo", tracking_uri=uri, root=tmp_path)
+    run_id = tracker.start(run_name="gmmformer_v2-demo")
+    assert run_id
+    run_json = work / "runs" / "demo" / "gmmformer_v2" / "run.json"
+    run_json.write_text(json.dumps({"mlflow_run_id": run_id}))
+    try:
+        out = tmp_path / "search.json"
+        run([sys.executable, str(REPO / "stages" / "search_eval.py"), "--no-progress", "--out", str(out)], cwd=work,
+            MLFLOW_TRACKING_URI=uri)
+        got = json.loads(out.read_text())
+        metrics = tracker.client().get_run(run_id).data.metrics
+    finally:
+        run_json.unlink()
+    assert metrics["search_recall_at_5"] == pytest.approx(got["recall_at_5"])
+    assert metrics["search_latency_p50_ms"] == pytest.approx(got["latency_p50_ms"])
+    assert metrics["search_r10_iou0.5"] == pytest.approx(got["r10_iou0.5"])
