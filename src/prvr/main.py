@@ -30,16 +30,26 @@ def _search(args: argparse.Namespace) -> int:
     if args.query_ids_file:
         path = Path(args.query_ids_file)
         try:
-            ids += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            from_file = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise SearchError(f"{path}: cannot read the query ids ({exc})") from None
+        if not from_file:
+            raise SearchError(f"{path}: no caption ids in it (one per line)")
+        ids += from_file
     if not ids:
         raise SearchError("give --query-id or --query-ids-file")
     if args.k < 1:
         raise SearchError(f"--k {args.k}: expected >= 1")
     index = open_index(args.index, data_dir=args.data_dir)
+    k, n = args.k, len(index.video_ids)
+    if k > n:   # clamped, and said once (stdout stays one JSON line per query)
+        print(f"prvr search: note: --k {k} is more than the {n} videos of {args.index}; giving {n} hits a query",
+              file=sys.stderr)
+        k = n
+    for lo in range(0, len(ids), 256):   # every id checked before any line is written
+        index.query_features(ids[lo:lo + 256])
     for lo in range(0, len(ids), 256):
-        for obj in index.search_ids(ids[lo:lo + 256], args.k):
+        for obj in index.search_ids(ids[lo:lo + 256], k):
             print(json.dumps(obj) if args.json else _readable(obj), flush=True)
     return 0
 

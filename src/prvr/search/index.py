@@ -245,6 +245,24 @@ def _columns(videos, cols: torch.Tensor):
     return VideoEncoding(fixed, videos.seq.index_select(0, cols), videos.seq_mask.index_select(0, cols))
 
 
+def _load(path: Path, lead: tuple[int, ...], mmap: bool = False) -> np.ndarray:
+    """An index array, checked: readable, its leading dimensions `lead` (the manifest's counts);
+    a truncated or corrupt file is a SearchError naming it."""
+    try:
+        a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise SearchError(f"{path}: missing from the index (rebuild it)") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise SearchError(f"{path}: truncated or corrupt ({str(exc).splitlines()[0][:200]})") from None
+    if tuple(a.shape[:len(lead)]) != tuple(int(n) for n in lead):
+        raise SearchError(f"{path}: shape {tuple(a.shape)}, the manifest's counts need leading {tuple(lead)}")
+    return a
+
+
+_MANIFEST_KEYS = ("checkpoint", "checkpoint_sha256", "method", "model_config", "dataset", "split", "settings",
+                  "data_dir", "n_videos", "n_vectors", "fixed", "has_seq", "stage1")
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / "manifest.json"
     try:
@@ -257,6 +275,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise SearchError(f"{path}: not a prvr index manifest")
     if manifest.get("version") != VERSION:
         raise SearchError(f"{path}: index version {manifest.get('version')}, this code reads {VERSION}; rebuild it")
+    lacking = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if lacking:
+        raise SearchError(f"{path}: incomplete manifest (no {', '.join(lacking)})")
     return manifest
 
 
@@ -268,19 +289,35 @@ class SearchIndex:
 
         self.folder, self.manifest, self.model, self.corpus = folder, manifest, model, corpus
         self.device = torch.device(device)
-        self.video_ids = (folder / "video_ids.txt").read_text(encoding="utf-8").split()
-        self.n_frames = np.load(folder / "n_frames.npy")
-        self.vec_video = np.load(folder / "stage1_video.npy")
-        self.fixed = {k: np.load(folder / f"exact_{k}.npy", mmap_mode="r") for k in manifest["fixed"]}
-        self.seq = np.load(folder / "exact_seq.npy", mmap_mode="r") if manifest["has_seq"] else None
-        self.offsets = np.load(folder / "exact_offsets.npy") if manifest["has_seq"] else None
-        self.faiss = faiss.read_index(str(folder / "stage1.faiss"))
+        V = int(manifest["n_videos"])
+        try:
+            self.video_ids = (folder / "video_ids.txt").read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SearchError(f"{folder / 'video_ids.txt'}: unreadable ({exc})") from None
+        if len(self.video_ids) != V:
+            raise SearchError(f"{folder / 'video_ids.txt'}: {len(self.video_ids)} ids, manifest says {V}")
+        self.n_frames = _load(folder / "n_frames.npy", (V,))
+        self.vec_video = _load(folder / "stage1_video.npy", (manifest["n_vectors"],))
+        if self.vec_video.size and (self.vec_video.min() < 0 or self.vec_video.max() >= V):
+            raise SearchError(f"{folder / 'stage1_video.npy'}: video rows outside [0, {V})")
+        self.fixed = {k: _load(folder / f"exact_{k}.npy", (V,), mmap=True) for k in manifest["fixed"]}
+        self.seq = self.offsets = None
+        if manifest["has_seq"]:
+            self.offsets = _load(folder / "exact_offsets.npy", (V + 1,))
+            self.seq = _load(folder / "exact_seq.npy", (int(self.offsets[-1]),), mmap=True)
+            if self.offsets[0] != 0 or (np.diff(self.offsets) < 0).any():
+                raise SearchError(f"{folder / 'exact_offsets.npy'}: offsets not increasing from 0")
+        path = folder / "stage1.faiss"
+        try:
+            self.faiss = faiss.read_index(str(path))
+        except RuntimeError as exc:   # faiss reports a truncated or foreign file as RuntimeError
+            raise SearchError(f"{path}: unreadable faiss index ({str(exc).splitlines()[0][:200]})") from None
+        if self.faiss.ntotal != manifest["n_vectors"]:
+            raise SearchError(f"{path}: {self.faiss.ntotal} vectors, manifest says {manifest['n_vectors']}")
         set_search_params(self.faiss, manifest["stage1"]["kind"], manifest["stage1"])
         self.candidates = int(manifest["stage1"]["candidates"])
         stride = (manifest.get("facts") or {}).get("feature_stride_s")
         self.stride = float(stride) if stride else None
-        if len(self.video_ids) != manifest["n_videos"]:
-            raise SearchError(f"{folder / 'video_ids.txt'}: {len(self.video_ids)} ids, manifest says {manifest['n_videos']}")
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -340,8 +377,9 @@ class SearchIndex:
     def search_encoded(self, query, k: int, candidates: int | None = None) -> list[list[dict[str, Any]]]:
         """Hits of already encoded queries (encode_queries' output): per query the top k videos
         with their exact score and moment."""
-        n = min(int(candidates or self.candidates), len(self.video_ids))
-        k = min(int(k), n)
+        k = self.clamp_k(k)
+        # at least k candidates, so a large k is never cut to the stage-1 shortlist
+        n = min(max(int(candidates or self.candidates), k), len(self.video_ids))
         cand = self._stage1(self.model.index_queries(query), n)                  # (Nq, n)
         out = []
         for lo in range(0, cand.shape[0], 16):   # blocks of queries: their candidates' union
@@ -371,6 +409,15 @@ class SearchIndex:
                     hits.append(self._hit(int(rows[j]), s, int(start[i, c]), int(end[i, c])))
                 out.append(hits)
         return out
+
+    def clamp_k(self, k: int) -> int:
+        """k checked (>= 1) and clamped to the collection's size, with a note when it is."""
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise SearchError(f"k {k!r}: expected a whole number >= 1")
+        if k > len(self.video_ids):
+            log.warning("k %d is more than the %d videos of %s: giving %d hits a query", k,
+                        len(self.video_ids), self.folder, len(self.video_ids))
+        return min(int(k), len(self.video_ids))
 
     def _hit(self, video: int, score: float, start: int, end: int) -> dict[str, Any]:
         s = self.stride
@@ -407,7 +454,7 @@ class SearchIndex:
             self._bank = VideoBank(self.video_ids, fixed, seq, offsets)
         scores = score_matrix(query, self._bank, lambda q, v: self.model.score(q, v)["score"], self.device,
                               progress=False)
-        top = scores.topk(min(k, len(self.video_ids)), dim=1)
+        top = scores.topk(self.clamp_k(k), dim=1)
         return top.values, top.indices
 
 
@@ -425,9 +472,11 @@ def open_index(folder: str | os.PathLike, *, data_dir: str | os.PathLike | None 
     ckpt = Path(manifest["checkpoint"])
     if not ckpt.is_file():
         raise SearchError(f"{folder / 'manifest.json'}: its checkpoint {ckpt} is missing")
-    if sha256_file(ckpt) != manifest["checkpoint_sha256"]:
-        raise SearchError(f"{ckpt}: sha256 differs from the one {folder / 'manifest.json'} recorded; "
-                          "the checkpoint changed since the index was built (rebuild it)")
+    digest = sha256_file(ckpt)
+    if digest != manifest["checkpoint_sha256"]:
+        raise SearchError(f"{ckpt}: sha256 differs from the one {folder / 'manifest.json'} recorded "
+                          f"(index {manifest['checkpoint_sha256']}, file {digest}); the checkpoint changed "
+                          "since the index was built (rebuild it)")
     try:
         model = load_model(ckpt, device, method=manifest["method"])[0].eval()
         corpus = Corpus.from_settings(manifest["settings"], data_dir if data_dir is not None else manifest["data_dir"])
