@@ -5,9 +5,9 @@
 
 With no --checkpoint, the best checkpoint of the current `dataset` and `model.name`
 (runs/<ds>/<m>/checkpoints/best.pt). --split defaults to search.split (test), --out to
-runs/<ds>/<m>/index/. Reads params.yaml (`search`, `datasets.<ds>`) and the dataset's features;
-writes the index folder (atomically): manifest.json, the stage-1 vectors, the exact encodings,
-the faiss index.
+runs/<ds>/<m>/index/, where <m> is the method of the checkpoint indexed. Reads params.yaml
+(`search`, `datasets.<ds>`) and the dataset's features; writes the index folder (atomically):
+manifest.json, the stage-1 vectors, the exact encodings, the faiss index.
 """
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         search = search_settings(params, args.params)
         split = args.split or search["split"]
         ckpt = Path(args.checkpoint) if args.checkpoint else paths.ckpt_dir(ds, method) / "best.pt"
+        if args.checkpoint and not args.out:
+            # the default folder is named after the method the checkpoint holds, not model.name:
+            # a release checkpoint of another method never overwrites this method's index
+            from prvr.checkpoint import load_model
+
+            method = load_model(ckpt, "cpu", method=args.method)[1]["method"]
         out = Path(args.out) if args.out else paths.index_dir(ds, method)
         log.info("read %s: dataset %s, split %s, checkpoint %s", args.params, ds, split, ckpt)
         manifest = build_index(ckpt, params, ds, split, out, method=args.method if args.checkpoint else method,

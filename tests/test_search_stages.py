@@ -291,6 +291,19 @@ def test_the_stages_index_the_best_checkpoint_and_write_the_search_metrics(work)
     assert "wrote metrics/demo/gmmformer_v2/search.json" in proc.stderr
 
 
+def test_a_checkpoint_of_another_method_is_indexed_under_its_own_method(work, tmp_path):
+    from prvr.checkpoint import save_checkpoint
+    from prvr.methods import build_config, create_model
+
+    s = load_settings(work / "params.yaml", "demo", "meanpool")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "meanpool.pt"
+    save_checkpoint(ckpt, create_model("meanpool", build_config(s)), "meanpool", settings=s)
+    _stage("index", "--checkpoint", str(ckpt), cwd=work)          # model.name stays gmmformer_v2
+    manifest = json.loads((work / "runs" / "demo" / "meanpool" / "index" / "manifest.json").read_text())
+    assert manifest["method"] == "meanpool" and manifest["checkpoint"] == str(ckpt.resolve())
+
+
 def _last_line(proc) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
