@@ -5,7 +5,8 @@ moment. Writes metrics/<ds>/<m>/search.json (a DVC metric; the report and MLflow
     python stages/search_eval.py [--index DIR] [--out FILE] [--params params.yaml]
                                  [--dataset NAME] [--method NAME] [--no-mlflow] [--no-progress]
 
-Over `search.eval_queries` queries of the indexed split (0: all), in split order:
+Over `search.eval_queries` queries of the indexed split (0: all), evenly spaced over it in split
+order (the split lists a video's captions together; the first n would cover few videos):
 - recall@k: the mean overlap of the search's top k with exhaustive scoring's top k, and top-1
   agreement (k = search.k);
 - latency p50 / p99 (ms) of one query at a time, from its stored features to its hits (the
@@ -60,6 +61,20 @@ def evaluate_search(index, query_ids: list[str], k: int, hits: int | None = None
             "_encoded": q}
 
 
+def spread(ids: list[str], n: int) -> list[str]:
+    """n of `ids` evenly spaced from the first (all of them when n is 0 or covers them)."""
+    if n <= 0 or n >= len(ids):
+        return list(ids)
+    return [ids[(i * len(ids)) // n] for i in range(n)]
+
+
+def torch_threads() -> int:
+    """The intra-op threads the timed searches ran with (latency depends on it)."""
+    import torch
+
+    return int(torch.get_num_threads())
+
+
 def ground_truth(index, facts: dict, settings: dict):
     """(path, {caption id: (video, start, end)}, info) of the dataset's moments file, or None
     when it names none or none exists; read before any timing, so a bad file stops the stage
@@ -99,7 +114,8 @@ def moments(index, results: list[dict], loaded, query) -> dict:
         spans = index.own_moments(_rows(query, [where[q] for q in own_ids]), [truth[q][0] for q in own_ids])
         own = dict(zip(own_ids, spans))
     out = moment_metrics(results, truth, own, n_frames)
-    out.update({"moment_file": str(path), "moment_annotations": info["annotations"],
+    # the file's name, not where it lies on this machine: search.json is committed
+    out.update({"moment_file": path.name, "moment_annotations": info["annotations"],
                 "moment_matched": info["matched"]})
     if "unmatched_annotations" in info:     # TVR's: no indexed video, or no caption with that text
         out["moment_unmatched_annotations"] = info["unmatched_annotations"]
@@ -141,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         index = open_index(folder, data_dir=args.data_dir)
         split = index.corpus.split(index.manifest["split"])
         ids = list(split.query_ids)
-        if search["eval_queries"]:
-            ids = ids[:search["eval_queries"]]
+        ids = spread(ids, int(search["eval_queries"]))
         log.info("read %s (%d videos, %s), %d queries of %s", folder, index.manifest["n_videos"],
                  index.manifest["stage1"]["kind"], len(ids), index.manifest["split"])
         if not ids:
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"search_eval: error: {exc}", file=sys.stderr)
         return 1
     m = index.manifest
+    record["threads"] = torch_threads()
     record.update({"n_videos": m["n_videos"], "bytes_per_video": m["bytes_per_video"], "build_s": m["build_s"],
                    "stage1_kind": m["stage1"]["kind"], "candidates": m["stage1"]["candidates"]})
     out = Path(args.out) if args.out else paths.search_json(ds, method)

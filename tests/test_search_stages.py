@@ -243,6 +243,18 @@ def test_no_stride_is_guessed():
                                                                           "cha": None}
 
 
+def test_search_eval_spreads_its_queries_over_the_split():
+    sys.path.insert(0, str(REPO / "stages"))
+    try:
+        from search_eval import spread
+    finally:
+        sys.path.remove(str(REPO / "stages"))
+    ids = [f"v{i // 3}#enc#{i % 3}" for i in range(12)]
+    assert spread(ids, 4) == ["v0#enc#0", "v1#enc#0", "v2#enc#0", "v3#enc#0"]
+    assert spread(ids, 0) == ids == spread(ids, 99)
+    assert spread(ids, 5) == [ids[0], ids[2], ids[4], ids[7], ids[9]]
+
+
 # ----------------------------------------------------------------------------- the stages end to end
 
 @pytest.fixture(scope="module")
@@ -282,7 +294,8 @@ def test_the_stages_index_the_best_checkpoint_and_write_the_search_metrics(work)
     assert got["top1_score_max_abs_diff"] < 1e-5
     assert 0 < got["latency_p50_ms"] <= got["latency_p99_ms"]
     assert got["n_videos"] == manifest["n_videos"] and got["bytes_per_video"] == manifest["bytes_per_video"] > 0
-    assert got["build_s"] == manifest["build_s"] > 0
+    assert got["build_s"] == manifest["build_s"] > 0 and got["threads"] >= 1
+    assert got["moment_file"] == MOMENTS_FILE
     for t in ("0.3", "0.5", "0.7"):       # recall grows with k
         assert 0 <= got[f"r1_iou{t}"] <= got[f"r5_iou{t}"] <= got[f"r10_iou{t}"] <= 100
     for k in (1, 5, 10):                  # and shrinks with the IoU threshold
