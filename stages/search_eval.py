@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         search = search_settings(params, args.params)
         folder = Path(args.index) if args.index else paths.index_dir(ds, method)
         index = open_index(folder, data_dir=args.data_dir)
+        # the figures belong to what the index holds (an --index of another method or dataset
+        # writes, and logs, under that method and dataset)
+        ds, method = index.manifest["dataset"], index.manifest["method"]
         split = index.corpus.split(index.manifest["split"])
         ids = list(split.query_ids)
         ids = spread(ids, int(search["eval_queries"]))
@@ -167,15 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         ev = evaluate_search(index, ids, int(search["k"]), max(KS), progress=not args.no_progress)
         record = {k: v for k, v in ev.items() if not k.startswith("_") and k != "results"}
         record.update(moments(index, ev["results"], truth, ev["_encoded"]))
+        m = index.manifest
+        record["threads"] = torch_threads()
+        record.update({"n_videos": m["n_videos"], "bytes_per_video": m["bytes_per_video"], "build_s": m["build_s"],
+                       "stage1_kind": m["stage1"]["kind"], "candidates": m["stage1"]["candidates"]})
+        out = Path(args.out) if args.out else paths.search_json(ds, method)
+        write_json_atomic(out, record)
     except (ConfigError, DataError, CheckpointError, SearchError, ValueError, KeyError, OSError) as exc:
         print(f"search_eval: error: {exc}", file=sys.stderr)
         return 1
-    m = index.manifest
-    record["threads"] = torch_threads()
-    record.update({"n_videos": m["n_videos"], "bytes_per_video": m["bytes_per_video"], "build_s": m["build_s"],
-                   "stage1_kind": m["stage1"]["kind"], "candidates": m["stage1"]["candidates"]})
-    out = Path(args.out) if args.out else paths.search_json(ds, method)
-    write_json_atomic(out, record)
     if not args.no_mlflow:
         _log_mlflow(ds, method, record)
     log.info("wrote %s: recall@%d %.4f, top-1 %.4f, p50 %.2f ms, p99 %.2f ms (%.1f s)", out, record["k"],

@@ -304,17 +304,32 @@ def test_the_stages_index_the_best_checkpoint_and_write_the_search_metrics(work)
     assert "wrote metrics/demo/gmmformer_v2/search.json" in proc.stderr
 
 
-def test_a_checkpoint_of_another_method_is_indexed_under_its_own_method(work, tmp_path):
+@pytest.fixture(scope="module")
+def meanpool_index(work, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, index folder): a random meanpool checkpoint indexed by the index stage with
+    --checkpoint and no --out, while model.name stays gmmformer_v2."""
     from prvr.checkpoint import save_checkpoint
     from prvr.methods import build_config, create_model
 
     s = load_settings(work / "params.yaml", "demo", "meanpool")
     torch.manual_seed(0)
-    ckpt = tmp_path / "meanpool.pt"
+    ckpt = tmp_path_factory.mktemp("meanpool") / "meanpool.pt"
     save_checkpoint(ckpt, create_model("meanpool", build_config(s)), "meanpool", settings=s)
-    _stage("index", "--checkpoint", str(ckpt), cwd=work)          # model.name stays gmmformer_v2
-    manifest = json.loads((work / "runs" / "demo" / "meanpool" / "index" / "manifest.json").read_text())
+    _stage("index", "--checkpoint", str(ckpt), cwd=work)
+    return ckpt, work / "runs" / "demo" / "meanpool" / "index"
+
+
+def test_a_checkpoint_of_another_method_is_indexed_under_its_own_method(meanpool_index):
+    ckpt, folder = meanpool_index
+    manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["method"] == "meanpool" and manifest["checkpoint"] == str(ckpt.resolve())
+
+
+def test_search_eval_writes_under_the_method_the_index_holds(work, meanpool_index):
+    folder = meanpool_index[1]
+    _stage("search_eval", "--no-mlflow", "--index", str(folder), cwd=work)     # model.name stays gmmformer_v2
+    got = json.loads((work / "metrics" / "demo" / "meanpool" / "search.json").read_text())
+    assert got["n_videos"] == json.loads((folder / "manifest.json").read_text())["n_videos"]
 
 
 def _last_line(proc) -> str:
@@ -435,3 +450,4 @@ def test_search_eval_logs_its_figures_on_the_training_s_mlflow_run(work, tmp_pat
     assert metrics["search_recall_at_5"] == pytest.approx(got["recall_at_5"])
     assert metrics["search_latency_p50_ms"] == pytest.approx(got["latency_p50_ms"])
     assert metrics["search_r10_iou0.5"] == pytest.approx(got["r10_iou0.5"])
+
