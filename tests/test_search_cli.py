@@ -177,3 +177,18 @@ def test_the_console_script_and_a_registered_subcommand(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["no-such-command"])
     capsys.readouterr()
+
+
+def test_an_empty_split_is_named_and_writes_nothing(tmp_path, tiny_demo_corpus, work):
+    from prvr.data.layout import DataError
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_demo_corpus, corpus)
+    captions = corpus / "demo" / "TextData" / "demotest.caption.txt"
+    captions.write_text("")
+    w = make_workdir(tmp_path / "work", corpus)
+    with pytest.raises((DataError, SearchError)) as e:
+        build_index(work / "v2.pt", load_params(w / "params.yaml"), "demo", "test", w / "idx",
+                    data_dir=w / "data", progress=False)
+    assert "demotest.caption.txt" in str(e.value) and "\n" not in str(e.value)
+    assert not (w / "idx").exists() and not list(w.glob(".idx.*"))
