@@ -140,3 +140,29 @@ def make_workdir(work: Path, corpus_root: Path) -> Path:
 @pytest.fixture()
 def tiny_workdir(tmp_path: Path, tiny_demo_corpus: Path) -> Path:
     return make_workdir(tmp_path / "work", tiny_demo_corpus)
+
+
+@pytest.fixture(scope="session")
+def text_search_work(tmp_path_factory, tiny_demo_corpus) -> Path:
+    """A tiny-demo work folder with a GMMFormer v2 checkpoint, its test-split index (`index/`)
+    and a tiny random RoBERTa encoder of the demo's text width (`encoder/`): the free-text
+    and serve tests' shared fixture. The encoder stands in (the demo's features came from no
+    encoder), so its hits test the path, not quality."""
+    import torch
+
+    from prvr.checkpoint import save_checkpoint
+    from prvr.config import load_params, load_settings
+    from prvr.data.layout import read_captions
+    from prvr.methods import build_config, create_model
+    from prvr.search import build_index
+    from prvr.text.tiny import make_tiny_encoder
+
+    w = make_workdir(tmp_path_factory.mktemp("text_search") / "work", tiny_demo_corpus)
+    s = load_settings(w / "params.yaml", "demo", "gmmformer_v2")
+    torch.manual_seed(0)
+    save_checkpoint(w / "v2.pt", create_model("gmmformer_v2", build_config(s)), "gmmformer_v2", settings=s)
+    build_index(w / "v2.pt", load_params(w / "params.yaml"), "demo", "test", w / "index", data_dir=w / "data",
+                progress=False)
+    caps = read_captions(tiny_demo_corpus / "demo" / "TextData" / "demotrain.caption.txt")
+    make_tiny_encoder(w / "encoder", "roberta", int(s["text_dim"]), [c[2] for c in caps])
+    return w

@@ -323,7 +323,8 @@ _SECTIONS = ("dataset", "model", "train", "evaluate", "datasets", "methods", "cp
 
 _SEARCH_KEYS = {"split": str, "k": int, "block_videos": int, "stage1": dict, "eval_queries": int, "datasets": dict}
 _STAGE1_KEYS = {"kind": str, "candidates": int, "nprobe": int, "ef_search": int}
-_FACT_KEYS = {"feature_stride_s": float, "moments_file": str}
+_FACT_KEYS = {"feature_stride_s": float, "moments_file": str, "encoder": dict}
+_ENCODER_KEYS = {"kind": str, "hub": str, "layer": int, "max_tokens": int}
 
 
 def search_settings(params: Mapping[str, Any], where: str = "params.yaml") -> dict[str, Any]:
@@ -357,6 +358,16 @@ def search_settings(params: Mapping[str, Any], where: str = "params.yaml") -> di
                                           f"(known: {', '.join(_FACT_KEYS)})")
                     if v2 is not None:
                         check(v2, _FACT_KEYS[k2], f"search.datasets.{ds}.{k2}")
+                    if k2 == "encoder" and v2 is not None:
+                        for k3, v3 in v2.items():
+                            name = f"search.datasets.{ds}.encoder.{k3}"
+                            if k3 not in _ENCODER_KEYS:
+                                raise ConfigError(f"{where}: {name}: unknown key (known: {', '.join(_ENCODER_KEYS)})")
+                            if v3 is not None and not (k3 == "layer" and isinstance(v3, int) and not isinstance(v3, bool)):
+                                check(v3, _ENCODER_KEYS[k3], name)
+                        if v2.get("kind", "roberta") not in ("roberta", "clip"):
+                            raise ConfigError(f"{where}: search.datasets.{ds}.encoder.kind {v2['kind']!r}: "
+                                              "expected roberta or clip")
                 out["datasets"][ds] = dict(facts or {})
         else:
             out[key] = value

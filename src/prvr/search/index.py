@@ -345,6 +345,38 @@ class SearchIndex:
             raise SearchError("no query ids given")
         return collate_queries(items)
 
+    def encoder_spec(self):
+        """The text encoder this index's dataset needs (search.datasets.<ds>.encoder, recorded at build)."""
+        from ..text import encoder_spec
+
+        return encoder_spec(self.manifest["settings"], self.manifest.get("facts"), self.manifest["dataset"])
+
+    def load_encoder(self, source: str | os.PathLike):
+        """The free-text encoder at `source`, checked against what the dataset's features need."""
+        from ..text import load_encoder
+
+        return load_encoder(source, self.encoder_spec(), str(self.device))
+
+    def text_features(self, texts: Sequence[str], encoder) -> dict[str, Any]:
+        """A query batch of sentences, encoded as the dataset's stored query features are, then
+        read exactly as stored ones are (first max_query_len rows, each row unit norm)."""
+        from ..data.datasets import _normalize_t_, collate_queries
+
+        if not texts:
+            raise SearchError("no text given")
+        L = int(self.manifest["model_config"].get("max_query_len", 30))
+        items = []
+        for text, feats in zip(texts, encoder.encode(list(texts))):
+            if feats.shape[0] == 0:
+                raise SearchError(f"text {text[:60]!r}: no tokens after the encoder's tokenizer")
+            items.append({"query_id": None, "video_id": None,
+                          "query_feats": _normalize_t_(torch.from_numpy(np.array(feats[:L], dtype=np.float32))).numpy()})
+        return collate_queries(items)
+
+    def search_texts(self, texts: Sequence[str], k: int, encoder) -> list[dict[str, Any]]:
+        hits = self.search_encoded(self.encode(self.text_features(list(texts), encoder)), k)
+        return [{"query_id": None, "text": t, "hits": h} for t, h in zip(texts, hits)]
+
     def encode(self, batch: Mapping[str, Any]):
         with torch.no_grad():
             return self.model.encode_queries({k: (v.to(self.device) if torch.is_tensor(v) else v)
@@ -421,7 +453,7 @@ class SearchIndex:
 
     def _hit(self, video: int, score: float, start: int, end: int) -> dict[str, Any]:
         s = self.stride
-        return {"video_id": self.video_ids[video], "score": score,
+        return {"video_id": self.video_ids[video], "score": score, "n_features": int(self.n_frames[video]),
                 "moment": {"start_feature": start, "end_feature": end,
                            "start_s": None if s is None else start * s, "end_s": None if s is None else end * s}}
 
