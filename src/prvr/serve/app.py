@@ -13,7 +13,6 @@ already); uvicorn's `limit_concurrency` bounds the connections served at once, a
     GET  /videos/{video_id}        the file (HTTP Range requests, so the player can seek)
     GET  /healthz
 """
-from __future__ import annotations
 
 import logging
 import os
