@@ -6,6 +6,7 @@
     prvr check-encoder --dataset D --encoder DIR [--split S] [--n N] [--json] [--out F]
     prvr tiny-encoder --dataset D --out DIR          (a random stand-in, for the demo)
     prvr serve --index DIR [--encoder DIR] [--videos DIR|FILE] [--host H] [--port P]
+    prvr export-qdrant --index DIR (--qdrant-url URL | --qdrant-path DIR) --collection NAME [--recreate]
 """
 from __future__ import annotations
 
@@ -134,6 +135,26 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qdrant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, help="an index folder (stages/index.py)")
+    p.add_argument("--qdrant-url", default=None, metavar="URL", help="a Qdrant server, e.g. http://host:6333")
+    p.add_argument("--qdrant-path", default=None, metavar="DIR", help="Qdrant's local mode, on disk")
+    p.add_argument("--collection", required=True, help="the Qdrant collection to write")
+    p.add_argument("--recreate", action="store_true", help="replace the collection when it exists")
+    p.add_argument("--data-dir", default=None, help="where data/<dataset>/ lives (default: the build's)")
+
+
+def _qdrant(args: argparse.Namespace) -> int:
+    from .search import open_index
+    from .search.qdrant import connect, export_qdrant
+
+    client = connect(args.qdrant_url, args.qdrant_path)
+    index = open_index(args.index, data_dir=args.data_dir)
+    n = export_qdrant(index, client, args.collection, recreate=args.recreate)
+    print(f"prvr export-qdrant: wrote {n} videos of {args.index} to collection {args.collection!r}", file=sys.stderr)
+    return 0
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, help="an index folder (stages/index.py)")
     p.add_argument("--encoder", default=None, metavar="DIR", help="text encoder for typed queries (docs/text.md)")
@@ -168,6 +189,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "tiny-encoder": ("write a random stand-in text encoder of a dataset's width (the demo has no real one)",
                      _tiny_args, _tiny),
     "serve": ("a search page and JSON API over an index", _serve_args, _serve),
+    "export-qdrant": ("write an index's stage-1 vectors to a Qdrant multivector collection", _qdrant_args, _qdrant),
 }
 
 

@@ -399,7 +399,14 @@ class SearchIndex:
             bank = VideoBank([self.video_ids[i] for i in rows], fixed, seq, offsets)
         return bank.block(0, len(rows), self.device)
 
+    def use_stage1(self, backend) -> None:
+        """Answer stage 1 with `backend(q (Nq, D) float32, n) -> (Nq, n) video rows` (-1 pads)
+        instead of the folder's faiss index, e.g. prvr.search.qdrant.QdrantStage1; None: faiss."""
+        self.stage1_backend = backend
+
     def _stage1(self, q: torch.Tensor, n: int) -> np.ndarray:
+        if getattr(self, "stage1_backend", None) is not None:
+            return self.stage1_backend(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), n)
         if n >= len(self.video_ids):   # every video is a candidate: stage 2 alone is exact
             return np.broadcast_to(np.arange(len(self.video_ids)), (q.shape[0], len(self.video_ids))).copy()
         k = min(self.faiss.ntotal, 3 * n)
