@@ -204,7 +204,7 @@ def test_the_prvr_command_writes_one_json_line_per_query(work):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     objs = [json.loads(x) for x in out]
     assert [o["query_id"] for o in objs] == qids
-    assert all(len(o["hits"]) == 4 and set(o["hits"][0]) == {"video_id", "score", "moment"} for o in objs)
+    assert all(len(o["hits"]) == 4 and set(o["hits"][0]) == {"video_id", "score", "n_features", "moment"} for o in objs)
     assert set(objs[0]["hits"][0]["moment"]) == {"start_feature", "end_feature", "start_s", "end_s"}
     bad = subprocess.run([sys.executable, "-m", "prvr", "search", "--index", str(folder), "--query-id",
                           "nope#enc#0", "--k", "4"], cwd=work, env=env, capture_output=True, text=True)
