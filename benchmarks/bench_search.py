@@ -112,7 +112,17 @@ def run_size(n_videos: int, n_queries: int, work: Path, candidates: int, nprobe:
     model = GMMFormer(GMMFormerConfig(visual_dim=8, text_dim=8, hidden_size=H)).eval()   # score reads no weights
     index = SearchIndex(folder, manifest, model, None, "cpu")
     q = torch.from_numpy(queries)
-    # exhaustive: every video scored, the bank in RAM
+    # the search first, warm: the folder's memory-mapped files read once into the page cache
+    # (as a running service has them), then faiss and torch's first calls made
+    warm_page_cache(folder)
+    index.search_encoded(q[:8], 10)
+    hits, lat = [], []
+    for i in range(n_queries):
+        t = time.perf_counter()
+        hits.append(index.search_encoded(q[i:i + 1], 10)[0])
+        lat.append((time.perf_counter() - t) * 1000)
+    # then exhaustive: every video scored, the bank read into RAM (held only from here on, so
+    # it does not push the search's pages out of the cache while the search is timed)
     t2 = time.perf_counter()
     ex_scores, ex_rows = index.exhaustive(q, 10)
     ex_total = time.perf_counter() - t2
@@ -121,12 +131,7 @@ def run_size(n_videos: int, n_queries: int, work: Path, candidates: int, nprobe:
         t = time.perf_counter()
         index.exhaustive(q[i:i + 1], 10)
         ex_one.append((time.perf_counter() - t) * 1000)
-    index.search_encoded(q[:8], 10)   # warm: pages and faiss
-    hits, lat = [], []
-    for i in range(n_queries):
-        t = time.perf_counter()
-        hits.append(index.search_encoded(q[i:i + 1], 10)[0])
-        lat.append((time.perf_counter() - t) * 1000)
+    index._bank = None
     where = {v: i for i, v in enumerate(ids)}
     overlap = [len({where[h["video_id"]] for h in hits[i]} & set(ex_rows[i].tolist())) / 10 for i in range(n_queries)]
     top1 = [bool(hits[i]) and where[hits[i][0]["video_id"]] == int(ex_rows[i, 0]) for i in range(n_queries)]
@@ -144,6 +149,18 @@ def run_size(n_videos: int, n_queries: int, work: Path, candidates: int, nprobe:
     np.save(folder / "bench_queries.npy", queries)
     res.update(search_anon_rss(folder, n_videos))
     return res
+
+
+def warm_page_cache(folder: Path) -> int:
+    """Read every file of the index folder once (so its memory maps are served from the page
+    cache); -> bytes read."""
+    total = 0
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    total += len(chunk)
+    return total
 
 
 def _anon_rss() -> int:

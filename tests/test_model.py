@@ -391,6 +391,17 @@ def test_pair_scores_include_zero_for_short_videos_only():
     assert got["score"][0].tolist() == pytest.approx([-0.3, 0.0])
 
 
+def test_pair_scores_without_the_dot_products_give_the_same_cosines():
+    # score() (evaluation, search) skips the dot products that only training's losses read
+    g = torch.Generator().manual_seed(0)
+    query, clips, frames = torch.randn(5, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.randn(3, 6, 8, generator=g)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2, [True] + [False] * 5])
+    frames = frames * mask[..., None]
+    full, lean = pair_scores(query, clips, frames, mask, 6), pair_scores(query, clips, frames, mask, 6, raw=False)
+    assert lean[1] is None and lean[3] is None
+    assert torch.equal(lean[0], full[0]) and torch.equal(lean[2], full[2])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_returns_train_output_of_contract_shapes(backend):
     model = small_model(backend=backend).eval()

@@ -106,6 +106,30 @@ def test_hits_carry_evaluate_s_scores_and_the_top_k_of_exhaustive_scoring(method
         assert {col[h["video_id"]] for h in r["hits"]} == want
 
 
+@pytest.mark.parametrize("method", ("gmmformer_v2", "gmmformer_v1"))
+def test_the_rerank_block_is_evaluation_s_block_of_the_same_videos(method, work):
+    # the rerank gathers its candidates straight from the memory maps; it must lay them out
+    # exactly as evaluation's VideoBank.block does (same padding, same mask), or the score moves
+    from prvr.evaluation import VideoBank
+
+    idx = _open(work, _index(work, method))
+    rows = np.array([0, 3, 4, len(idx.video_ids) - 1])
+    got = idx._videos(rows)
+    fixed = {k: torch.from_numpy(np.array(a[rows])) for k, a in idx.fixed.items()}
+    if idx.seq is None:
+        assert got.seq is None
+        want = VideoBank([idx.video_ids[i] for i in rows], fixed).block(0, len(rows))
+    else:
+        lo, hi = idx.offsets[rows], idx.offsets[rows + 1]
+        seq = torch.from_numpy(np.concatenate([np.array(idx.seq[a:b]) for a, b in zip(lo, hi)]))
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64))
+        want = VideoBank([idx.video_ids[i] for i in rows], fixed, seq, offsets).block(0, len(rows))
+        assert torch.equal(got.seq_mask, want.seq_mask) and torch.equal(got.seq, want.seq)
+        assert not got.seq[~got.seq_mask].any()
+    assert got.fixed.keys() == want.fixed.keys()
+    assert all(torch.equal(got.fixed[k], want.fixed[k]) for k in got.fixed)
+
+
 def test_a_clip_method_s_moment_is_its_best_clip_s_rows(work):
     idx = _open(work, _index(work, "gmmformer_v2"))
     qid = idx.corpus.split("test").query_ids[0]

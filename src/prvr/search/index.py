@@ -384,20 +384,24 @@ class SearchIndex:
 
     # ---------------------------------------------------------------- the two stages
     def _videos(self, rows: np.ndarray):
-        """The exact encodings of videos `rows` (sorted, distinct) as one VideoEncoding block."""
-        from ..evaluation import VideoBank
+        """The exact encodings of videos `rows` (sorted, distinct) as one VideoEncoding block,
+        laid out as VideoBank.block lays out a block (the sequence zero padded to the longest
+        video of the block, its mask), gathered from the memory maps in one copy each."""
+        from ..methods import VideoEncoding
 
-        fixed = {k: torch.from_numpy(np.ascontiguousarray(a[rows])) for k, a in self.fixed.items()}
+        fixed = {k: torch.from_numpy(a[rows]).to(self.device) for k, a in self.fixed.items()}
         if self.seq is None:
-            bank = VideoBank([self.video_ids[i] for i in rows], fixed)
+            return VideoEncoding(fixed)
+        lo = self.offsets[rows]
+        lens = self.offsets[rows + 1] - lo
+        pos = np.arange(max(int(lens.max()) if len(rows) else 0, 1))
+        mask = pos[None, :] < lens[:, None]                                   # (b, longest)
+        if self.seq.shape[0]:
+            seq = self.seq[np.where(mask, lo[:, None] + pos[None, :], 0)]     # (b, longest, H)
+            seq[~mask] = 0
         else:
-            lo, hi = self.offsets[rows], self.offsets[rows + 1]
-            lens = hi - lo
-            idx = np.repeat(lo - np.cumsum(np.concatenate([[0], lens[:-1]])), lens) + np.arange(lens.sum())
-            seq = torch.from_numpy(np.ascontiguousarray(self.seq[idx]))
-            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
-            bank = VideoBank([self.video_ids[i] for i in rows], fixed, seq, offsets)
-        return bank.block(0, len(rows), self.device)
+            seq = np.zeros((len(rows), len(pos), self.seq.shape[1]), dtype=self.seq.dtype)
+        return VideoEncoding(fixed, torch.from_numpy(seq).to(self.device), torch.from_numpy(mask).to(self.device))
 
     def use_stage1(self, backend) -> None:
         """Answer stage 1 with `backend(q (Nq, D) float32, n) -> (Nq, n) video rows` (-1 pads)

@@ -256,7 +256,7 @@ class GMMFormer(ClipSearch, nn.Module):
 
     def score(self, query: Tensor, videos: VideoEncoding) -> dict[str, Tensor]:
         """{"score": clip_scale_w * clip + frame_scale_w * frame, "clip", "frame"}, each (Nq, b)."""
-        clip, _, frame, _ = pair_scores(query, videos.fixed["clips"], videos.fixed["frame_vec"])
+        clip, _, frame, _ = pair_scores(query, videos.fixed["clips"], videos.fixed["frame_vec"], raw=False)
         return {"score": self.cfg.clip_scale_w * clip + self.cfg.frame_scale_w * frame,
                 "clip": clip, "frame": frame}
 
@@ -291,12 +291,16 @@ class GMMFormer(ClipSearch, nn.Module):
 
 # ----------------------------------------------------------------------------- scores
 
-def pair_scores(query: Tensor, clips: Tensor, frame_vec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def pair_scores(query: Tensor, clips: Tensor, frame_vec: Tensor, raw: bool = True
+                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """(clip, clip_raw, frame, frame_raw), each (Nq, B): max over clips of the cosine (and of
-    the dot product); cosine (and dot product) with the pooled frame vector."""
+    the dot product); cosine (and dot product) with the pooled frame vector. The dot products
+    are for training's losses only: with raw=False they are None and not computed."""
     qn = F.normalize(query, dim=-1)
-    clip_raw = torch.einsum("qh,bch->qbc", query, clips).amax(-1)
     clip = torch.einsum("qh,bch->qbc", qn, F.normalize(clips, dim=-1)).amax(-1)
-    frame_raw = query @ frame_vec.t()
     frame = qn @ F.normalize(frame_vec, dim=-1).t()
+    if not raw:
+        return clip, None, frame, None
+    clip_raw = torch.einsum("qh,bch->qbc", query, clips).amax(-1)
+    frame_raw = query @ frame_vec.t()
     return clip, clip_raw, frame, frame_raw

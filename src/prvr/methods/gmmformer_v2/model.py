@@ -352,7 +352,7 @@ class GMMFormer(ClipSearch, nn.Module):
     def score(self, query: Tensor, videos: VideoEncoding) -> dict[str, Tensor]:
         """{"score": clip_scale_w * clip + frame_scale_w * frame, "clip", "frame"}, each (Nq, b)."""
         clip, _, frame, _ = pair_scores(query, videos.fixed["clips"], videos.seq, videos.seq_mask,
-                                        self.cfg.max_frames)
+                                        self.cfg.max_frames, raw=False)
         return {"score": self.cfg.clip_scale_w * clip + self.cfg.frame_scale_w * frame,
                 "clip": clip, "frame": frame}
 
@@ -393,25 +393,29 @@ class GMMFormer(ClipSearch, nn.Module):
 
 # ----------------------------------------------------------------------------- scores
 
-def pair_scores(query: Tensor, clips: Tensor, frames: Tensor, frame_mask: Tensor, max_frames: int = 128
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def pair_scores(query: Tensor, clips: Tensor, frames: Tensor, frame_mask: Tensor, max_frames: int = 128,
+                raw: bool = True) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """(clip, clip_raw, frame, frame_raw) scores, each (Nq, B).
 
-    Max over clips / frames of cosine (and of the plain dot product). A video with fewer
+    Max over clips / frames of cosine (and of the plain dot product, which only training's
+    losses read: with raw=False those two are None and not computed). A video with fewer
     than `max_frames` real frames has zero vectors in its remaining slots (as the release
     pads every video to 128), so 0 is among its frame candidates.
     """
     frame_mask = as_bool(frame_mask)
-    qn = F.normalize(query, dim=-1)
-    clip_raw = torch.einsum("qh,bch->qbc", query, clips).amax(-1)
-    clip = torch.einsum("qh,bch->qbc", qn, F.normalize(clips, dim=-1)).amax(-1)
     pad = (~frame_mask)[None]                                  # (1, B, Lf)
     short = (frame_mask.sum(1) < max_frames)[None]             # (1, B): 0 is a candidate
-    fr = torch.einsum("qh,bfh->qbf", query, frames)
-    fn = torch.einsum("qh,bfh->qbf", qn, F.normalize(frames, dim=-1))
-    # the fill is the lowest value of the product's dtype (bf16 under autocast)
-    fr = fr.masked_fill(pad, torch.finfo(fr.dtype).min).amax(-1)
-    fn = fn.masked_fill(pad, torch.finfo(fn.dtype).min).amax(-1)
-    frame_raw = torch.where(short, fr.clamp_min(0.0), fr)
-    frame = torch.where(short, fn.clamp_min(0.0), fn)
+
+    def frame_max(s: Tensor) -> Tensor:   # (Nq, B, Lf) -> (Nq, B), padding out, 0 for short videos
+        # the fill is the lowest value of the product's dtype (bf16 under autocast)
+        s = s.masked_fill(pad, torch.finfo(s.dtype).min).amax(-1)
+        return torch.where(short, s.clamp_min(0.0), s)
+
+    qn = F.normalize(query, dim=-1)
+    clip = torch.einsum("qh,bch->qbc", qn, F.normalize(clips, dim=-1)).amax(-1)
+    frame = frame_max(torch.einsum("qh,bfh->qbf", qn, F.normalize(frames, dim=-1)))
+    if not raw:
+        return clip, None, frame, None
+    clip_raw = torch.einsum("qh,bch->qbc", query, clips).amax(-1)
+    frame_raw = frame_max(torch.einsum("qh,bfh->qbf", query, frames))
     return clip, clip_raw, frame, frame_raw
